@@ -1,0 +1,349 @@
+"""Level 1 of the KV hierarchy: a radix tree from token runs to the KV slots that hold them."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from sortedcontainers import SortedKeyList
+
+from radixkv.mem.token_to_kv_pool import TokenToKVPool
+
+_EMPTY = torch.empty(0, dtype=torch.int64)
+
+
+class TreeNode:
+    """One edge of the tree: a run of tokens (`key`) and the KV slots holding them (`value`).
+
+    `lock_ref` counts the running requests whose cached prefix passes through this node; a node
+    with `lock_ref == 0` and no children is an evictable leaf.
+    """
+
+    __slots__ = ("children", "id", "key", "last_access", "lock_ref", "parent", "value")
+
+    def __init__(self, node_id: int, key: list[int], value: torch.Tensor, parent: TreeNode | None):
+        self.id = node_id
+        self.key = key
+        self.value = value
+        self.parent = parent
+        self.children: dict[int | tuple[int, ...], TreeNode] = {}
+        self.lock_ref = 0
+        self.last_access = 0
+
+    def __repr__(self) -> str:
+        return f"TreeNode(id={self.id}, len={len(self.key)}, lock_ref={self.lock_ref})"
+
+
+class MatchResult(NamedTuple):
+    """Slots of the longest cached prefix and the node that ends it (lock it to keep them)."""
+
+    indices: torch.Tensor
+    last_node: TreeNode
+
+
+class IntegrityError(AssertionError):
+    """A broken invariant of the KV hierarchy: a bug, never a user error."""
+
+
+def _lru_key(node: TreeNode) -> tuple[int, int]:
+    return (node.last_access, node.id)
+
+
+def _as_list(tokens: Sequence[int] | torch.Tensor) -> list[int]:
+    if isinstance(tokens, list):
+        return tokens
+    if isinstance(tokens, torch.Tensor):
+        return tokens.tolist()
+    return list(tokens)
+
+
+class RadixCache:
+    """Prefix cache: token sequences → KV slot indices, shared between requests.
+
+    - `match_prefix(tokens)` finds the longest cached, page-aligned prefix, never the last token
+      (one token must always be computed to get logits).
+    - `insert(tokens, slots)` caches a sequence and returns how many leading tokens were already
+      present; the caller frees its own slots for those (the tree keeps its copies).
+    - `lock(node)` / `unlock(node)` protect a matched prefix from eviction while a request uses it.
+    - `evict(n)` frees least-recently-used unlocked leaves, leaf first, until `n` slots are free.
+
+    Evictable leaves live in a list sorted by (last access, node id), updated incrementally on every
+    touch, lock and unlock, so an eviction costs O(k log n) for k leaves, never a walk of the tree.
+    The access clock is a counter ticked once per `match_prefix` / `insert`, so runs are
+    deterministic. With `disable=True` nothing is ever cached (ablation mode).
+    """
+
+    def __init__(self, kv_pool: TokenToKVPool, *, disable: bool = False) -> None:
+        self.kv_pool = kv_pool
+        self.page_size = kv_pool.page_size
+        self.disable = disable
+        self._ids = itertools.count()
+        self.evicted_tokens = 0  # monotonic: every slot `evict` ever freed
+        self.reset_tree()
+
+    # ---- size info ---------------------------------------------------------------------------
+
+    def evictable_size(self) -> int:
+        """Cached tokens no running request holds: eviction can free them."""
+        return self._evictable
+
+    def protected_size(self) -> int:
+        """Cached tokens locked by running requests."""
+        return self._protected
+
+    def total_size(self) -> int:
+        """Tokens in the tree."""
+        return self._evictable + self._protected
+
+    def num_evictable_leaves(self) -> int:
+        return len(self._lru)
+
+    # ---- lookup and insert --------------------------------------------------------------------
+
+    def match_prefix(self, tokens: Sequence[int] | torch.Tensor) -> MatchResult:
+        """Longest cached prefix of `tokens[:-1]`, page-aligned; splits an edge where it ends."""
+        if self.disable:
+            return MatchResult(_EMPTY, self.root)
+        key = _as_list(tokens)
+        limit = (len(key) - 1) // self.page_size * self.page_size if key else 0
+        return self._match(key, limit)
+
+    def match_full(self, tokens: Sequence[int] | torch.Tensor) -> MatchResult:
+        """Like `match_prefix`, but may match every token (used when re-pointing a request)."""
+        if self.disable:
+            return MatchResult(_EMPTY, self.root)
+        key = _as_list(tokens)
+        return self._match(key, len(key) // self.page_size * self.page_size)
+
+    def insert(self, tokens: Sequence[int] | torch.Tensor, slots: torch.Tensor) -> int:
+        """Cache the page-aligned part of `tokens` held in `slots`; return the length already
+        present (a page multiple).
+
+        The tree takes ownership of `slots[present:aligned]`. The caller still owns, and must free,
+        `slots[:present]` (duplicates of what the tree has) and `slots[aligned:]` (the unaligned
+        tail). Disabled, the tree takes nothing and the whole aligned length counts as present.
+        """
+        key = _as_list(tokens)
+        if len(slots) < len(key):
+            raise ValueError(f"insert: {len(key)} tokens but only {len(slots)} slots")
+        aligned = len(key) // self.page_size * self.page_size
+        if self.disable:
+            return aligned
+        self._clock += 1
+        node, pos = self.root, 0
+        while pos < aligned:
+            child = node.children.get(self._child_key(key, pos))
+            if child is None:
+                self._add_leaf(node, key[pos:aligned], slots[pos:aligned])
+                return pos
+            m = self._common_len(child.key, key, pos, aligned)
+            if m < len(child.key):
+                child = self._split(child, m)
+            self._touch(child)
+            node, pos = child, pos + m
+        return pos
+
+    # ---- locking ------------------------------------------------------------------------------
+
+    def lock(self, node: TreeNode) -> None:
+        """Protect `node` and its ancestors from eviction (one reference per call)."""
+        while node is not self.root:
+            if node.lock_ref == 0:
+                if not node.children:
+                    self._lru.remove(node)
+                self._evictable -= len(node.key)
+                self._protected += len(node.key)
+            node.lock_ref += 1
+            node = node.parent  # type: ignore[assignment]
+
+    def unlock(self, node: TreeNode) -> None:
+        """Drop one reference taken by `lock(node)`."""
+        while node is not self.root:
+            if node.lock_ref <= 0:
+                raise IntegrityError(f"unlock of {node!r}, which is not locked")
+            node.lock_ref -= 1
+            if node.lock_ref == 0:
+                self._evictable += len(node.key)
+                self._protected -= len(node.key)
+                if not node.children:
+                    self._lru.add(node)
+            node = node.parent  # type: ignore[assignment]
+
+    # ---- eviction -----------------------------------------------------------------------------
+
+    def evict(self, num_tokens: int) -> int:
+        """Free least-recently-used unlocked leaves until `num_tokens` slots are freed (or nothing
+        evictable is left); return the number of slots freed."""
+        freed: list[torch.Tensor] = []
+        count = 0
+        while count < num_tokens and self._lru:
+            node = self._lru.pop(0)
+            parent = node.parent
+            assert parent is not None
+            del parent.children[self._child_key(node.key, 0)]
+            freed.append(node.value)
+            count += len(node.key)
+            self._evictable -= len(node.key)
+            if parent is not self.root and parent.lock_ref == 0 and not parent.children:
+                self._lru.add(parent)
+        if freed:
+            self.kv_pool.free(torch.cat(freed))
+        self.evicted_tokens += count
+        return count
+
+    # ---- whole tree ---------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Drop every cached prefix and free its slots. Only valid when nothing is locked."""
+        if self._protected:
+            raise IntegrityError(f"reset with {self._protected} tokens still locked")
+        slots = [n.value for n in self._nodes() if n is not self.root]
+        if slots:
+            self.kv_pool.free(torch.cat(slots))
+        self.reset_tree()
+
+    def reset_tree(self) -> None:
+        """Forget the tree without freeing anything (the pool is being cleared too)."""
+        self.root = TreeNode(next(self._ids), [], _EMPTY, None)
+        self._lru: SortedKeyList = SortedKeyList(key=_lru_key)
+        self._evictable = 0
+        self._protected = 0
+        self._clock = 0
+
+    def cached_slots(self) -> torch.Tensor:
+        """Every slot the tree holds (for integrity checks and tests; walks the tree)."""
+        values = [n.value for n in self._nodes() if n is not self.root]
+        return torch.cat(values) if values else _EMPTY
+
+    def check_integrity(self) -> None:
+        """Raise IntegrityError if the tree's bookkeeping is inconsistent (walks the tree)."""
+        evictable = protected = 0
+        leaves = set()
+        for node in self._nodes():
+            if node is self.root:
+                continue
+            parent = node.parent
+            _expect(
+                parent is not None and parent.children.get(self._child_key(node.key, 0)) is node,
+                f"{node!r} is not its parent's child",
+            )
+            _expect(
+                len(node.key) > 0 and len(node.key) % self.page_size == 0,
+                f"{node!r} has a key of {len(node.key)} tokens (page {self.page_size})",
+            )
+            _expect(len(node.key) == len(node.value), f"{node!r} key and value lengths differ")
+            _expect(node.lock_ref >= 0, f"{node!r} has a negative lock count")
+            _expect(
+                parent is self.root or parent.lock_ref >= node.lock_ref,  # type: ignore[union-attr]
+                f"{node!r} is locked more than its parent",
+            )
+            if node.lock_ref:
+                protected += len(node.key)
+            else:
+                evictable += len(node.key)
+                if not node.children:
+                    leaves.add(node.id)
+        _expect(evictable == self._evictable, f"evictable {self._evictable} != tree {evictable}")
+        _expect(protected == self._protected, f"protected {self._protected} != tree {protected}")
+        _expect({n.id for n in self._lru} == leaves, "the LRU list is not the evictable leaves")
+        lru_keys = [_lru_key(n) for n in self._lru]
+        _expect(lru_keys == sorted(lru_keys), "the LRU list is out of order")
+
+    def pretty_print(self, max_tokens: int = 8) -> str:
+        """The tree as text: first tokens of each edge, its length, lock count and access time."""
+        lines = [f"root (evictable={self._evictable}, protected={self._protected})"]
+
+        def walk(node: TreeNode, depth: int) -> None:
+            for child in sorted(node.children.values(), key=lambda n: n.key):
+                head = " ".join(map(str, child.key[:max_tokens]))
+                more = " ..." if len(child.key) > max_tokens else ""
+                lines.append(
+                    f"{'  ' * depth}[{head}{more}] len={len(child.key)} "
+                    f"lock={child.lock_ref} t={child.last_access}"
+                )
+                walk(child, depth + 1)
+
+        walk(self.root, 1)
+        return "\n".join(lines)
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _child_key(self, key: list[int], pos: int) -> int | tuple[int, ...]:
+        if self.page_size == 1:
+            return key[pos]
+        return tuple(key[pos : pos + self.page_size])
+
+    def _common_len(self, edge: list[int], key: list[int], pos: int, limit: int) -> int:
+        """Tokens (page-aligned) shared by `edge` and `key[pos:limit]`; list slices compare in C."""
+        n = min(len(edge), limit - pos)
+        if edge[:n] == key[pos : pos + n]:
+            return n
+        i, step = 0, 64
+        while i + step <= n and edge[i : i + step] == key[pos + i : pos + i + step]:
+            i += step
+        while i < n and edge[i] == key[pos + i]:
+            i += 1
+        return i // self.page_size * self.page_size
+
+    def _match(self, key: list[int], limit: int) -> MatchResult:
+        self._clock += 1
+        node, pos = self.root, 0
+        values: list[torch.Tensor] = []
+        while pos < limit:
+            child = node.children.get(self._child_key(key, pos))
+            if child is None:
+                break
+            m = self._common_len(child.key, key, pos, limit)
+            if m < len(child.key):
+                child = self._split(child, m)
+            self._touch(child)
+            values.append(child.value)
+            node, pos = child, pos + m
+        if not values:
+            return MatchResult(_EMPTY, node)
+        return MatchResult(values[0] if len(values) == 1 else torch.cat(values), node)
+
+    def _touch(self, node: TreeNode) -> None:
+        if node.lock_ref == 0 and not node.children:
+            self._lru.remove(node)
+            node.last_access = self._clock
+            self._lru.add(node)
+        else:
+            node.last_access = self._clock
+
+    def _add_leaf(self, parent: TreeNode, key: list[int], value: torch.Tensor) -> None:
+        if parent is not self.root and parent.lock_ref == 0 and not parent.children:
+            self._lru.remove(parent)
+        leaf = TreeNode(next(self._ids), key, value.to(torch.int64, copy=True), parent)
+        leaf.last_access = self._clock
+        parent.children[self._child_key(key, 0)] = leaf
+        self._evictable += len(key)
+        self._lru.add(leaf)
+
+    def _split(self, child: TreeNode, m: int) -> TreeNode:
+        """Cut `child` after `m` tokens; return the new upper node (it inherits lock and time)."""
+        parent = child.parent
+        assert parent is not None
+        head = TreeNode(next(self._ids), child.key[:m], child.value[:m], parent)
+        head.lock_ref = child.lock_ref
+        head.last_access = child.last_access
+        child.key, child.value = child.key[m:], child.value[m:]
+        child.parent = head
+        head.children[self._child_key(child.key, 0)] = child
+        parent.children[self._child_key(head.key, 0)] = head
+        return head
+
+    def _nodes(self) -> list[TreeNode]:
+        out, stack = [], [self.root]
+        while stack:
+            node = stack.pop()
+            out.append(node)
+            stack.extend(node.children.values())
+        return out
+
+
+def _expect(cond: bool, message: str) -> None:
+    if not cond:
+        raise IntegrityError(message)

@@ -1,0 +1,207 @@
+"""Level 3 of the KV hierarchy: preallocated per-layer K/V tensors and their slot allocator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of the KV cache of one model: what a slot (one token's K and V) costs."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def dtype_bytes(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V of every layer for one token: 2 × layers × KV heads × head dim × dtype bytes."""
+        return 2 * self.num_layers * self.kv_heads * self.head_dim * self.dtype_bytes
+
+
+class TokenToKVPool:
+    """Per-layer K and V buffers of `[num_slots + page_size, kv_heads, head_dim]` and an allocator.
+
+    Slots are handed out in pages of `page_size` slots. Page 0 (slots `[0, page_size)`) is never
+    allocated: it is the write target of padded positions. Usable slots are
+    `[page_size, num_slots + page_size)`, so `capacity == num_slots`.
+
+    The free list is a tensor of free page ids; freed pages are parked in a list and merged lazily
+    on the next allocation that needs them, so `free` is O(1) per call, as is `available_size()`.
+    """
+
+    def __init__(
+        self,
+        layout: KVLayout,
+        num_slots: int,
+        *,
+        page_size: int = 1,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        if num_slots < page_size or num_slots % page_size:
+            raise ValueError(
+                f"num_slots ({num_slots}) must be a positive multiple of page_size ({page_size})"
+            )
+        self.layout = layout
+        self.page_size = page_size
+        self.num_slots = num_slots
+        self.num_pages = num_slots // page_size
+        self.device = torch.device(device)
+        shape = (num_slots + page_size, layout.kv_heads, layout.head_dim)
+        self.k_buffer = [
+            torch.zeros(shape, dtype=layout.dtype, device=self.device)
+            for _ in range(layout.num_layers)
+        ]
+        self.v_buffer = [
+            torch.zeros(shape, dtype=layout.dtype, device=self.device)
+            for _ in range(layout.num_layers)
+        ]
+        self._page_offsets = torch.arange(page_size, dtype=torch.int64)
+        self.clear()
+
+    @classmethod
+    def from_memory_budget(
+        cls,
+        layout: KVLayout,
+        budget_bytes: int,
+        *,
+        page_size: int = 1,
+        device: torch.device | str = "cpu",
+    ) -> TokenToKVPool:
+        """Size the pool to fit `budget_bytes`, including the reserved padding page."""
+        page_bytes = layout.bytes_per_token * page_size
+        num_pages = budget_bytes // page_bytes - 1
+        if num_pages < 1:
+            raise ValueError(
+                f"a KV memory budget of {budget_bytes} bytes holds no page: one page of "
+                f"{page_size} token(s) takes {page_bytes} bytes (2 x {layout.num_layers} layers x "
+                f"{layout.kv_heads} KV heads x {layout.head_dim} head dim x {layout.dtype_bytes} "
+                f"bytes per token) and one more page is reserved for padding; give at least "
+                f"{2 * page_bytes} bytes or lower the page size"
+            )
+        return cls(layout, num_pages * page_size, page_size=page_size, device=device)
+
+    # ---- allocator -------------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        """Number of allocatable slots (the padding page excluded)."""
+        return self.num_slots
+
+    def clear(self) -> None:
+        """Return every slot to the free list."""
+        self._free_pages = torch.arange(1, self.num_pages + 1, dtype=torch.int64)
+        self._released: list[torch.Tensor] = []
+        self._released_pages = 0
+
+    def available_size(self) -> int:
+        """Free slots, O(1)."""
+        return (len(self._free_pages) + self._released_pages) * self.page_size
+
+    def _take_pages(self, num_pages: int) -> torch.Tensor | None:
+        if num_pages > len(self._free_pages) and self._released:
+            self._free_pages = torch.cat([self._free_pages, *self._released])
+            self._released.clear()
+            self._released_pages = 0
+        if num_pages > len(self._free_pages):
+            return None
+        pages = self._free_pages[:num_pages]
+        self._free_pages = self._free_pages[num_pages:]
+        return pages
+
+    def alloc(self, n: int) -> torch.Tensor | None:
+        """Allocate `n` slots (int64), or return None if fewer are free.
+
+        With `page_size > 1`, `n` must be a multiple of the page size and the result is whole pages,
+        each page's slots consecutive.
+        """
+        if n % self.page_size:
+            raise ValueError(f"alloc({n}) is not a multiple of page_size {self.page_size}")
+        pages = self._take_pages(n // self.page_size)
+        if pages is None:
+            return None
+        if self.page_size == 1:
+            return pages
+        return (pages[:, None] * self.page_size + self._page_offsets).reshape(-1)
+
+    def alloc_extend(self, prefix_len: int, seq_len: int, last_slot: int) -> torch.Tensor | None:
+        """Slots for positions `[prefix_len, seq_len)` of one sequence, or None if short.
+
+        `last_slot` is the slot of position `prefix_len - 1` (ignored when `prefix_len == 0`).
+        With pages, positions that fall in the sequence's partly filled last page continue in it,
+        the rest take fresh pages: position `p` always lives at offset `p % page_size` of a page.
+        """
+        n = seq_len - prefix_len
+        if n < 0:
+            raise ValueError(f"seq_len ({seq_len}) < prefix_len ({prefix_len})")
+        if self.page_size == 1:
+            return self.alloc(n)
+        tail = (-prefix_len) % self.page_size  # room left in the last page
+        in_tail = min(tail, n)
+        pages = self._take_pages(-(-(n - in_tail) // self.page_size))
+        if pages is None:
+            return None
+        parts = [torch.arange(last_slot + 1, last_slot + 1 + in_tail, dtype=torch.int64)]
+        parts.append((pages[:, None] * self.page_size + self._page_offsets).reshape(-1))
+        return torch.cat(parts)[:n]
+
+    def alloc_decode(self, seq_lens: torch.Tensor, last_slots: torch.Tensor) -> torch.Tensor | None:
+        """One slot per sequence for position `seq_lens[i]`, continuing after `last_slots[i]`."""
+        bs = len(seq_lens)
+        if self.page_size == 1:
+            return self.alloc(bs)
+        need_page = seq_lens % self.page_size == 0
+        pages = self._take_pages(int(need_page.sum()))
+        if pages is None:
+            return None
+        out = last_slots.to(torch.int64) + 1
+        out[need_page] = pages * self.page_size
+        return out
+
+    def free(self, slots: torch.Tensor) -> None:
+        """Return slots to the allocator. With pages, every page touched by `slots` is freed whole:
+        callers only pass slots of pages they own entirely."""
+        if slots.numel() == 0:
+            return
+        if self.page_size == 1:
+            pages = slots.to(torch.int64)
+        else:
+            pages = torch.unique(slots.to(torch.int64) // self.page_size)
+        self._released.append(pages)
+        self._released_pages += len(pages)
+
+    def free_slots(self) -> torch.Tensor:
+        """Every free slot, sorted (for integrity checks and tests; not on the hot path)."""
+        pages = torch.cat([self._free_pages, *self._released])
+        slots = (pages[:, None] * self.page_size + self._page_offsets).reshape(-1)
+        return torch.sort(slots).values
+
+    # ---- K/V access --------------------------------------------------------------------------
+
+    def set_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write `k`, `v` of shape `[len(slots), kv_heads, head_dim]` into `slots` of `layer`."""
+        self.k_buffer[layer][slots] = k.to(self.layout.dtype)
+        self.v_buffer[layer][slots] = v.to(self.layout.dtype)
+
+    def get_key_buffer(self, layer: int) -> torch.Tensor:
+        return self.k_buffer[layer]
+
+    def get_value_buffer(self, layer: int) -> torch.Tensor:
+        return self.v_buffer[layer]
+
+    def get_kv_buffer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k_buffer[layer], self.v_buffer[layer]
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by the K and V buffers (the padding page included)."""
+        return (self.num_slots + self.page_size) * self.layout.bytes_per_token

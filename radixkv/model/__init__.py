@@ -1,0 +1,1 @@
+"""Llama-family model execution over the paged KV pool."""

@@ -1,0 +1,1 @@
+"""The prefix-aware scheduler process (installed as `radixkv.scheduler`)."""

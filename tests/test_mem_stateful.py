@@ -1,0 +1,272 @@
+"""Stateful property test of the whole KV hierarchy against a simple reference model.
+
+The reference keeps every cached token prefix (as a tuple) with the slot of its last token and the
+logical time it was last touched. Random admits, prefill chunks, decodes, finishes, aborts,
+evictions and resets run on both; after every step the tree must hold exactly the reference's
+prefixes and slots, and the pool accounting must balance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import hypothesis.strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    precondition,
+    rule,
+)
+
+from radixkv.mem import (
+    KVCacheManager,
+    KVLayout,
+    RadixCache,
+    ReqToTokenPool,
+    SeqSlots,
+    TokenToKVPool,
+)
+from radixkv.mem.radix_cache import TreeNode
+
+Prefix = tuple[int, ...]
+
+
+class Reference:
+    """A prefix-closed dict: cached token prefix → [slot of its last token, last touch time]."""
+
+    def __init__(self, page_size: int) -> None:
+        self.page = page_size
+        self.entries: dict[Prefix, list[int]] = {}
+        self.clock = 0
+
+    def longest(self, tokens: list[int], limit: int) -> int:
+        n = 0
+        while n < limit and tuple(tokens[: n + 1]) in self.entries:
+            n += 1
+        return n // self.page * self.page
+
+    def touch(self, tokens: list[int], n: int) -> None:
+        self.clock += 1
+        for i in range(1, n + 1):
+            self.entries[tuple(tokens[:i])][1] = self.clock
+
+    def insert(self, tokens: list[int], slots: list[int]) -> None:
+        aligned = len(tokens) // self.page * self.page
+        self.clock += 1
+        for i in range(1, aligned + 1):
+            entry = self.entries.setdefault(tuple(tokens[:i]), [slots[i - 1], 0])
+            entry[1] = self.clock
+
+    def slots(self, tokens: list[int], n: int) -> list[int]:
+        return [self.entries[tuple(tokens[:i])][0] for i in range(1, n + 1)]
+
+    def leaves(self) -> set[Prefix]:
+        parents = {p[:-1] for p in self.entries}
+        return {p for p in self.entries if p not in parents}
+
+
+def tree_contents(tree: RadixCache) -> dict[Prefix, int]:
+    """Every token prefix in the tree with its slot, read from the nodes (touches nothing)."""
+    out: dict[Prefix, int] = {}
+    stack: list[tuple[TreeNode, Prefix]] = [(tree.root, ())]
+    while stack:
+        node, path = stack.pop()
+        for tok_slot in zip(node.key, node.value.tolist(), strict=True):
+            path = (*path, tok_slot[0])
+            out[path] = tok_slot[1]
+        stack.extend((child, path) for child in node.children.values())
+    return out
+
+
+@dataclass(eq=False)
+class Running:
+    seq: SeqSlots
+    tokens: list[int]  # prompt, then sampled outputs
+    prompt_len: int
+    chunk: int
+    done: bool = field(default=False)
+
+
+class HierarchyMachine(RuleBasedStateMachine):
+    page_size = 1
+
+    requests = Bundle("requests")
+
+    def __init__(self) -> None:
+        super().__init__()
+        p = self.page_size
+        self.seg = max(p, 3)
+        capacity = -(-10 * self.seg // p) * p
+        self.pool = TokenToKVPool(KVLayout(1, 1, 2), capacity, page_size=p)
+        self.tree = RadixCache(self.pool)
+        self.mgr = KVCacheManager(self.pool, ReqToTokenPool(4, 6 * self.seg + 40), self.tree)
+        self.ref = Reference(p)
+        self.running: list[Running] = []
+        self.sample = 0
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def locked_prefixes(self) -> set[Prefix]:
+        return {tuple(r.tokens[:i]) for r in self.running for i in range(1, r.seq.cached_len + 1)}
+
+    def next_token(self) -> int:
+        self.sample += 1
+        return 100 + self.sample % 3
+
+    def finish_prefill_step(self, r: Running) -> None:
+        """After the model runs the allocated part: cache a chunk or sample the first token."""
+        if r.seq.kv_len < r.prompt_len:
+            tokens = r.tokens[: r.seq.kv_len]
+            slots = self.mgr.req_pool.read(r.seq.row, 0, r.seq.kv_len).tolist()
+            self.mgr.cache_unfinished(r.seq, r.tokens)
+            self.ref.insert(tokens, slots)
+            assert r.seq.cached_len == r.seq.kv_len // self.page_size * self.page_size
+        else:
+            r.tokens.append(self.next_token())
+            r.done = True
+
+    def absorb_evictions(self, locked: set[Prefix]) -> int:
+        """Check what the tree evicted (explicitly or to make room); drop it from the reference."""
+        evicted = set(self.ref.entries) - set(tree_contents(self.tree))
+        assert not evicted & locked, "a locked prefix was evicted"
+        # LRU, leaf first: nothing evicted was touched after an unlocked leaf that stayed
+        newest_evicted = max((self.ref.entries[p][1] for p in evicted), default=0)
+        for prefix in evicted:
+            del self.ref.entries[prefix]
+        remaining = [self.ref.entries[p][1] for p in self.ref.leaves() - locked]
+        assert not remaining or min(remaining) >= newest_evicted
+        return len(evicted)
+
+    def alloc_step(self, r: Running, new_len: int | None) -> bool:
+        """Allocate the next chunk (or one decode slot); on failure abort the request."""
+        locked = self.locked_prefixes()
+        if new_len is None:
+            ok = self.mgr.alloc_decode([r.seq]) is not None
+        else:
+            ok = self.mgr.alloc_extend(r.seq, new_len) is not None
+        self.absorb_evictions(locked)
+        if not ok:
+            self.mgr.release(r.seq)
+            self.drop(r)
+        return ok
+
+    def drop(self, r: Running) -> None:
+        self.running.remove(r)
+
+    # ---- rules ------------------------------------------------------------------------------
+
+    @precondition(lambda self: len(self.running) < 4)
+    @rule(
+        target=requests,
+        segments=st.lists(st.integers(0, 2), min_size=1, max_size=5),
+        tail=st.lists(st.integers(0, 2), max_size=4),
+        chunk_units=st.integers(1, 12),
+    )
+    def admit(self, segments, tail, chunk_units):
+        prompt = [t for s in segments for t in [s * 10 + j % 2 for j in range(self.seg)]] + tail
+        expected = self.ref.longest(prompt, (len(prompt) - 1) // self.page_size * self.page_size)
+        seq = self.mgr.admit(prompt)
+        assert seq is not None
+        self.ref.touch(prompt, expected)
+        assert seq.cached_len == expected
+        assert self.mgr.req_pool.read(seq.row, 0, expected).tolist() == self.ref.slots(
+            prompt, expected
+        )
+        r = Running(seq, prompt, len(prompt), chunk_units * max(1, self.page_size // 4))
+        self.running.append(r)
+        if self.alloc_step(r, min(len(prompt), seq.kv_len + r.chunk)):
+            self.finish_prefill_step(r)
+        return r
+
+    @rule(r=requests)
+    def prefill_chunk(self, r):
+        if r not in self.running or r.done:
+            return
+        if self.alloc_step(r, min(r.prompt_len, r.seq.kv_len + r.chunk)):
+            self.finish_prefill_step(r)
+
+    @rule(r=requests)
+    def decode(self, r):
+        if r not in self.running or not r.done:
+            return
+        if self.alloc_step(r, None):
+            r.tokens.append(self.next_token())
+
+    @rule(r=consumes(requests))
+    def finish(self, r):
+        if r not in self.running or not r.done:
+            return
+        kv_len = r.seq.kv_len
+        assert kv_len == len(r.tokens) - 1
+        slots = self.mgr.req_pool.read(r.seq.row, 0, kv_len).tolist()
+        self.mgr.cache_finished(r.seq, r.tokens)
+        self.ref.insert(r.tokens[:kv_len], slots)
+        self.drop(r)
+
+    @rule(r=consumes(requests))
+    def abort(self, r):
+        if r not in self.running:
+            return
+        self.mgr.release(r.seq)
+        self.drop(r)
+
+    @rule(n=st.integers(0, 40))
+    def evict(self, n):
+        evictable = self.tree.evictable_size()
+        free_before = self.pool.available_size()
+        locked = self.locked_prefixes()
+        freed = self.tree.evict(n)
+        assert self.pool.available_size() == free_before + freed
+        assert freed >= n or self.tree.evictable_size() == 0
+        assert freed <= evictable
+        assert self.absorb_evictions(locked) == freed
+
+    @precondition(lambda self: not self.running)
+    @rule()
+    def reset(self):
+        self.mgr.reset()
+        self.ref.entries.clear()
+        assert self.pool.available_size() == self.pool.capacity
+
+    # ---- invariants -------------------------------------------------------------------------
+
+    @invariant()
+    def tree_equals_reference(self):
+        assert tree_contents(self.tree) == {p: e[0] for p, e in self.ref.entries.items()}
+
+    @invariant()
+    def hierarchy_balances(self):
+        self.mgr.check_integrity([r.seq for r in self.running])
+        assert self.tree.evictable_size() + self.tree.protected_size() == len(self.ref.entries)
+        assert self.tree.protected_size() == len(self.locked_prefixes())
+
+
+SETTINGS = settings(
+    max_examples=200,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+class HierarchyPage1(HierarchyMachine):
+    page_size = 1
+
+
+class HierarchyPage4(HierarchyMachine):
+    page_size = 4
+
+
+class HierarchyPage16(HierarchyMachine):
+    page_size = 16
+
+
+TestHierarchyPage1 = HierarchyPage1.TestCase
+TestHierarchyPage1.settings = SETTINGS
+TestHierarchyPage4 = HierarchyPage4.TestCase
+TestHierarchyPage4.settings = SETTINGS
+TestHierarchyPage16 = HierarchyPage16.TestCase
+TestHierarchyPage16.settings = SETTINGS
