@@ -54,7 +54,7 @@ def test_unbounded_replay_reaches_the_best_hit_rate(kind, page_size):
 
 def test_bounded_replay_evicts_and_keeps_the_invariants():
     events = radix_ops.generate("shared-prefix", SMALL["shared-prefix"], concurrency=3, seed=1)
-    best, total = radix_ops.best_hit_rate(events)
+    best, _ = radix_ops.best_hit_rate(events)
     stats = radix_ops.replay(events, 300, 1, concurrency=3)  # replay checks integrity at the end
     assert stats.evicted_tokens > 0 and stats.rejected == 0
     assert 0 < stats.matched_tokens < best
