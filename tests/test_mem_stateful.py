@@ -35,48 +35,55 @@ Prefix = tuple[int, ...]
 
 
 class Reference:
-    """A prefix-closed dict: cached token prefix → [slot of its last token, last touch time]."""
+    """A prefix-closed dict of cached pages: token prefix (a page multiple long) → [slots of its
+    last page, last touch time]. With page size 1 a page is a token."""
 
     def __init__(self, page_size: int) -> None:
         self.page = page_size
-        self.entries: dict[Prefix, list[int]] = {}
+        self.entries: dict[Prefix, list] = {}
         self.clock = 0
 
     def longest(self, tokens: list[int], limit: int) -> int:
         n = 0
-        while n < limit and tuple(tokens[: n + 1]) in self.entries:
-            n += 1
-        return n // self.page * self.page
+        while n + self.page <= limit and tuple(tokens[: n + self.page]) in self.entries:
+            n += self.page
+        return n
 
     def touch(self, tokens: list[int], n: int) -> None:
         self.clock += 1
-        for i in range(1, n + 1):
+        for i in range(self.page, n + 1, self.page):
             self.entries[tuple(tokens[:i])][1] = self.clock
 
     def insert(self, tokens: list[int], slots: list[int]) -> None:
         aligned = len(tokens) // self.page * self.page
         self.clock += 1
-        for i in range(1, aligned + 1):
-            entry = self.entries.setdefault(tuple(tokens[:i]), [slots[i - 1], 0])
+        for i in range(self.page, aligned + 1, self.page):
+            entry = self.entries.setdefault(tuple(tokens[:i]), [tuple(slots[i - self.page : i]), 0])
             entry[1] = self.clock
 
     def slots(self, tokens: list[int], n: int) -> list[int]:
-        return [self.entries[tuple(tokens[:i])][0] for i in range(1, n + 1)]
+        pages = [self.entries[tuple(tokens[:i])][0] for i in range(self.page, n + 1, self.page)]
+        return [slot for page in pages for slot in page]
 
     def leaves(self) -> set[Prefix]:
-        parents = {p[:-1] for p in self.entries}
+        parents = {p[: -self.page] for p in self.entries}
         return {p for p in self.entries if p not in parents}
 
+    def tokens(self) -> int:
+        return len(self.entries) * self.page
 
-def tree_contents(tree: RadixCache) -> dict[Prefix, int]:
-    """Every token prefix in the tree with its slot, read from the nodes (touches nothing)."""
-    out: dict[Prefix, int] = {}
+
+def tree_contents(tree: RadixCache) -> dict[Prefix, tuple[int, ...]]:
+    """Every cached page with its slots, read from the nodes (touches nothing)."""
+    page = tree.page_size
+    out: dict[Prefix, tuple[int, ...]] = {}
     stack: list[tuple[TreeNode, Prefix]] = [(tree.root, ())]
     while stack:
         node, path = stack.pop()
-        for tok_slot in zip(node.key, node.value.tolist(), strict=True):
-            path = (*path, tok_slot[0])
-            out[path] = tok_slot[1]
+        values = node.value.tolist()
+        for j in range(0, len(node.key), page):
+            path = (*path, *node.key[j : j + page])
+            out[path] = tuple(values[j : j + page])
         stack.extend((child, path) for child in node.children.values())
     return out
 
@@ -110,7 +117,12 @@ class HierarchyMachine(RuleBasedStateMachine):
     # ---- helpers ----------------------------------------------------------------------------
 
     def locked_prefixes(self) -> set[Prefix]:
-        return {tuple(r.tokens[:i]) for r in self.running for i in range(1, r.seq.cached_len + 1)}
+        page = self.page_size
+        return {
+            tuple(r.tokens[:i])
+            for r in self.running
+            for i in range(page, r.seq.cached_len + 1, page)
+        }
 
     def next_token(self) -> int:
         self.sample += 1
@@ -138,7 +150,7 @@ class HierarchyMachine(RuleBasedStateMachine):
             del self.ref.entries[prefix]
         remaining = [self.ref.entries[p][1] for p in self.ref.leaves() - locked]
         assert not remaining or min(remaining) >= newest_evicted
-        return len(evicted)
+        return len(evicted) * self.page_size
 
     def alloc_step(self, r: Running, new_len: int | None) -> bool:
         """Allocate the next chunk (or one decode slot); on failure abort the request."""
@@ -240,8 +252,8 @@ class HierarchyMachine(RuleBasedStateMachine):
     @invariant()
     def hierarchy_balances(self):
         self.mgr.check_integrity([r.seq for r in self.running])
-        assert self.tree.evictable_size() + self.tree.protected_size() == len(self.ref.entries)
-        assert self.tree.protected_size() == len(self.locked_prefixes())
+        assert self.tree.evictable_size() + self.tree.protected_size() == self.ref.tokens()
+        assert self.tree.protected_size() == len(self.locked_prefixes()) * self.page_size
 
 
 SETTINGS = settings(

@@ -175,7 +175,9 @@ class TokenToKVPool:
         if self.page_size == 1:
             pages = slots.to(torch.int64)
         else:
-            pages = torch.unique(slots.to(torch.int64) // self.page_size)
+            # A page's slots sit next to each other in every slot list (rows, tree values), so
+            # a consecutive unique finds each page once without sorting.
+            pages = torch.unique_consecutive(slots.to(torch.int64) // self.page_size)
         self._released.append(pages)
         self._released_pages += len(pages)
 
