@@ -1,0 +1,43 @@
+"""The attention backend interface: store new K/V in the pool, attend through request rows."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from radixkv.model.forward_batch import ForwardBatch
+
+
+class AttentionBackend(ABC):
+    """Computes attention of a `ForwardBatch` over the paged KV pool.
+
+    `init_forward` runs once per batch (per model step) and prepares whatever index metadata every
+    layer shares; `forward` runs once per layer: it writes the batch's new K/V into
+    `batch.out_cache_loc` of that layer, then attends each request's queries to its prefix (read
+    through its `req_to_token` row) and, causally, to its new tokens.
+    """
+
+    @abstractmethod
+    def init_forward(self, batch: ForwardBatch) -> None:
+        """Prepare per-batch metadata shared by all layers."""
+
+    @abstractmethod
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """`q` `[num_tokens, heads, head_dim]`, `k`/`v` `[num_tokens, kv_heads, head_dim]`
+        -> attention output `[num_tokens, heads * head_dim]`."""
+
+
+def create_backend(name: str, **kwargs: object) -> AttentionBackend:
+    """Instantiate an attention backend by name (`torch`, `triton`)."""
+    if name == "torch":
+        from radixkv.model.torch_backend import TorchNativeBackend
+
+        return TorchNativeBackend(**kwargs)  # type: ignore[arg-type]
+    if name == "triton":
+        from radixkv.model.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend(**kwargs)  # type: ignore[arg-type]
+    raise ValueError(f"unknown attention backend {name!r}; available: torch, triton")

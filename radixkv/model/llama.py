@@ -1,0 +1,187 @@
+"""A compact Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2) over the paged KV pool.
+
+Numerics follow `transformers`' LlamaForCausalLM (RMSNorm in float32, rotate-half rope, SDPA);
+Q/K/V and gate/up projections are fused into one matmul each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from radixkv.model.attention import AttentionBackend
+from radixkv.model.config import ModelConfig
+from radixkv.model.forward_batch import ForwardBatch
+from radixkv.model.rotary import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 like the reference."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    """Fused QKV projection, rope, attention through the backend, output projection."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: ForwardBatch,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        qkv = self.qkv_proj(x)
+        # q and k share positions: rotate both heads blocks in one go.
+        qk = qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim)
+        qk = apply_rotary(qk, cos, sin)
+        q = qk[:, : self.num_heads]
+        k = qk[:, self.num_heads :]
+        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
+        out = backend.forward(q, k, v, self.layer, batch)
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward with one fused gate/up matmul."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm attention block and pre-norm MLP block, each with a residual connection."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: ForwardBatch,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder stack and LM head; `forward` returns float32 logits of each request's last
+    token only."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head: nn.Linear | None = None
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary: RotaryEmbedding | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def forward(self, batch: ForwardBatch, backend: AttentionBackend) -> torch.Tensor:
+        if self.rotary is None:
+            raise RuntimeError("weights are not loaded: call load_hf_state_dict first")
+        cos, sin = self.rotary.lookup(batch.positions)
+        x = self.embed_tokens(batch.input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, batch, backend)
+        if batch.num_tokens != batch.batch_size:
+            x = x[batch.last_token_index]
+        x = self.norm(x)
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head).float()
+
+    def load_hf_state_dict(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        """Load weights named as in HF's `LlamaForCausalLM`, fusing q/k/v and gate/up."""
+        own = fuse_hf_state_dict(tensors, self.config)
+        own = {k: v.to(device=device, dtype=dtype) for k, v in own.items()}
+        missing, unexpected = self.load_state_dict(own, strict=False, assign=True)
+        missing = [m for m in missing if not m.startswith("lm_head")]  # tied head
+        if missing or unexpected:
+            raise ValueError(
+                f"weights do not match the config: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}"
+            )
+        if self.lm_head is not None and "lm_head.weight" not in own:
+            raise ValueError("config says the LM head is not tied, but lm_head.weight is missing")
+        self.rotary = RotaryEmbedding(self.config, dtype, device)
+
+
+def fuse_hf_state_dict(
+    tensors: Mapping[str, torch.Tensor], config: ModelConfig
+) -> dict[str, torch.Tensor]:
+    """Rename HF parameters to ours and concatenate q/k/v and gate/up."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if name.startswith("model."):
+            name = name[len("model.") :]
+        if ".self_attn." in name and name.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj"):
+            continue
+        if ".mlp." in name and name.rsplit(".", 2)[-2] in ("gate_proj", "up_proj"):
+            continue
+        if "rotary_emb" in name:
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        out[name] = t
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}"
+        for suffix in ("weight", "bias") if config.attention_bias else ("weight",):
+            parts = [tensors[f"{p}.self_attn.{n}_proj.{suffix}"] for n in "qkv"]
+            out[f"layers.{i}.self_attn.qkv_proj.{suffix}"] = torch.cat(parts, 0)
+        gate_up = [tensors[f"{p}.mlp.{n}_proj.weight"] for n in ("gate", "up")]
+        out[f"layers.{i}.mlp.gate_up_proj.weight"] = torch.cat(gate_up, 0)
+    return out

@@ -1,0 +1,138 @@
+"""`ModelRunner`: the model, its attention backend and sampler over the scheduler's KV pools."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from radixkv.mem.req_to_token_pool import ReqToTokenPool
+from radixkv.mem.token_to_kv_pool import KVLayout, TokenToKVPool
+from radixkv.model.attention import AttentionBackend, create_backend
+from radixkv.model.config import ModelConfig
+from radixkv.model.dtype import resolve_dtype
+from radixkv.model.forward_batch import ForwardBatch
+from radixkv.model.llama import LlamaForCausalLM
+from radixkv.model.loader import load_model
+from radixkv.model.sampler import Sampler
+from radixkv.model.sampling_params import SamplingParams
+
+
+def kv_layout(
+    config: ModelConfig,
+    dtype: torch.dtype | str | None = None,
+    model_dtype: torch.dtype = torch.float32,
+) -> KVLayout:
+    """The KV pool layout of `config`; its dtype follows the model's unless `dtype` is given."""
+    kv_dtype = model_dtype if dtype is None else resolve_dtype(dtype)
+    return KVLayout(config.num_layers, config.num_kv_heads, config.head_dim, kv_dtype)
+
+
+def default_num_threads() -> int:
+    """One intra-op thread per CPU this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class ModelRunner:
+    """Runs forward passes of `ForwardBatch`es and samples next tokens.
+
+    The caller (the scheduler) owns the pools: it allocates `out_cache_loc`, writes request rows
+    and frees slots. The runner only writes K/V into the slots a batch names.
+    """
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        token_pool: TokenToKVPool,
+        req_pool: ReqToTokenPool,
+        backend: str | AttentionBackend = "torch",
+    ) -> None:
+        config = model.config
+        layout = token_pool.layout
+        if (layout.num_layers, layout.kv_heads, layout.head_dim) != (
+            config.num_layers, config.num_kv_heads, config.head_dim,
+        ):  # fmt: skip
+            raise ValueError(
+                f"KV pool layout {layout} does not fit the model ({config.num_layers} layers, "
+                f"{config.num_kv_heads} KV heads, head dim {config.head_dim})"
+            )
+        self.model = model
+        self.config = config
+        self.token_pool = token_pool
+        self.req_pool = req_pool
+        self.dtype = model.dtype
+        if isinstance(backend, str):
+            backend = create_backend(
+                backend,
+                token_pool=token_pool,
+                req_pool=req_pool,
+                num_heads=config.num_heads,
+                num_kv_heads=config.num_kv_heads,
+                head_dim=config.head_dim,
+                dtype=model.dtype,
+            )
+        self.backend = backend
+        self.sampler = Sampler()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path,
+        *,
+        num_slots: int,
+        max_running_requests: int,
+        max_context_len: int | None = None,
+        dtype: str | torch.dtype = "auto",
+        kv_dtype: str | torch.dtype | None = None,
+        page_size: int = 1,
+        device: torch.device | str = "cpu",
+        backend: str = "torch",
+    ) -> ModelRunner:
+        """Load `model` and create pools of `num_slots` KV slots and `max_running_requests` rows."""
+        net = load_model(model, dtype=dtype, device=device)
+        return cls.with_pools(
+            net, num_slots=num_slots, max_running_requests=max_running_requests,
+            max_context_len=max_context_len, kv_dtype=kv_dtype, page_size=page_size,
+            backend=backend,
+        )  # fmt: skip
+
+    @classmethod
+    def with_pools(
+        cls,
+        model: LlamaForCausalLM,
+        *,
+        num_slots: int,
+        max_running_requests: int,
+        max_context_len: int | None = None,
+        kv_dtype: str | torch.dtype | None = None,
+        page_size: int = 1,
+        backend: str = "torch",
+    ) -> ModelRunner:
+        """A runner over fresh pools sized for `model` (KV dtype follows the model's unless set)."""
+        layout = kv_layout(model.config, kv_dtype, model.dtype)
+        token_pool = TokenToKVPool(layout, num_slots, page_size=page_size, device=model.device)
+        context = max_context_len or model.config.max_position_embeddings
+        req_pool = ReqToTokenPool(max_running_requests, context, device=model.device)
+        return cls(model, token_pool, req_pool, backend)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """float32 logits `[bs, vocab]` of each request's last token; K/V written to the pool."""
+        self.backend.init_forward(batch)
+        return self.model(batch, self.backend)
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None] | None = None,
+    ) -> torch.Tensor:
+        """Next token ids `[bs]` (int64); `generators` (one per request, see `make_generator`)
+        make seeded requests reproducible."""
+        return self.sampler(logits, params, generators)

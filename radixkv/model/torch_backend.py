@@ -1,0 +1,167 @@
+"""Torch-native attention over the KV pool: one padded, masked SDPA call per layer.
+
+Per batch (`init_forward`) we gather every request's row of slots once, padded to the longest
+sequence, `kv_index [bs, max_seq_len]`, and build the mask. Per layer we gather K and V through
+`kv_index` and run one `scaled_dot_product_attention` for the whole batch: no Python loop over
+requests. Decode groups the query heads of each KV head (`[bs, kv_heads, group, head_dim]`) so GQA
+needs no K/V expansion; extend pads queries to `[bs, max_extend_len]`. A single request without a
+cached prefix attends to its own fresh K/V with `is_causal` (no gather, no mask).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from radixkv.mem.req_to_token_pool import ReqToTokenPool
+from radixkv.mem.token_to_kv_pool import TokenToKVPool
+from radixkv.model.attention import AttentionBackend
+from radixkv.model.forward_batch import ForwardBatch, ForwardMode
+
+
+@dataclass(slots=True)
+class _Metadata:
+    kv_index: torch.Tensor | None  # int64 [bs, max_seq_len]; padding points at slot 0
+    mask: torch.Tensor | None  # additive float [bs, 1, q_len, max_seq_len]; None = attend all
+    pad_index: torch.Tensor | None  # extend: packed token -> row of [bs * max_extend_len]
+    self_causal: bool  # one request, nothing cached: attend to the fresh K/V causally
+
+
+class TorchNativeBackend(AttentionBackend):
+    """Attention with `torch.nn.functional.scaled_dot_product_attention` (CPU default)."""
+
+    def __init__(
+        self,
+        token_pool: TokenToKVPool,
+        req_pool: ReqToTokenPool,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+    ) -> None:
+        self.token_pool = token_pool
+        self.req_pool = req_pool
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.group = num_heads // num_kv_heads
+        self.dtype = dtype
+        self.scale = head_dim**-0.5
+        self._md = _Metadata(None, None, None, False)
+        # Reused gather targets: a fresh multi-MB tensor per layer costs page faults that take
+        # longer than the gather itself (measured ~4x on this CPU).
+        self._k_ws = torch.empty(0, dtype=token_pool.layout.dtype, device=token_pool.device)
+        self._v_ws = torch.empty_like(self._k_ws)
+
+    # ---- per batch --------------------------------------------------------------------------
+
+    def init_forward(self, batch: ForwardBatch) -> None:
+        if (
+            batch.mode is ForwardMode.EXTEND
+            and batch.batch_size == 1
+            and batch.max_seq_len == (batch.max_extend_len)
+        ):
+            self._md = _Metadata(None, None, None, True)
+            return
+        seq_lens = batch.seq_lens
+        cols = torch.arange(batch.max_seq_len, device=seq_lens.device)
+        valid = cols[None, :] < seq_lens[:, None]  # [bs, S]
+        rows = self.req_pool.req_to_token[batch.req_rows, : batch.max_seq_len].to(torch.int64)
+        kv_index = rows.masked_fill_(~valid, 0)
+        self._reserve_workspace(kv_index.numel())
+        if batch.mode is ForwardMode.DECODE:
+            mask = None if bool(valid.all()) else self._additive(valid[:, None, None, :])
+            self._md = _Metadata(kv_index, mask, None, False)
+            return
+        bs, max_ext = batch.batch_size, batch.max_extend_len
+        # Query i of request b sits at position prefix_b + i and sees keys j <= that position.
+        q_pos = batch.prefix_lens[:, None] + torch.arange(max_ext, device=seq_lens.device)
+        allowed = (cols[None, None, :] <= q_pos[:, :, None]) & valid[:, None, :]  # [bs, E, S]
+        allowed[:, :, 0] |= ~allowed.any(-1)  # padded queries look at key 0: no NaN rows
+        token_req = torch.repeat_interleave(
+            torch.arange(bs, device=seq_lens.device),
+            batch.extend_lens,
+            output_size=batch.num_tokens,
+        )
+        starts = torch.cumsum(batch.extend_lens, 0) - batch.extend_lens
+        local = torch.arange(batch.num_tokens, device=seq_lens.device) - starts[token_req]
+        # None when every request extends by the same length: nothing to pad.
+        pad_index = None if max_ext * bs == batch.num_tokens else token_req * max_ext + local
+        self._md = _Metadata(kv_index, self._additive(allowed[:, None]), pad_index, False)
+
+    def _reserve_workspace(self, num_slots: int) -> None:
+        need = num_slots * self.num_kv_heads * self.head_dim
+        if self._k_ws.numel() < need:
+            self._k_ws = torch.empty(need, dtype=self._k_ws.dtype, device=self._k_ws.device)
+            self._v_ws = torch.empty_like(self._k_ws)
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        # Additive float masks run SDPA's fast CPU kernel; boolean ones fall back to a slower one.
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
+        return mask.masked_fill_(~allowed, float("-inf"))
+
+    # ---- per layer --------------------------------------------------------------------------
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch
+    ) -> torch.Tensor:
+        self.token_pool.set_kv(layer, batch.out_cache_loc, k, v)
+        md = self._md
+        if md.self_causal:
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None],
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                is_causal=True,
+                scale=self.scale,
+                enable_gqa=True,
+            )
+            return out[0].transpose(0, 1).reshape(q.shape[0], -1)
+        k_all, v_all = self._gather(layer, md)
+        if batch.mode is ForwardMode.DECODE:
+            bs = q.shape[0]
+            qg = q.view(bs, self.num_kv_heads, self.group, self.head_dim)
+            out = F.scaled_dot_product_attention(
+                qg, k_all, v_all, attn_mask=md.mask, scale=self.scale
+            )
+            return out.reshape(bs, -1)
+        return self._extend(q, k_all, v_all, md, batch)
+
+    def _gather(self, layer: int, md: _Metadata) -> tuple[torch.Tensor, torch.Tensor]:
+        assert md.kv_index is not None
+        bs, seq = md.kv_index.shape
+        flat = md.kv_index.view(-1)
+        shape = (bs * seq, self.num_kv_heads, self.head_dim)
+        k_buf, v_buf = self.token_pool.get_kv_buffer(layer)
+        k_out = self._k_ws[: flat.numel() * shape[1] * shape[2]].view(shape)
+        v_out = self._v_ws[: k_out.numel()].view(shape)
+        torch.index_select(k_buf, 0, flat, out=k_out)
+        torch.index_select(v_buf, 0, flat, out=v_out)
+        k_all = k_out.view(bs, seq, *shape[1:]).transpose(1, 2)  # [bs, kv_heads, S, head_dim]
+        v_all = v_out.view(bs, seq, *shape[1:]).transpose(1, 2)
+        if k_all.dtype != self.dtype:
+            k_all, v_all = k_all.to(self.dtype), v_all.to(self.dtype)
+        return k_all, v_all
+
+    def _extend(
+        self,
+        q: torch.Tensor,
+        k_all: torch.Tensor,
+        v_all: torch.Tensor,
+        md: _Metadata,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:
+        bs, max_ext = batch.batch_size, batch.max_extend_len
+        if md.pad_index is None:
+            q_pad = q
+        else:
+            q_pad = q.new_zeros((bs * max_ext, self.num_heads, self.head_dim))
+            q_pad[md.pad_index] = q
+        q_pad = q_pad.view(bs, max_ext, self.num_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q_pad, k_all, v_all, attn_mask=md.mask, scale=self.scale, enable_gqa=True
+        )
+        out = out.transpose(1, 2).reshape(bs * max_ext, self.num_heads * self.head_dim)
+        return out if md.pad_index is None else out[md.pad_index]

@@ -1,0 +1,103 @@
+"""Batched sampler and stop rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixkv.model.sampler import Sampler, make_generator
+from radixkv.model.sampling_params import FinishReason, SamplingParams, StopChecker
+
+VOCAB = 50
+
+
+def logits_for(probs: list[float]) -> torch.Tensor:
+    p = torch.full((VOCAB,), 1e-12)
+    p[: len(probs)] = torch.tensor(probs)
+    return p.log()
+
+
+def draws(params: SamplingParams, logits: torch.Tensor, n: int = 2000) -> torch.Tensor:
+    gen = make_generator(params)
+    batch = logits.expand(n, -1)
+    return Sampler()(batch, [params] * n, [gen] * n)
+
+
+def test_greedy_fast_path_is_argmax() -> None:
+    logits = torch.randn(5, VOCAB)
+    out = Sampler()(logits, [SamplingParams()] * 5)
+    assert torch.equal(out, logits.argmax(-1))
+
+
+def test_top_k_one_is_greedy_and_top_k_limits_support() -> None:
+    logits = torch.randn(4, VOCAB)
+    assert torch.equal(
+        Sampler()(logits, [SamplingParams(temperature=1.0, top_k=1)] * 4), logits.argmax(-1)
+    )
+    row = logits_for([0.3, 0.25, 0.2, 0.15, 0.1])
+    seen = set(draws(SamplingParams(temperature=1.0, top_k=2, seed=0), row).tolist())
+    assert seen == {0, 1}
+
+
+def test_top_p_keeps_the_smallest_head_reaching_p() -> None:
+    row = logits_for([0.5, 0.3, 0.2])
+    assert set(draws(SamplingParams(temperature=1.0, top_p=0.6, seed=1), row).tolist()) == {0, 1}
+    assert set(draws(SamplingParams(temperature=1.0, top_p=0.45, seed=1), row).tolist()) == {0}
+
+
+def test_temperature_sampling_follows_the_distribution() -> None:
+    probs = [0.6, 0.3, 0.1]
+    out = draws(SamplingParams(temperature=1.0, seed=3), logits_for(probs), n=6000)
+    freq = torch.bincount(out, minlength=3)[:3].float() / len(out)
+    torch.testing.assert_close(freq, torch.tensor(probs), atol=0.03, rtol=0)
+    # A high temperature flattens the distribution.
+    hot = draws(SamplingParams(temperature=5.0, seed=3), logits_for(probs), n=6000)
+    assert (hot == 2).float().mean() > 0.2
+
+
+def test_seed_reproducible_whatever_the_batch() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(3, VOCAB)
+    seeded = SamplingParams(temperature=1.0, seed=42)
+    other = SamplingParams(temperature=0.7, top_k=10)
+    sampler = Sampler()
+    alone = [sampler(logits[:1], [seeded], [make_generator(seeded)]) for _ in range(2)]
+    gen = make_generator(seeded)
+    steps_alone = [sampler(logits[:1], [seeded], [gen]).item() for _ in range(20)]
+    gen, gen_other = make_generator(seeded), make_generator(other)
+    steps_mixed = [
+        sampler(logits, [seeded, other, SamplingParams()], [gen, gen_other, None])[0].item()
+        for _ in range(20)
+    ]
+    assert torch.equal(alone[0], alone[1])
+    assert steps_alone == steps_mixed
+
+
+def test_mixed_batch_keeps_greedy_rows_greedy() -> None:
+    logits = torch.randn(6, VOCAB)
+    params = [SamplingParams(), SamplingParams(temperature=1.0, seed=1)] * 3
+    gens = [make_generator(p) for p in params]
+    out = Sampler()(logits, params, gens)
+    assert torch.equal(out[0::2], logits[0::2].argmax(-1))
+
+
+def test_stop_checker() -> None:
+    stop = StopChecker.for_model([2])
+    p = SamplingParams(max_new_tokens=3, stop_token_ids=frozenset({7}))
+    assert stop.check(p, 5, 1) is None
+    assert stop.check(p, 2, 1) is FinishReason.STOP
+    assert stop.check(p, 7, 1) is FinishReason.STOP
+    assert stop.check(p, 5, 3) is FinishReason.LENGTH
+    ignore = SamplingParams(max_new_tokens=3, ignore_eos=True, stop_token_ids=frozenset({7}))
+    assert stop.check(ignore, 2, 1) is None
+    assert stop.check(ignore, 7, 1) is FinishReason.STOP  # stop ids still apply
+
+
+def test_sampling_params_validation() -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+    assert SamplingParams(stop_token_ids={1, 2}).stop_token_ids == frozenset({1, 2})  # type: ignore[arg-type]
