@@ -117,6 +117,24 @@ class RadixCache:
         key = _as_list(tokens)
         return self._match(key, len(key) // self.page_size * self.page_size)
 
+    def peek_prefix(self, tokens: Sequence[int] | torch.Tensor) -> tuple[int, TreeNode]:
+        """Length `match_prefix` would return, and the deepest node it reaches, without touching
+        access times or splitting edges (for scheduling decisions)."""
+        if self.disable:
+            return 0, self.root
+        key = _as_list(tokens)
+        limit = (len(key) - 1) // self.page_size * self.page_size if key else 0
+        node, pos = self.root, 0
+        while pos < limit:
+            child = node.children.get(self._child_key(key, pos))
+            if child is None:
+                break
+            m = self._common_len(child.key, key, pos, limit)
+            node, pos = child, pos + m
+            if m < len(child.key):
+                break
+        return pos, node
+
     def insert(self, tokens: Sequence[int] | torch.Tensor, slots: torch.Tensor) -> int:
         """Cache the page-aligned part of `tokens` held in `slots`; return the length already
         present (a page multiple).

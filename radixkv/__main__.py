@@ -1,0 +1,9 @@
+"""`python -m radixkv launch ...` (the same as the `radixkv` command)."""
+
+from __future__ import annotations
+
+import sys
+
+from radixkv.cli import main
+
+sys.exit(main())

@@ -1,0 +1,252 @@
+"""Every message that crosses a socket, as `msgspec.Struct`s encoded with msgpack (never pickle).
+
+Two channels:
+
+    client (DEALER) ──▶ runtime (ROUTER)      ClientMessage      replies: RuntimeReply
+    runtime (PUSH)  ──▶ scheduler (PULL)      SchedulerMessage
+    scheduler (PUSH) ──▶ runtime (PULL)       SchedulerReply
+
+Each message is a tagged struct (`{"type": ...}` on the wire), so one decoder per channel turns a
+frame into the right class or raises `msgspec.ValidationError`/`DecodeError`, which the receiver
+answers with an `ErrorReply` (or counts and drops) instead of crashing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+MAX_FRAME_BYTES = 64 * 1024 * 1024  # a larger frame is refused before it is decoded
+
+
+class WireSamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Sampling parameters as sent by a client; validated into `SamplingParams` by the runtime."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = 128
+    stop: list[str] = msgspec.field(default_factory=list)
+    stop_token_ids: list[int] = msgspec.field(default_factory=list)
+    ignore_eos: bool = False
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: str
+    content: str
+
+
+# ---- client → runtime ---------------------------------------------------------------------------
+
+
+class GenerateRequest(msgspec.Struct, tag="generate", kw_only=True):
+    """Exactly one of `text`, `messages` (chat, templated by the runtime) or `input_ids`."""
+
+    rid: str
+    text: str | None = None
+    messages: list[ChatMessage] | None = None
+    input_ids: list[int] | None = None
+    sampling: WireSamplingParams = WireSamplingParams()
+    stream: bool = False
+    api_key: str | None = None
+
+
+class AbortRequest(msgspec.Struct, tag="abort", kw_only=True):
+    rid: str
+    api_key: str | None = None
+
+
+class FlushCacheRequest(msgspec.Struct, tag="flush_cache", kw_only=True):
+    rid: str = ""
+    api_key: str | None = None
+
+
+class GetStatsRequest(msgspec.Struct, tag="get_stats", kw_only=True):
+    rid: str = ""
+    api_key: str | None = None
+
+
+ClientMessage = GenerateRequest | AbortRequest | FlushCacheRequest | GetStatsRequest
+
+
+# ---- runtime → client ---------------------------------------------------------------------------
+
+
+class RequestMeta(msgspec.Struct, frozen=True, kw_only=True):
+    """Per-request accounting: how much of the prompt the radix cache served."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    ttft: float  # seconds from arrival at the runtime to the first token
+    latency: float  # seconds from arrival to the final token
+
+
+class TokenChunk(msgspec.Struct, tag="chunk", kw_only=True):
+    """A streamed piece of output: new text (never a broken UTF-8 sequence) and its token ids."""
+
+    rid: str
+    text: str
+    token_ids: list[int]
+
+
+class GenerateResult(msgspec.Struct, tag="result", kw_only=True):
+    rid: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length" | "abort"
+    meta: RequestMeta
+
+
+class ErrorReply(msgspec.Struct, tag="error", kw_only=True):
+    """A request (or a frame) that could not be served; `rid` is "" when none could be read."""
+
+    rid: str
+    message: str
+    code: str = "bad_request"  # bad_request | unauthorized | too_large | aborted | internal
+
+
+class Stats(msgspec.Struct, kw_only=True):
+    """Monotonic counters (tokens and events since start) and gauges (now)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    evicted_tokens: int = 0
+    retractions: int = 0
+    finished: dict[str, int] = msgspec.field(default_factory=dict)
+    kv_capacity: int = 0
+    kv_used: int = 0
+    evictable: int = 0
+    protected: int = 0
+    running: int = 0
+    waiting: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+class StatsReply(msgspec.Struct, tag="stats", kw_only=True):
+    rid: str
+    stats: Stats
+
+
+class FlushReply(msgspec.Struct, tag="flushed", kw_only=True):
+    rid: str
+    ok: bool
+    message: str = ""
+
+
+RuntimeReply = TokenChunk | GenerateResult | ErrorReply | StatsReply | FlushReply
+
+
+# ---- runtime → scheduler ------------------------------------------------------------------------
+
+
+class TokenizedRequest(msgspec.Struct, tag="tokenized", kw_only=True):
+    rid: str
+    input_ids: list[int]
+    sampling: WireSamplingParams
+    arrival: float  # time.time() at the runtime, so TTFT counts queueing too
+
+
+class ShutdownRequest(msgspec.Struct, tag="shutdown"):
+    pass
+
+
+SchedulerMessage = (
+    TokenizedRequest | AbortRequest | FlushCacheRequest | GetStatsRequest | ShutdownRequest
+)
+
+
+# ---- scheduler → runtime ------------------------------------------------------------------------
+
+
+class ReqOutput(msgspec.Struct, array_like=True):
+    """New tokens of one request in one step; `finish_reason` set on its last."""
+
+    rid: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    cached_tokens: int
+
+
+class BatchOutput(msgspec.Struct, tag="batch_out"):
+    outputs: list[ReqOutput]
+
+
+class ReqError(msgspec.Struct, tag="req_error", kw_only=True):
+    """The scheduler refused or aborted a request (e.g. it can never fit in the KV cache)."""
+
+    rid: str
+    message: str
+
+
+class Ready(msgspec.Struct, tag="ready", kw_only=True):
+    """Start-up handshake: the scheduler is loaded and serving."""
+
+    model: str
+    kv_capacity: int
+    page_size: int
+    max_context_len: int
+    max_running_requests: int
+    dtype: str
+    eos_token_ids: list[int]
+
+
+class Fatal(msgspec.Struct, tag="fatal", kw_only=True):
+    """The scheduler cannot go on (e.g. the model failed to load); it exits after sending this."""
+
+    message: str
+
+
+SchedulerReply = BatchOutput | ReqError | StatsReply | FlushReply | Ready | Fatal
+
+
+# ---- codec --------------------------------------------------------------------------------------
+
+
+class Codec:
+    """One msgpack encoder and a decoder for one channel's union of message types."""
+
+    def __init__(self, message_type: Any) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(message_type)
+
+    def encode(self, message: msgspec.Struct) -> bytes:
+        return self._encoder.encode(message)
+
+    def decode(self, frame: bytes) -> Any:
+        """Raises `msgspec.DecodeError` (a subclass of ValidationError's base) on bad frames."""
+        if len(frame) > MAX_FRAME_BYTES:
+            raise FrameTooLarge(f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
+        return self._decoder.decode(frame)
+
+
+class FrameTooLarge(ValueError):
+    pass
+
+
+def client_codec() -> Codec:
+    """What the runtime's client endpoint decodes."""
+    return Codec(ClientMessage)
+
+
+def reply_codec() -> Codec:
+    """What a client decodes."""
+    return Codec(RuntimeReply)
+
+
+def scheduler_codec() -> Codec:
+    """What the scheduler decodes."""
+    return Codec(SchedulerMessage)
+
+
+def scheduler_reply_codec() -> Codec:
+    """What the runtime decodes from the scheduler."""
+    return Codec(SchedulerReply)

@@ -1,0 +1,327 @@
+"""The runtime process: the client endpoint (ROUTER), the TokenizerManager and the scheduler child.
+
+One thread, one `zmq.Poller` loop: client frames are validated, tokenized and forwarded; scheduler
+outputs are detokenized and routed back to the client that asked. Nothing a client sends can stop
+the loop: every bad frame gets an `ErrorReply` (rid "" when no rid could be read).
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import zmq
+
+from radixkv.config import ServerArgs
+from radixkv.peer_tracker import PeerTracker
+from radixkv.protocol import (
+    MAX_FRAME_BYTES,
+    AbortRequest,
+    BatchOutput,
+    ErrorReply,
+    Fatal,
+    FlushCacheRequest,
+    FlushReply,
+    FrameTooLarge,
+    GenerateRequest,
+    GetStatsRequest,
+    Ready,
+    ReqError,
+    StatsReply,
+    TokenizedRequest,
+    client_codec,
+)
+from radixkv.scheduler_child import DEFAULT_SCHEDULER, SchedulerChild
+from radixkv.tokenizer_manager import BadRequest, ReqState, TokenizerManager
+
+log = logging.getLogger("radixkv.runtime")
+
+LIVENESS_INTERVAL = 0.5  # seconds between checks that the scheduler process is alive
+MAX_CLIENT_FRAMES_PER_TURN = 256  # then serve the scheduler's outputs before reading more
+
+
+def load_tokenizer_for(model: str) -> Any:
+    from radixkv.model.loader import load_tokenizer
+
+    return load_tokenizer(model)
+
+
+class RuntimeServer:
+    """Serves clients on `endpoint` until `stop()` (or a signal handler) ends `serve_forever()`."""
+
+    def __init__(
+        self,
+        args: ServerArgs,
+        scheduler: str = DEFAULT_SCHEDULER,
+        scheduler_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.args = args
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 1000)
+        self.router.setsockopt(zmq.SNDHWM, 100_000)
+        self.peers = PeerTracker(self.router)
+        address = f"tcp://{args.host}:{args.port or '*'}"
+        try:
+            self.router.bind(address)
+        except zmq.ZMQError as exc:
+            self._close_sockets()
+            raise OSError(
+                f"cannot listen on {address}: {exc}; choose another --port/--host"
+            ) from exc
+        self.endpoint: str = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.child = SchedulerChild(self.ctx, args, scheduler, scheduler_kwargs)
+        self.codec = client_codec()
+        self.encoder = msgspec.msgpack.Encoder()
+        self.tm: TokenizerManager | None = None
+        self.ready: Ready | None = None
+        self.requests: dict[str, ReqState] = {}  # scheduler rid -> state
+        self.by_client: dict[tuple[bytes, str], str] = {}  # (identity, client rid) -> scheduler rid
+        self.control: dict[str, tuple[bytes, str]] = {}  # stats/flush: scheduler rid -> client
+        self.rids = itertools.count()
+        self.dead: str | None = None  # why the scheduler is gone, once it is
+        self.stopping = threading.Event()
+        self.dropped_scheduler_frames = 0
+
+    # ---- start-up and shutdown ----------------------------------------------------------------
+
+    def start(self, timeout: float) -> Ready:
+        """Spawn the scheduler and load the tokenizer meanwhile; wait for the scheduler's Ready."""
+        self.child.start()
+        loaded: dict[str, Any] = {}
+
+        def load() -> None:
+            try:
+                loaded["tokenizer"] = load_tokenizer_for(self.args.model)
+            except Exception as exc:
+                loaded["error"] = exc
+
+        thread = threading.Thread(target=load, name="radixkv-tokenizer", daemon=True)
+        thread.start()
+        ready = self.child.wait_ready(timeout, keep_waiting=lambda: not self.stopping.is_set())
+        thread.join()
+        if "error" in loaded:
+            raise RuntimeError(
+                f"cannot load the tokenizer of {self.args.model!r}: {loaded['error']}"
+            )
+        self.tm = TokenizerManager(loaded["tokenizer"], ready)
+        self.ready = ready
+        return ready
+
+    def stop(self) -> None:
+        """Ask `serve_forever` to return (safe from signal handlers and other threads)."""
+        self.stopping.set()
+
+    def close(self) -> None:
+        """Fail what is pending, stop the scheduler, close sockets, remove the ipc directory."""
+        self._fail_all("the runtime is shutting down", "internal")
+        self.child.shutdown()
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        self.peers.close()
+        self.router.close()
+        self.ctx.term()
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def serve_forever(
+        self, extra_fd: int | None = None, on_extra: Callable[[], None] = lambda: None
+    ) -> None:
+        """Run until stopped; `on_extra` is called when `extra_fd` (e.g. a pipe) is readable."""
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.child.from_scheduler, zmq.POLLIN)
+        poller.register(self.peers.monitor, zmq.POLLIN)
+        if extra_fd is not None:
+            poller.register(extra_fd, zmq.POLLIN)
+        next_check = time.monotonic() + LIVENESS_INTERVAL
+        while not self.stopping.is_set():
+            events = dict(poller.poll(100))
+            if self.child.from_scheduler in events:
+                self._drain_scheduler()
+            if self.router in events:
+                self._drain_clients()
+            for identity in self.peers.take_gone():
+                self._client_gone(identity)
+            if extra_fd is not None and extra_fd in events:
+                on_extra()
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + LIVENESS_INTERVAL
+                if self.dead is None and not self.child.alive():
+                    self._drain_scheduler()  # its last words first
+                    self._scheduler_died(
+                        f"the scheduler process died ({self.child.exit_description()})"
+                    )
+
+    # ---- clients ------------------------------------------------------------------------------
+
+    def _reply(self, identity: bytes, message: msgspec.Struct) -> None:
+        try:
+            self.router.send_multipart([identity, self.encoder.encode(message)], zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("dropped a reply to a client that is not reading")
+
+    def _error(self, identity: bytes, rid: str, message: str, code: str = "bad_request") -> None:
+        self._reply(identity, ErrorReply(rid=rid, message=message, code=code))
+
+    def _drain_clients(self) -> None:
+        for _ in range(MAX_CLIENT_FRAMES_PER_TURN):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            identity = frames[0].bytes
+            self.peers.seen(identity, frames[-1].get(zmq.SRCFD))
+            self._on_client_frames(identity, frames[1:])
+
+    def _on_client_frames(self, identity: bytes, frames: list[zmq.Frame]) -> None:
+        if len(frames) != 1:
+            self._error(identity, "", f"expected one frame per message, got {len(frames)}")
+            return
+        size = len(frames[0].buffer)
+        if size > MAX_FRAME_BYTES:
+            limit = MAX_FRAME_BYTES
+            message = f"message of {size} bytes exceeds the limit of {limit} bytes"
+            self._error(identity, "", message, "too_large")
+            return
+        payload = frames[0].bytes
+        try:
+            msg = self.codec.decode(payload)
+        except FrameTooLarge as exc:
+            self._error(identity, "", str(exc), "too_large")
+            return
+        except msgspec.DecodeError as exc:  # ValidationError (unknown type, bad field) included
+            self._error(identity, _salvage_rid(payload), f"malformed or unknown message: {exc}")
+            return
+        if self.args.api_key is not None and not hmac.compare_digest(
+            (msg.api_key or "").encode(), self.args.api_key.encode()
+        ):
+            self._error(identity, msg.rid, "missing or wrong API key", "unauthorized")
+            return
+        if isinstance(msg, GenerateRequest):
+            self._on_generate(identity, msg)
+        elif isinstance(msg, AbortRequest):
+            rid = self.by_client.get((identity, msg.rid))
+            if rid is not None:
+                self.child.send(AbortRequest(rid=rid))
+        elif self.dead is not None:
+            self._error(identity, msg.rid, self.dead, "internal")
+        else:  # FlushCacheRequest | GetStatsRequest
+            rid = f"c{next(self.rids)}"
+            self.control[rid] = (identity, msg.rid)
+            forward = (
+                FlushCacheRequest(rid=rid)
+                if isinstance(msg, FlushCacheRequest)
+                else GetStatsRequest(rid=rid)
+            )
+            self.child.send(forward)
+
+    def _on_generate(self, identity: bytes, msg: GenerateRequest) -> None:
+        assert self.tm is not None
+        if self.dead is not None:
+            self._error(identity, msg.rid, self.dead, "internal")
+            return
+        if not msg.rid:
+            self._error(identity, "", "a generate request needs a non-empty rid")
+            return
+        if (identity, msg.rid) in self.by_client:
+            self._error(identity, msg.rid, f"request id {msg.rid!r} is already in flight")
+            return
+        arrival = time.perf_counter()
+        try:
+            ids = self.tm.tokenize(msg)
+        except BadRequest as exc:
+            self._error(identity, msg.rid, str(exc))
+            return
+        rid = str(next(self.rids))
+        self.requests[rid] = self.tm.new_state(msg, identity, len(ids), arrival)
+        self.by_client[(identity, msg.rid)] = rid
+        self.child.send(
+            TokenizedRequest(rid=rid, input_ids=ids, sampling=msg.sampling, arrival=time.time())
+        )
+
+    def _client_gone(self, identity: bytes) -> None:
+        for (ident, _), rid in list(self.by_client.items()):
+            if ident == identity:
+                self.child.send(AbortRequest(rid=rid))
+                self._forget(rid)
+        log.debug("client %s disconnected; its requests were aborted", identity.hex())
+
+    def _forget(self, rid: str) -> ReqState | None:
+        state = self.requests.pop(rid, None)
+        if state is not None:
+            self.by_client.pop((state.identity, state.rid), None)
+        return state
+
+    # ---- scheduler ----------------------------------------------------------------------------
+
+    def _drain_scheduler(self) -> None:
+        while True:
+            try:
+                frame = self.child.from_scheduler.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = self.child.codec.decode(frame)
+            except (msgspec.DecodeError, ValueError) as exc:
+                self.dropped_scheduler_frames += 1
+                log.warning("dropped a malformed frame from the scheduler: %s", exc)
+                continue
+            self._on_scheduler_message(msg)
+
+    def _on_scheduler_message(self, msg: Any) -> None:
+        assert self.tm is not None
+        if isinstance(msg, BatchOutput):
+            for out in msg.outputs:
+                state = self.requests.get(out.rid)
+                if state is None:
+                    continue  # aborted, stopped by a stop string, or its client left
+                step = self.tm.on_output(state, out)
+                for reply in step.replies:
+                    self._reply(state.identity, reply)
+                if step.finished:
+                    self._forget(out.rid)
+                    if step.abort_scheduler:
+                        self.child.send(AbortRequest(rid=out.rid))
+        elif isinstance(msg, ReqError):
+            state = self._forget(msg.rid)
+            if state is not None:
+                self._error(state.identity, state.rid, msg.message)
+        elif isinstance(msg, (StatsReply, FlushReply)):
+            client = self.control.pop(msg.rid, None)
+            if client is not None:
+                identity, client_rid = client
+                self._reply(identity, msgspec.structs.replace(msg, rid=client_rid))
+        elif isinstance(msg, Fatal):
+            self._scheduler_died(f"the scheduler stopped: {msg.message}")
+
+    def _scheduler_died(self, reason: str) -> None:
+        self.dead = f"{reason}; restart the runtime"
+        log.error("%s", self.dead)
+        self._fail_all(self.dead, "internal")
+
+    def _fail_all(self, message: str, code: str) -> None:
+        for state in self.requests.values():
+            self._error(state.identity, state.rid, message, code)
+        for identity, client_rid in self.control.values():
+            self._error(identity, client_rid, message, code)
+        self.requests.clear()
+        self.by_client.clear()
+        self.control.clear()
+
+
+def _salvage_rid(payload: bytes) -> str:
+    """The rid of a message that failed validation, if it is a map with a string rid."""
+    try:
+        raw = msgspec.msgpack.decode(payload)
+    except msgspec.DecodeError:
+        return ""
+    rid = raw.get("rid") if isinstance(raw, dict) else None
+    return rid if isinstance(rid, str) else ""

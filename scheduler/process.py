@@ -1,0 +1,194 @@
+"""The scheduler process: builds the model and KV hierarchy, then runs the event loop over ZMQ.
+
+Loop: drain incoming messages without blocking (block briefly only when idle) → run one batch →
+send the new tokens → when idle, check the invariants. It exits on `ShutdownRequest` or when its
+parent process is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+
+import msgspec
+import torch
+import zmq
+
+from radixkv.config import ServerArgs
+from radixkv.mem import KVCacheManager, RadixCache, ReqToTokenPool, TokenToKVPool
+from radixkv.model.llama import LlamaForCausalLM
+from radixkv.model.loader import load_model
+from radixkv.model.model_runner import ModelRunner, kv_layout
+from radixkv.model.sampling_params import SamplingParams
+from radixkv.protocol import (
+    AbortRequest,
+    BatchOutput,
+    Fatal,
+    FlushCacheRequest,
+    FlushReply,
+    GetStatsRequest,
+    Ready,
+    ReqError,
+    ShutdownRequest,
+    StatsReply,
+    TokenizedRequest,
+    WireSamplingParams,
+    scheduler_codec,
+)
+from radixkv.scheduler.scheduler import RequestRejected, Scheduler
+
+log = logging.getLogger("radixkv.scheduler")
+
+
+def build_scheduler(args: ServerArgs, model: LlamaForCausalLM | None = None) -> Scheduler:
+    """Load the model (unless given) and size the KV hierarchy from `args`."""
+    if model is None:
+        model = load_model(args.model, dtype=args.dtype, device=args.device)
+    layout = kv_layout(model.config, args.kv_dtype, model.dtype)
+    if args.max_total_tokens is not None:
+        slots = max(args.page_size, args.max_total_tokens // args.page_size * args.page_size)
+        token_pool = TokenToKVPool(layout, slots, page_size=args.page_size, device=args.device)
+    else:
+        token_pool = TokenToKVPool.from_memory_budget(
+            layout, args.kv_memory, page_size=args.page_size, device=args.device
+        )
+    context = args.max_context_len or min(model.config.max_position_embeddings, 8192)
+    req_pool = ReqToTokenPool(args.max_running_requests, context, device=args.device)
+    tree = RadixCache(token_pool, disable=args.disable_radix_cache)
+    backend = args.attention_backend
+    if backend == "auto":
+        backend = "triton" if torch.device(args.device).type == "cuda" else "torch"
+    runner = ModelRunner(model, token_pool, req_pool, backend)
+    return Scheduler(args, runner, KVCacheManager(token_pool, req_pool, tree))
+
+
+def to_sampling_params(wire: WireSamplingParams) -> SamplingParams:
+    """Raises ValueError with a readable message on out-of-range values."""
+    if wire.top_k < -1:
+        raise ValueError(f"top_k must be -1, 0 (off) or a positive count, got {wire.top_k}")
+    return SamplingParams(
+        temperature=wire.temperature,
+        top_k=max(0, wire.top_k),
+        top_p=wire.top_p,
+        seed=wire.seed,
+        max_new_tokens=wire.max_new_tokens,
+        stop_token_ids=frozenset(wire.stop_token_ids),
+        ignore_eos=wire.ignore_eos,
+    )
+
+
+class SchedulerLoop:
+    """Owns the sockets; translates messages into Scheduler calls and outputs into messages."""
+
+    def __init__(self, scheduler: Scheduler, recv: zmq.Socket, send: zmq.Socket) -> None:
+        self.scheduler = scheduler
+        self.recv = recv
+        self.send = send
+        self.codec = scheduler_codec()
+        self.encoder = msgspec.msgpack.Encoder()
+        self.parent = os.getppid()
+        self.dropped_frames = 0
+        self.running = True
+
+    def run(self) -> None:
+        last_parent_check = time.monotonic()
+        while self.running:
+            idle = not self.scheduler.has_work()
+            self._drain(block_ms=200 if idle else 0)
+            if not self.running:
+                break
+            outputs = self.scheduler.step()
+            if outputs:
+                self.send.send(self.encoder.encode(BatchOutput(outputs)))
+            if time.monotonic() - last_parent_check > 1.0:
+                last_parent_check = time.monotonic()
+                if os.getppid() != self.parent:
+                    log.error("parent process is gone; scheduler exiting")
+                    return
+
+    def _drain(self, block_ms: int) -> None:
+        if block_ms and not self.recv.poll(block_ms):
+            return
+        while True:
+            try:
+                frame = self.recv.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = self.codec.decode(frame)
+            except (msgspec.DecodeError, ValueError) as exc:
+                self.dropped_frames += 1
+                log.warning("dropped a malformed frame from the runtime: %s", exc)
+                continue
+            self._handle(msg)
+            if not self.running:
+                return
+
+    def _handle(self, msg: object) -> None:
+        sched = self.scheduler
+        if isinstance(msg, TokenizedRequest):
+            try:
+                sched.add_request(
+                    msg.rid, msg.input_ids, to_sampling_params(msg.sampling), msg.arrival
+                )
+            except (RequestRejected, ValueError) as exc:
+                self.send.send(self.encoder.encode(ReqError(rid=msg.rid, message=str(exc))))
+        elif isinstance(msg, AbortRequest):
+            outputs = sched.abort(msg.rid)
+            if outputs:
+                self.send.send(self.encoder.encode(BatchOutput(outputs)))
+        elif isinstance(msg, FlushCacheRequest):
+            ok, message = sched.flush_cache()
+            self.send.send(self.encoder.encode(FlushReply(rid=msg.rid, ok=ok, message=message)))
+        elif isinstance(msg, GetStatsRequest):
+            self.send.send(self.encoder.encode(StatsReply(rid=msg.rid, stats=sched.get_stats())))
+        elif isinstance(msg, ShutdownRequest):
+            self.running = False
+
+
+def run_scheduler(args: ServerArgs, in_addr: str, out_addr: str) -> None:
+    """Process entry point: connect to the runtime, load, send Ready (or Fatal), serve."""
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    ctx = zmq.Context()
+    recv = ctx.socket(zmq.PULL)
+    recv.connect(in_addr)
+    send = ctx.socket(zmq.PUSH)
+    send.setsockopt(zmq.LINGER, 2000)
+    send.connect(out_addr)
+    encoder = msgspec.msgpack.Encoder()
+    try:
+        torch.manual_seed(args.seed)
+        scheduler = build_scheduler(args)
+    except Exception as exc:  # the runtime must hear why, not wait for a dead child
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        send.send(encoder.encode(Fatal(message=f"scheduler failed to start: {detail}")))
+        recv.close(linger=0)
+        send.close()
+        ctx.term()
+        raise SystemExit(1) from exc
+    runner, pool = scheduler.runner, scheduler.mgr.token_pool
+    log.info(
+        "KV cache: %d slots (page %d, %s, %.1f MiB), %d request rows x %d positions",
+        pool.capacity, pool.page_size, pool.layout.dtype, pool.memory_bytes / 2**20,
+        scheduler.mgr.req_pool.size, scheduler.mgr.req_pool.max_context_len,
+    )  # fmt: skip
+    ready = Ready(
+        model=args.model,
+        kv_capacity=pool.capacity,
+        page_size=pool.page_size,
+        max_context_len=scheduler.mgr.req_pool.max_context_len,
+        max_running_requests=scheduler.mgr.req_pool.size,
+        dtype=str(runner.dtype).removeprefix("torch."),
+        eos_token_ids=sorted(runner.config.eos_token_ids),
+    )
+    send.send(encoder.encode(ready))
+    try:
+        SchedulerLoop(scheduler, recv, send).run()
+    finally:
+        recv.close(linger=0)
+        send.close()
+        ctx.term()

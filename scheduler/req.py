@@ -1,0 +1,75 @@
+"""A request as the scheduler sees it: tokens, sampling state and its hold on the KV cache."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from radixkv.mem import SeqSlots
+from radixkv.model.sampler import make_generator
+from radixkv.model.sampling_params import SamplingParams
+
+
+class Req:
+    """One generation request.
+
+    `fill_ids` (prompt + output) are the tokens whose KV the request needs; `seq` holds the slots
+    of `fill_ids[:seq.kv_len]` while the request is admitted (None while it waits). A retracted
+    request goes back to waiting with its output kept, and resumes by prefilling `fill_ids`.
+    """
+
+    __slots__ = (
+        "arrival",
+        "cached_tokens",
+        "extend_target",
+        "finish_reason",
+        "first_admitted",
+        "generator",
+        "match_len",
+        "match_node",
+        "output_ids",
+        "params",
+        "prompt_ids",
+        "rid",
+        "seq",
+        "skips",
+        "wait_order",
+    )
+
+    def __init__(
+        self, rid: str, prompt_ids: list[int], params: SamplingParams, arrival: float | None = None
+    ) -> None:
+        self.rid = rid
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.arrival = time.time() if arrival is None else arrival
+        self.output_ids: list[int] = []
+        self.generator: torch.Generator | None = (
+            None if params.is_greedy else make_generator(params)
+        )
+        self.seq: SeqSlots | None = None
+        self.extend_target = 0  # while prefilling: KV must cover fill_ids[:extend_target]
+        self.finish_reason: str | None = None
+        self.cached_tokens = 0  # prompt tokens served by the radix cache at first admission
+        self.first_admitted = False
+        self.skips = 0  # admission rounds this request was passed over (aging)
+        self.wait_order = 0  # arrival order in the waiting queue (fcfs tie-break)
+        self.match_len = 0  # scheduling estimate of the cached prefix (peek, no side effects)
+        self.match_node: object = None
+
+    @property
+    def fill_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def prefilling(self) -> bool:
+        """Admitted and not yet through its (possibly chunked) prefill of `fill_ids`."""
+        return self.seq is not None and self.seq.kv_len < self.extend_target
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        return self.params.max_new_tokens - len(self.output_ids)
+
+    def __repr__(self) -> str:
+        return f"Req({self.rid!r}, prompt={len(self.prompt_ids)}, out={len(self.output_ids)})"

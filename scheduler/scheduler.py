@@ -1,0 +1,334 @@
+"""The scheduler: admit waiting requests under budgets, run extend or decode batches, cache results.
+
+No sockets here (see `process.py`): the event loop calls `add_request`, `abort`, `step`, ... so the
+whole scheduling logic runs in tests without processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+
+import torch
+
+from radixkv.config import ServerArgs
+from radixkv.mem import KVCacheManager
+from radixkv.model.forward_batch import ForwardBatch
+from radixkv.model.model_runner import ModelRunner
+from radixkv.model.sampling_params import SamplingParams, StopChecker
+from radixkv.protocol import ReqOutput, Stats
+from radixkv.scheduler.policy import SchedulePolicy
+from radixkv.scheduler.req import Req
+
+log = logging.getLogger("radixkv.scheduler")
+
+
+class RequestRejected(ValueError):
+    """A request the scheduler can never serve (the message says why and what limit)."""
+
+
+class Scheduler:
+    """Continuous batching with prefix-aware admission, chunked prefill, eviction, retraction."""
+
+    def __init__(self, args: ServerArgs, runner: ModelRunner, mgr: KVCacheManager) -> None:
+        self.args = args
+        self.runner = runner
+        self.mgr = mgr
+        self.page = mgr.page_size
+        self.stop = StopChecker.for_model(runner.config.eos_token_ids)
+        self.policy = SchedulePolicy(
+            args.effective_policy,
+            mgr.tree,
+            max_skips=args.max_skips,
+            window=args.lpm_window,
+            share_len=args.in_batch_share_len,
+            seed=args.seed,
+        )
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []  # decoding
+        self.chunked: Req | None = None  # part-way through a chunked prefill
+        self.new_token_ratio = args.new_token_ratio
+        self.stats = Stats(kv_capacity=mgr.token_pool.capacity)
+        self._order = itertools.count()
+        self._decode_steps = 0
+        self._checked_idle = True
+
+    # ---- requests in and out ------------------------------------------------------------------
+
+    def add_request(
+        self, rid: str, input_ids: list[int], params: SamplingParams, arrival: float | None = None
+    ) -> None:
+        """Queue a request; raises RequestRejected if it can never be served."""
+        ctx = self.mgr.req_pool.max_context_len
+        if not input_ids:
+            raise RequestRejected("the prompt is empty")
+        if any(self.find(rid)):
+            raise RequestRejected(f"request id {rid!r} is already in use")
+        if len(input_ids) + params.max_new_tokens > ctx:
+            raise RequestRejected(
+                f"prompt ({len(input_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                f"exceeds the context length {ctx}"
+            )
+        need = math.ceil((len(input_ids) + params.max_new_tokens) / self.page) * self.page
+        if need > self.mgr.token_pool.capacity:
+            raise RequestRejected(
+                f"the request needs up to {need} KV slots but the KV cache holds "
+                f"{self.mgr.token_pool.capacity}; raise --max-total-tokens / --kv-memory or "
+                "lower max_new_tokens"
+            )
+        req = Req(rid, list(input_ids), params, arrival)
+        req.wait_order = next(self._order)
+        self.waiting.append(req)
+        self.stats.requests += 1
+
+    def find(self, rid: str) -> list[Req]:
+        pool = [*self.waiting, *self.running, *([self.chunked] if self.chunked else [])]
+        return [r for r in pool if r.rid == rid]
+
+    def abort(self, rid: str) -> list[ReqOutput]:
+        """Stop a request wherever it is; its computed KV stays cached, its slots are freed."""
+        out = []
+        for req in self.find(rid):
+            if req in self.waiting:
+                self.waiting.remove(req)
+            if req in self.running:
+                self.running.remove(req)
+            if req is self.chunked:
+                self.chunked = None
+            if req.seq is not None:
+                self.mgr.cache_finished(req.seq, req.fill_ids)
+                req.seq = None
+            out.append(self._finish(req, "abort", []))
+        return out
+
+    def flush_cache(self) -> tuple[bool, str]:
+        if self.has_work():
+            n = len(self.waiting) + len(self.running) + (self.chunked is not None)
+            return False, f"cannot flush the cache with {n} requests in flight"
+        self.mgr.reset()
+        return True, ""
+
+    def get_stats(self) -> Stats:
+        s = self.stats
+        tree = self.mgr.tree
+        s.evicted_tokens = tree.evicted_tokens
+        s.kv_used = s.kv_capacity - self.mgr.token_pool.available_size() - tree.evictable_size()
+        s.evictable, s.protected = tree.evictable_size(), tree.protected_size()
+        s.running = len(self.running) + (self.chunked is not None)
+        s.waiting = len(self.waiting)
+        return s
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked)
+
+    # ---- one iteration ------------------------------------------------------------------------
+
+    def step(self) -> list[ReqOutput]:
+        """Run one batch: a prefill (extend) batch if anything can be admitted, else a decode."""
+        admitted = self._admit()
+        if admitted:
+            return self._run_extend(admitted)
+        if self.running:
+            return self._run_decode()
+        if not self.has_work() and not self._checked_idle:
+            self.check_idle()
+        return []
+
+    def check_idle(self) -> None:
+        """Invariants that must hold whenever nothing is in flight."""
+        self.mgr.check_integrity([])
+        self._checked_idle = True
+
+    # ---- admission ----------------------------------------------------------------------------
+
+    def _decode_reserve(self) -> int:
+        reqs = self.running + ([self.chunked] if self.chunked else [])
+        return sum(math.ceil(r.remaining_new_tokens * self.new_token_ratio) for r in reqs)
+
+    def _admit(self) -> list[tuple[Req, int]]:
+        """Pick requests for the next extend batch: (request, tokens to compute now)."""
+        chosen: list[tuple[Req, int]] = []
+        prefill_left = self.args.max_prefill_tokens
+        chunk_left = self.args.chunked_prefill_size
+        reserved = self._decode_reserve()
+        may_chunk = True  # at most one request is part-way through its prefill
+        if self.chunked is not None:
+            req, self.chunked = self.chunked, None
+            assert req.seq is not None
+            remaining = req.extend_target - req.seq.kv_len
+            n = remaining if remaining <= chunk_left else chunk_left // self.page * self.page
+            may_chunk = n == remaining
+            if self.mgr.alloc_extend(req.seq, req.seq.kv_len + n) is None:
+                self._retract(req)  # cannot even continue: try again from the queue later
+            else:
+                chosen.append((req, n))
+                prefill_left -= n
+                chunk_left -= n
+        if not self.waiting:
+            return chosen
+        ordered, deferred = self.policy.order(self.waiting)
+        admitted: set[int] = set()
+        for req in ordered:
+            if id(req) in deferred or prefill_left <= 0 or chunk_left <= 0:
+                break
+            if len(self.running) + len(chosen) >= self.args.max_running_requests:
+                break
+            if self.mgr.req_pool.available_size() == 0:
+                break
+            n = self._admit_one(req, min(prefill_left, chunk_left), reserved, may_chunk)
+            if n == 0:
+                break
+            may_chunk = may_chunk and not req.prefilling
+            chosen.append((req, n))
+            admitted.add(id(req))
+            reserved += math.ceil(req.remaining_new_tokens * self.new_token_ratio)
+            prefill_left -= n
+            chunk_left -= n
+        if admitted:
+            self.waiting = [r for r in self.waiting if id(r) not in admitted]
+            for r in self.waiting:
+                r.skips += 1
+        return chosen
+
+    def _admit_one(self, req: Req, limit: int, reserved: int, may_chunk: bool) -> int:
+        """Lock the request's cached prefix and allocate its first extend; 0 if it does not fit."""
+        seq = self.mgr.admit(req.fill_ids)
+        assert seq is not None  # a free row was checked by the caller
+        fill = len(req.fill_ids)
+        n = min(fill - seq.cached_len, limit)
+        if n < fill - seq.cached_len:
+            n = n // self.page * self.page  # a chunk ends on a page boundary
+            if not may_chunk or n == 0:
+                self.mgr.release(seq)
+                return 0
+        own_reserve = math.ceil(req.remaining_new_tokens * self.new_token_ratio)
+        room = self.mgr.available_size() - reserved
+        if n + own_reserve > room or self.mgr.alloc_extend(seq, seq.kv_len + n) is None:
+            self.mgr.release(seq)
+            return 0
+        req.seq = seq
+        req.extend_target = fill
+        if not req.first_admitted:
+            req.first_admitted = True
+            req.cached_tokens = seq.cached_len
+            self.stats.prompt_tokens += len(req.prompt_ids)
+            self.stats.cached_tokens += seq.cached_len
+        return n
+
+    # ---- running batches ----------------------------------------------------------------------
+
+    def _run_extend(self, admitted: list[tuple[Req, int]]) -> list[ReqOutput]:
+        ids, prefix_lens, rows, slots = [], [], [], []
+        for req, n in admitted:
+            assert req.seq is not None
+            start = req.seq.kv_len - n
+            ids.append(req.fill_ids[start : req.seq.kv_len])
+            prefix_lens.append(start)
+            rows.append(req.seq.row)
+            slots.append(self.mgr.req_pool.read(req.seq.row, start, req.seq.kv_len))
+        batch = ForwardBatch.extend(ids, prefix_lens, rows, torch.cat(slots))
+        logits = self.runner.forward(batch)
+        done = [i for i, (r, _) in enumerate(admitted) if not r.prefilling]
+        outputs: list[ReqOutput] = []
+        if done:
+            next_ids = self._sample(logits[done], [admitted[i][0] for i in done])
+        for req, _ in admitted:
+            if req.prefilling:
+                assert req.seq is not None
+                self.mgr.cache_unfinished(req.seq, req.fill_ids)
+                self.chunked = req
+        for i, token in zip(done, next_ids if done else [], strict=True):
+            req = admitted[i][0]
+            req.extend_target = 0
+            outputs.extend(self._append(req, token))
+            if req.seq is not None:  # still running: share its prompt with later arrivals now
+                self.mgr.cache_unfinished(req.seq, req.fill_ids)
+        self._log_batch("prefill", admitted, sum(prefix_lens))
+        return outputs
+
+    def _run_decode(self) -> list[ReqOutput]:
+        self._make_room_for_decode()
+        if not self.running:
+            return []
+        seqs = [r.seq for r in self.running]
+        slots = self.mgr.alloc_decode(seqs)
+        assert slots is not None  # room was made above
+        batch = ForwardBatch.decode(
+            [r.output_ids[-1] for r in self.running],
+            [s.kv_len for s in seqs],
+            [s.row for s in seqs],
+            slots,
+        )
+        logits = self.runner.forward(batch)
+        next_ids = self._sample(logits, self.running)
+        outputs: list[ReqOutput] = []
+        for req, token in zip(list(self.running), next_ids, strict=True):
+            outputs.extend(self._append(req, token))
+        self.new_token_ratio = max(
+            self.args.min_new_token_ratio, self.new_token_ratio - self.args.new_token_ratio_decay
+        )
+        self._decode_steps += 1
+        if self._decode_steps % 32 == 0:
+            self._log_batch("decode", [(r, 1) for r in self.running], 0)
+        return outputs
+
+    def _make_room_for_decode(self) -> None:
+        """Retract running requests (fewest generated tokens first) until every one left can get
+        its next slot; evicting from the tree happens inside the allocation."""
+        while self.running:
+            need = sum(1 for r in self.running if r.seq.kv_len % self.page == 0)
+            if self.mgr.available_size() >= need * self.page:
+                return
+            victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.prompt_ids)))
+            self.running.remove(victim)
+            self._retract(victim)
+
+    def _retract(self, req: Req) -> None:
+        """Give a running request's KV back (cached, so evictable) and queue it again; it resumes
+        by prefilling prompt + output so far and continues with the same tokens."""
+        assert req.seq is not None
+        self.mgr.cache_finished(req.seq, req.fill_ids)
+        req.seq = None
+        req.extend_target = 0
+        self.waiting.append(req)
+        self.stats.retractions += 1
+        self.new_token_ratio = self.args.new_token_ratio
+        log.info("retracted %s (%d tokens generated) to free KV", req.rid, len(req.output_ids))
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Req]) -> list[int]:
+        ids = self.runner.sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        return ids.tolist()
+
+    def _append(self, req: Req, token: int) -> list[ReqOutput]:
+        req.output_ids.append(token)
+        self.stats.generated_tokens += 1
+        reason = self.stop.check(req.params, token, len(req.output_ids))
+        if reason is None:
+            if req not in self.running:
+                self.running.append(req)
+            return [ReqOutput(req.rid, [token], None, len(req.prompt_ids), req.cached_tokens)]
+        if req in self.running:
+            self.running.remove(req)
+        assert req.seq is not None
+        self.mgr.cache_finished(req.seq, req.fill_ids)
+        req.seq = None
+        return [self._finish(req, reason.value, [token])]
+
+    def _finish(self, req: Req, reason: str, tokens: list[int]) -> ReqOutput:
+        req.finish_reason = reason
+        self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
+        self._checked_idle = False
+        return ReqOutput(req.rid, tokens, reason, len(req.prompt_ids), req.cached_tokens)
+
+    def _log_batch(self, kind: str, batch: list[tuple[Req, int]], cached: int) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        used = self.mgr.token_pool.capacity - self.mgr.token_pool.available_size()
+        log.info(
+            "%s batch: %d reqs, new tokens %d, cached tokens %d, running %d, waiting %d, "
+            "KV usage %.1f%% (evictable %d)",
+            kind, len(batch), sum(n for _, n in batch), cached, len(self.running),
+            len(self.waiting), 100 * used / self.mgr.token_pool.capacity,
+            self.mgr.tree.evictable_size(),
+        )  # fmt: skip

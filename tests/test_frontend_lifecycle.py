@@ -1,0 +1,164 @@
+"""Start-up failures, scheduler death, Ctrl-C and shutdown of the runtime (fake scheduler):
+errors must be prompt and clear, and nothing may be left behind (processes, ipc socket files)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import radixkv
+from radixkv.cli import build_parser, parse_size, server_args
+
+FAKE = "fake_scheduler:run_fake_scheduler"
+CRASH = [0, 0, 0]
+
+
+@pytest.fixture
+def tmpdir_env(tmp_path, monkeypatch):
+    """Child processes put their ipc directory here, so the test can check it is removed."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    return tmp_path
+
+
+def leftovers(tmp: Path) -> list[Path]:
+    return [p for p in tmp.iterdir() if p.name.startswith("radixkv-")]
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def assert_all_gone(procs: list[psutil.Process], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return
+        assert time.monotonic() < deadline, f"still running: {alive}"
+        time.sleep(0.05)
+
+
+def test_bad_options_fail_before_any_process():
+    with pytest.raises(TypeError, match=r"unknown Runtime option\(s\) max_total_tokenz"):
+        radixkv.Runtime(scheduler=FAKE, max_total_tokenz=5)
+    with pytest.raises(ValueError, match="page_size must be >= 1"):
+        radixkv.Runtime(scheduler=FAKE, page_size=0)
+
+
+def test_fatal_scheduler_start_is_reported(tmpdir_env):
+    t = time.monotonic()
+    with pytest.raises(radixkv.RuntimeStartError, match="the model file is corrupt"):
+        radixkv.Runtime(scheduler=FAKE, scheduler_kwargs={"mode": "fatal"}, start_timeout=60)
+    assert time.monotonic() - t < 30
+    assert leftovers(tmpdir_env) == []
+
+
+def test_start_timeout_is_reported(tmpdir_env):
+    with pytest.raises(radixkv.RuntimeStartError, match="did not become ready within 2 s"):
+        radixkv.Runtime(scheduler=FAKE, scheduler_kwargs={"mode": "silent"}, start_timeout=2)
+    assert leftovers(tmpdir_env) == []
+
+
+def test_port_in_use_is_reported(tmpdir_env):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(
+            radixkv.RuntimeStartError, match=f"cannot listen on tcp://127.0.0.1:{port}"
+        ):
+            radixkv.Runtime(scheduler=FAKE, port=port, start_timeout=30)
+    assert leftovers(tmpdir_env) == []
+
+
+def test_scheduler_death_fails_pending_and_later_calls(tmpdir_env):
+    rt = radixkv.Runtime(scheduler=FAKE, scheduler_kwargs={"crash_on": CRASH}, start_timeout=60)
+    procs = [psutil.Process(rt.process.pid), *descendants(rt.process.pid)]
+    try:
+        assert len(leftovers(tmpdir_env)) == 1  # the private ipc directory exists while running
+        assert oct(leftovers(tmpdir_env)[0].stat().st_mode & 0o777) == "0o700"
+        stream = rt.client.stream("pending stream", max_new_tokens=3000)
+        assert isinstance(next(stream), str)
+        other = rt.new_client(timeout=30)
+        errors: list[BaseException] = []
+
+        def wait_in_thread() -> None:
+            try:
+                other.generate("pending call", max_new_tokens=3000)
+            except BaseException as exc:
+                errors.append(exc)
+
+        waiter = threading.Thread(target=wait_in_thread)
+        waiter.start()
+        time.sleep(0.2)
+        t = time.monotonic()
+        with pytest.raises(radixkv.RequestError, match="scheduler process died") as err:
+            rt.client.generate_ids(CRASH, max_new_tokens=5)
+        assert err.value.code == "internal" and "exit code 3" in str(err.value)
+        assert time.monotonic() - t < 5
+        with pytest.raises(radixkv.RequestError, match="scheduler process died"):
+            list(stream)
+        waiter.join(10)
+        assert len(errors) == 1 and "scheduler process died" in str(errors[0])
+        with pytest.raises(radixkv.RequestError, match="scheduler process died"):
+            rt.client.generate("later", max_new_tokens=1)
+        with pytest.raises(radixkv.RequestError, match="restart the runtime"):
+            rt.client.stats()
+        other.close()
+    finally:
+        rt.shutdown()
+    assert rt.process.returncode == 0
+    assert_all_gone(procs)
+    assert leftovers(tmpdir_env) == []
+
+
+def test_cli_parses_launch_options():
+    ns = build_parser().parse_args(
+        ["launch", "--model", "m.gguf", "--port", "7000", "--kv-memory", "1.5GiB", "--page-size",
+         "16", "--schedule-policy", "dfs-weight", "--disable-radix-cache", "--api-key", "k"]
+    )  # fmt: skip
+    args = server_args(ns)
+    assert (args.model, args.port, args.page_size, args.api_key) == ("m.gguf", 7000, 16, "k")
+    assert args.kv_memory == int(1.5 * 2**30) and args.disable_radix_cache
+    assert args.effective_policy == "fcfs"
+    assert parse_size("256MiB") == 256 * 2**20 and parse_size("1000") == 1000
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["launch", "--kv-memory", "1G", "--max-total-tokens", "5"])
+
+
+def test_cli_serves_in_the_foreground_and_stops_on_ctrl_c(tmpdir_env):
+    code = (
+        "import sys; from radixkv.cli import launch; from radixkv.config import ServerArgs; "
+        f"sys.exit(launch(ServerArgs(api_key='k'), 60, scheduler={FAKE!r}))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("radixkv ready: endpoint tcp://127.0.0.1:"), proc.stderr.read()
+        endpoint = line.split()[3]
+        children = descendants(proc.pid)
+        with radixkv.Client(endpoint, api_key="k", timeout=10) as client:
+            assert client.generate("cli", max_new_tokens=2).text == "clicli"
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal hits the whole group
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = proc.stderr.read()
+    assert "KV cache 8192 tokens" in stderr and "Traceback" not in stderr
+    assert_all_gone(children)
+    assert leftovers(tmpdir_env) == []

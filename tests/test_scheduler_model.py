@@ -1,0 +1,129 @@
+"""The scheduler in-process with the real SmolLM2 weights: sharing, pressure, aborts, limits."""
+
+from __future__ import annotations
+
+import pytest
+
+from radixkv.config import ServerArgs
+from radixkv.model.loader import load_model
+from radixkv.model.sampling_params import SamplingParams
+from radixkv.scheduler.process import build_scheduler
+from radixkv.scheduler.scheduler import RequestRejected, Scheduler
+
+pytestmark = pytest.mark.slow
+
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("smollm2-135m", dtype="float32")
+
+
+def make(model, **kw) -> Scheduler:
+    return build_scheduler(ServerArgs(dtype="float32", **{"max_total_tokens": 4096, **kw}), model)
+
+
+def prompts() -> list[list[int]]:
+    """Two groups of four requests, each group sharing a 150-token system prompt."""
+    systems = [[(i * 37 + g * 11) % 500 + 100 for i in range(150)] for g in range(2)]
+    return [systems[g] + [600 + 7 * q + g, 601 + q, 700] for g in range(2) for q in range(4)]
+
+
+def run(s: Scheduler, reqs: list[list[int]], max_new: int = NEW) -> dict[str, tuple]:
+    for i, ids in enumerate(reqs):
+        s.add_request(f"r{i}", ids, SamplingParams(max_new_tokens=max_new, ignore_eos=True))
+    tokens: dict[str, list[int]] = {}
+    meta: dict[str, tuple] = {}
+    while s.has_work():
+        for out in s.step():
+            tokens.setdefault(out.rid, []).extend(out.token_ids)
+            if out.finish_reason:
+                meta[out.rid] = (out.finish_reason, out.cached_tokens)
+    s.step()  # idle: runs the invariant check
+    s.check_idle()
+    return {rid: (tokens.get(rid, []), *meta[rid]) for rid in meta}
+
+
+@pytest.fixture(scope="module")
+def alone(model):
+    """Each request run alone with the radix cache disabled: the reference outputs."""
+    out = {}
+    for i, ids in enumerate(prompts()):
+        s = make(model, disable_radix_cache=True)
+        out[f"r{i}"] = run(s, [ids])["r0"][0]
+    return out
+
+
+@pytest.mark.parametrize("policy", ["lpm", "dfs-weight", "fcfs"])
+def test_shared_prefix_batch_matches_requests_run_alone(model, alone, policy):
+    s = make(model, schedule_policy=policy)
+    results = run(s, prompts())
+    assert {rid: r[0] for rid, r in results.items()} == alone
+    assert all(r[1] == "length" for r in results.values())
+    cached = sorted(r[2] for r in results.values())
+    if policy != "fcfs":
+        # in-batch sharing: the first of each group runs alone, the other three hit its cache
+        assert cached[:2] == [0, 0] and all(c >= 150 for c in cached[2:])
+    stats = s.get_stats()
+    assert stats.cached_tokens == sum(cached) and stats.protected == 0
+
+
+def test_memory_pressure_evicts_chunks_and_retracts_with_identical_outputs(model):
+    unpressured = run(make(model), prompts(), max_new=40)
+    # ~650 distinct tokens in 420 slots, and a decode reserve far too small: the scheduler must
+    # evict, chunk every prompt and retract running requests to finish them all
+    s = make(
+        model,
+        max_total_tokens=420,
+        chunked_prefill_size=64,
+        max_prefill_tokens=128,
+        new_token_ratio=0.02,
+        min_new_token_ratio=0.0,
+    )
+    results = run(s, prompts(), max_new=40)
+    assert {rid: r[0] for rid, r in results.items()} == {
+        rid: r[0] for rid, r in unpressured.items()
+    }
+    stats = s.get_stats()
+    assert stats.retractions > 0 and stats.evicted_tokens > 0
+    assert stats.kv_used == 0 and stats.protected == 0 and stats.running == 0
+
+
+def test_page_size_16_gives_the_same_outputs(model, alone):
+    results = run(make(model, page_size=16), prompts())
+    assert {rid: r[0] for rid, r in results.items()} == alone
+    assert all(r[2] % 16 == 0 for r in results.values())
+
+
+def test_abort_frees_a_running_request(model):
+    s = make(model)
+    s.add_request("a", prompts()[0], SamplingParams(max_new_tokens=50, ignore_eos=True))
+    s.add_request("b", prompts()[1], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    for _ in range(3):
+        s.step()
+    [out] = s.abort("a")
+    assert out.finish_reason == "abort"
+    assert s.abort("nope") == []
+    while s.has_work():
+        s.step()
+    s.check_idle()
+    assert s.get_stats().finished == {"abort": 1, "length": 1}
+
+
+def test_requests_that_can_never_be_served_are_rejected_clearly(model):
+    s = make(model, max_total_tokens=256, max_context_len=512)
+    with pytest.raises(RequestRejected, match="empty"):
+        s.add_request("e", [], SamplingParams())
+    with pytest.raises(RequestRejected, match="context length 512"):
+        s.add_request("long", [1] * 500, SamplingParams(max_new_tokens=20))
+    with pytest.raises(RequestRejected, match="KV cache holds 256"):
+        s.add_request("big", [1] * 300, SamplingParams(max_new_tokens=20))
+    s.add_request("ok", [1, 2, 3], SamplingParams(max_new_tokens=2))
+    with pytest.raises(RequestRejected, match="already in use"):
+        s.add_request("ok", [1, 2, 3], SamplingParams(max_new_tokens=2))
+    ok, message = s.flush_cache()
+    assert not ok and "in flight" in message
+    while s.has_work():
+        s.step()
+    assert s.flush_cache() == (True, "")
