@@ -1,0 +1,80 @@
+"""The whole runtime with the real model and real processes: Runtime → runtime → scheduler."""
+
+from __future__ import annotations
+
+import pytest
+
+import radixkv
+from radixkv.config import ServerArgs
+from radixkv.model.loader import load_model
+from radixkv.model.sampling_params import SamplingParams
+from radixkv.scheduler.process import build_scheduler
+
+pytestmark = pytest.mark.slow
+
+SYSTEM_LEN = 96
+NEW = 6
+
+
+def shared_prefix_prompts() -> list[list[int]]:
+    """4 groups x 16 requests; each group shares a 96-token system prompt (ids < 49152)."""
+    systems = [[(i * 53 + g * 101) % 3000 + 200 for i in range(SYSTEM_LEN)] for g in range(4)]
+    return [systems[g] + [4000 + 16 * g + q, 4100 + q, 4200] for g in range(4) for q in range(16)]
+
+
+@pytest.fixture(scope="module")
+def rt():
+    with radixkv.Runtime(
+        "smollm2-135m", dtype="float32", max_total_tokens=16384, max_running_requests=64
+    ) as runtime:
+        yield runtime
+
+
+def alone_with_cache_disabled(prompts: list[list[int]]) -> list[list[int]]:
+    model = load_model("smollm2-135m", dtype="float32")
+    outputs = []
+    for ids in prompts:
+        s = build_scheduler(ServerArgs(dtype="float32", disable_radix_cache=True), model)
+        s.add_request("r", ids, SamplingParams(max_new_tokens=NEW, ignore_eos=True))
+        tokens: list[int] = []
+        while s.has_work():
+            for out in s.step():
+                tokens.extend(out.token_ids)
+        outputs.append(tokens)
+    return outputs
+
+
+def test_64_concurrent_shared_prefix_requests_equal_running_alone(rt):
+    prompts = shared_prefix_prompts()
+    results = rt.client.generate_ids(prompts, max_new_tokens=NEW, ignore_eos=True)
+    assert [r.token_ids for r in results] == alone_with_cache_disabled(prompts)
+    firsts = {}
+    for ids, r in zip(prompts, results, strict=True):
+        assert r.prompt_tokens == len(ids) and r.completion_tokens == NEW
+        firsts.setdefault(tuple(ids[:SYSTEM_LEN]), []).append(r.cached_tokens)
+    for cached in firsts.values():
+        # in-batch sharing: one request of the group computes the prefix, the others hit it
+        assert sorted(cached)[1:] == [c for c in sorted(cached)[1:] if c >= SYSTEM_LEN]
+    stats = rt.client.stats()
+    assert stats.protected == 0 and stats.running == 0
+    assert stats.cached_tokens >= sum(sum(c) for c in firsts.values())
+
+
+def test_multi_turn_reuses_the_whole_history(rt):
+    system = {"role": "system", "content": "You are a terse assistant. " * 8}
+    convs = [[system, {"role": "user", "content": f"Name a fruit number {i}."}] for i in range(3)]
+    previous: list[tuple[int, int] | None] = [None] * 3
+    for _ in range(3):
+        results = rt.client.chat(convs, max_new_tokens=12)
+        for i, r in enumerate(results):
+            if previous[i] is not None:
+                prompt_len, completion = previous[i]
+                # the whole history is served from the cache: the previous prompt and reply,
+                # all but the reply's last token (it never went through the model)
+                assert r.cached_tokens >= prompt_len + completion - 1
+            previous[i] = (r.prompt_tokens, r.completion_tokens)
+            convs[i] = [
+                *convs[i],
+                {"role": "assistant", "content": r.text},
+                {"role": "user", "content": "And another one?"},
+            ]
