@@ -78,3 +78,25 @@ def test_multi_turn_reuses_the_whole_history(rt):
                 {"role": "assistant", "content": r.text},
                 {"role": "user", "content": "And another one?"},
             ]
+
+
+def test_memory_pressure_through_the_processes_keeps_outputs_and_invariants():
+    """KV capacity far below the working set: eviction, chunking and retraction all happen, every
+    request finishes with its unpressured output, and nothing leaks afterwards."""
+    prompts = shared_prefix_prompts()[::4]  # 16 requests, 4 per group
+    with radixkv.Runtime("smollm2-135m", dtype="float32", max_total_tokens=16384) as roomy:
+        expected = [r.token_ids for r in roomy.client.generate_ids(prompts, max_new_tokens=24)]
+    with radixkv.Runtime(
+        "smollm2-135m",
+        dtype="float32",
+        max_total_tokens=640,
+        chunked_prefill_size=64,
+        max_prefill_tokens=128,
+        new_token_ratio=0.02,
+        min_new_token_ratio=0.0,
+    ) as tight:
+        results = tight.client.generate_ids(prompts, max_new_tokens=24)
+        assert [r.token_ids for r in results] == expected
+        stats = tight.client.stats()
+    assert stats.retractions > 0 and stats.evicted_tokens > 0
+    assert stats.running == stats.waiting == stats.protected == stats.kv_used == 0
