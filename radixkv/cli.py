@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-radix-cache", action="store_true")
     p.add_argument("--dtype", default=d.dtype, choices=("auto", "bfloat16", "float16", "float32"))
     p.add_argument("--device", default=d.device)
+    p.add_argument(
+        "--attention-backend",
+        default=d.attention_backend,
+        choices=("auto", "torch", "triton"),
+        help="auto: triton on CUDA, torch otherwise (triton on a CPU needs TRITON_INTERPRET=1)",
+    )
     p.add_argument("--api-key", default=None, help="clients must send this key")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
@@ -60,7 +66,7 @@ def server_args(ns: argparse.Namespace) -> ServerArgs:
     fields = ("model", "host", "port", "kv_memory", "max_total_tokens", "page_size",
               "max_running_requests", "max_prefill_tokens", "chunked_prefill_size",
               "max_context_len", "schedule_policy", "disable_radix_cache", "dtype", "device",
-              "api_key", "seed", "log_level")  # fmt: skip
+              "attention_backend", "api_key", "seed", "log_level")  # fmt: skip
     return ServerArgs(**{f: getattr(ns, f) for f in fields})
 
 
