@@ -84,3 +84,114 @@ def best_hit_rate(
         for tok in [*prompt, *output[:-1]]:
             node = node.setdefault(tok, {})
     return reusable / total if total else 0.0
+
+
+# ---- token-level workloads for `radixkv bench` ---------------------------------------------------
+#
+# A workload is a list of conversations. Each has a fixed prefix (system prompt, instruction and
+# examples) and one or more turns; turn t's prompt is the prefix, every earlier turn's user tokens
+# and generated output, then turn t's user tokens. A runner sends a conversation's next turn only
+# after the previous one returned, with the real output in its prompt.
+
+TOKEN_LOW, TOKEN_HIGH = 1000, 40000  # plain-vocabulary ids of SmolLM2 (no special tokens)
+
+
+@dataclass(frozen=True)
+class Turn:
+    user_ids: list[int]
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class Conversation:
+    prefix_ids: list[int]
+    turns: list[Turn]
+    group: int = 0
+
+
+def _ids(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(TOKEN_LOW, TOKEN_HIGH) for _ in range(n)]
+
+
+@dataclass(frozen=True)
+class GeneratedSharedPrefix:
+    """SGLang's generated-shared-prefix benchmark: `groups` system prompts, `prompts_per_group`
+    questions each, shuffled. SGLang's defaults are 64 x 16, 2048, 128, 256; ours are sized for a
+    2-core CPU (8 x 8, 1024, 64, 32) and take those as arguments."""
+
+    groups: int = 8
+    prompts_per_group: int = 8
+    system_len: int = 1024
+    question_len: int = 64
+    output_len: int = 32
+    seed: int = 0
+
+    def conversations(self) -> list[Conversation]:
+        rng = random.Random(self.seed)
+        systems = [_ids(rng, self.system_len) for _ in range(self.groups)]
+        convs = [
+            Conversation(systems[g], [Turn(_ids(rng, self.question_len), self.output_len)], g)
+            for g in range(self.groups)
+            for _ in range(self.prompts_per_group)
+        ]
+        rng.shuffle(convs)
+        return convs
+
+
+@dataclass(frozen=True)
+class MultiTurnChat:
+    """`chats` conversations over one system prompt, `turns` turns each; every prompt carries the
+    whole history (previous user turns and the model's real replies)."""
+
+    chats: int = 16
+    turns: int = 4
+    system_len: int = 256
+    user_len: int = 64
+    output_len: int = 32
+    seed: int = 0
+
+    def conversations(self) -> list[Conversation]:
+        rng = random.Random(self.seed)
+        system = _ids(rng, self.system_len)
+        convs = []
+        for c in range(self.chats):
+            turns = [Turn(_ids(rng, self.user_len), self.output_len) for _ in range(self.turns)]
+            convs.append(Conversation(system, turns, c))
+        return convs
+
+
+@dataclass(frozen=True)
+class FewShotTree:
+    """A shared instruction, `branches` example sets under it (each `sub_branches` deep again),
+    then `questions` per leaf: a tree of shared prefixes, as in few-shot evaluation."""
+
+    instruction_len: int = 256
+    branches: int = 4
+    examples_len: int = 256
+    sub_branches: int = 2
+    sub_examples_len: int = 128
+    questions: int = 4
+    question_len: int = 32
+    output_len: int = 16
+    seed: int = 0
+
+    def conversations(self) -> list[Conversation]:
+        rng = random.Random(self.seed)
+        instruction = _ids(rng, self.instruction_len)
+        convs = []
+        for b in range(self.branches):
+            examples = instruction + _ids(rng, self.examples_len)
+            for _ in range(self.sub_branches):
+                prefix = examples + _ids(rng, self.sub_examples_len)
+                for _ in range(self.questions):
+                    turn = Turn(_ids(rng, self.question_len), self.output_len)
+                    convs.append(Conversation(prefix, [turn], b))
+        rng.shuffle(convs)
+        return convs
+
+
+WORKLOADS = {
+    "shared-prefix": GeneratedSharedPrefix,
+    "multi-turn": MultiTurnChat,
+    "few-shot": FewShotTree,
+}

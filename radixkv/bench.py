@@ -1,0 +1,259 @@
+"""`radixkv bench`: run a shared-prefix workload against a runtime and report honest numbers.
+
+    radixkv bench --workload shared-prefix [--endpoint tcp://... | --model smollm2-135m ...]
+                  [--max-concurrency 64 | --request-rate 4] [--out r.json] [--plot r.png]
+
+Hit rate = Σ cached_tokens / Σ prompt_tokens over the run, next to the workload's best possible
+hit rate (every distinct prefix computed once, `best_hit_rate`) and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from radixkv.workloads import WORKLOADS, Conversation, best_hit_rate
+
+
+@dataclass
+class RequestRecord:
+    conversation: int
+    turn: int
+    sent: float  # seconds since the run started
+    finished: float
+    prompt_ids: list[int]
+    output_ids: list[int]
+    cached_tokens: int
+    ttft: float
+    latency: float
+
+
+async def run_workload(
+    client: Any,
+    convs: list[Conversation],
+    *,
+    max_concurrency: int | None = None,
+    request_rate: float | None = None,
+    seed: int = 0,
+    progress: Any = None,
+) -> list[RequestRecord]:
+    """Send every conversation (turns in order, each with the real previous replies) through an
+    `AsyncClient`; at most `max_concurrency` in flight, first turns arriving as a Poisson process
+    of `request_rate` per second if given (else all at once)."""
+    sem = asyncio.Semaphore(max_concurrency or 1_000_000)
+    rng = random.Random(seed)
+    delays, t = [], 0.0
+    for _ in convs:
+        delays.append(t)
+        if request_rate:
+            t += rng.expovariate(request_rate)
+    records: list[RequestRecord] = []
+    start = time.perf_counter()
+
+    async def run(index: int, conv: Conversation, delay: float) -> None:
+        await asyncio.sleep(delay)
+        history = list(conv.prefix_ids)
+        for t, turn in enumerate(conv.turns):
+            prompt = history + turn.user_ids
+            async with sem:
+                sent = time.perf_counter() - start
+                r = await client.generate_ids(
+                    prompt, max_new_tokens=turn.max_new_tokens, ignore_eos=True
+                )
+            now = time.perf_counter() - start
+            record = RequestRecord(
+                index, t, sent, now, prompt, r.token_ids, r.cached_tokens, r.ttft, r.latency
+            )
+            records.append(record)
+            if progress is not None:
+                progress.update(1)
+            history = prompt + r.token_ids
+
+    await asyncio.gather(
+        *(run(i, c, d) for i, (c, d) in enumerate(zip(convs, delays, strict=True)))
+    )
+    return records
+
+
+def _dist(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": 0.0, "p50": 0.0, "p99": 0.0}
+    ordered = sorted(values)
+    return {
+        "mean": statistics.fmean(ordered),
+        "p50": ordered[round(0.5 * (len(ordered) - 1))],
+        "p99": ordered[round(0.99 * (len(ordered) - 1))],
+    }
+
+
+def summarize(records: list[RequestRecord], page_size: int = 1) -> dict[str, Any]:
+    """Throughput, latency distributions and the hit rate against the best possible."""
+    by_send = sorted(records, key=lambda r: r.sent)
+    duration = max(r.finished for r in records) - min(r.sent for r in records)
+    prompt = sum(len(r.prompt_ids) for r in records)
+    cached = sum(r.cached_tokens for r in records)
+    output = sum(len(r.output_ids) for r in records)
+    best = best_hit_rate([(r.prompt_ids, r.output_ids) for r in by_send], page_size)
+    hit = cached / prompt if prompt else 0.0
+    tpot = [
+        (r.latency - r.ttft) / (len(r.output_ids) - 1) for r in records if len(r.output_ids) > 1
+    ]
+    return {
+        "requests": len(records),
+        "duration_s": duration,
+        "requests_per_s": len(records) / duration,
+        "input_tokens_per_s": prompt / duration,
+        "output_tokens_per_s": output / duration,
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "output_tokens": output,
+        "hit_rate": hit,
+        "best_hit_rate": best,
+        "hit_rate_of_best": hit / best if best else 0.0,
+        "ttft_s": _dist([r.ttft for r in records]),
+        "tpot_s": _dist(tpot),
+    }
+
+
+def print_summary(name: str, s: dict[str, Any]) -> None:
+    print(f"\n{name}")
+    print(
+        f"  requests         {s['requests']} in {s['duration_s']:.1f} s "
+        f"({s['requests_per_s']:.2f} req/s)"
+    )
+    print(
+        f"  tokens/s         input {s['input_tokens_per_s']:.0f}, "
+        f"output {s['output_tokens_per_s']:.1f}"
+    )
+    print(
+        f"  hit rate         {s['hit_rate']:.4f}  best possible {s['best_hit_rate']:.4f}  "
+        f"({s['hit_rate_of_best']:.1%} of best)"
+    )
+    for key, label in (("ttft_s", "TTFT"), ("tpot_s", "time/output token")):
+        d = s[key]
+        print(f"  {label:<16} mean {d['mean']:.3f} s, p50 {d['p50']:.3f} s, p99 {d['p99']:.3f} s")
+
+
+def plot(records: list[RequestRecord], summary: dict[str, Any], path: Path) -> None:
+    """Hit rate over time, output throughput over time, TTFT distribution."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = sorted(records, key=lambda r: r.finished)
+    times = [r.finished for r in done]
+    cum_prompt = cum_cached = 0
+    hit = []
+    for r in done:
+        cum_prompt += len(r.prompt_ids)
+        cum_cached += r.cached_tokens
+        hit.append(cum_cached / cum_prompt)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(times, hit, label="measured (cumulative)")
+    axes[0].axhline(summary["best_hit_rate"], color="gray", linestyle="--", label="best possible")
+    axes[0].set(xlabel="time (s)", ylabel="hit rate", title="prefix cache hit rate", ylim=(0, 1))
+    axes[0].legend()
+    bins = max(1, int(max(times)) + 1)
+    per_second = [0] * bins
+    for r in done:
+        per_second[min(bins - 1, int(r.finished))] += len(r.output_ids)
+    axes[1].bar(range(bins), per_second, width=1.0)
+    axes[1].set(xlabel="time (s)", ylabel="output tokens", title="output tokens per second")
+    axes[2].hist([r.ttft for r in records], bins=30)
+    axes[2].set(xlabel="seconds", ylabel="requests", title="time to first token")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _workload(args: argparse.Namespace) -> Any:
+    cls = WORKLOADS[args.workload]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    return cls(**overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="radixkv bench", description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="shared-prefix")
+    for name in sorted({f.name for cls in WORKLOADS.values() for f in dataclasses.fields(cls)}):
+        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
+    ap.add_argument("--endpoint", help="a running runtime (default: start one)")
+    ap.add_argument("--api-key")
+    ap.add_argument("--max-concurrency", type=int, default=None)
+    ap.add_argument("--request-rate", type=float, default=None, help="first turns per second")
+    ap.add_argument("--out", type=Path, help="write the summary and records as JSON")
+    ap.add_argument("--plot", type=Path, help="write a PNG of hit rate, throughput and TTFT")
+    run = ap.add_argument_group("runtime options (when the bench starts the runtime)")
+    run.add_argument("--model", default="smollm2-135m")
+    run.add_argument("--dtype", default="auto")
+    run.add_argument("--page-size", type=int, default=1)
+    run.add_argument("--schedule-policy", default="lpm")
+    run.add_argument("--disable-radix-cache", action="store_true")
+    run.add_argument("--max-total-tokens", type=int, default=None)
+    run.add_argument("--max-running-requests", type=int, default=64)
+    return ap
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Start (or connect to) a runtime, run the workload, print and return the summary."""
+    import contextlib
+
+    from tqdm import tqdm
+
+    from radixkv.async_client import AsyncClient
+    from radixkv.runtime import Runtime
+
+    workload = _workload(args)
+    convs = workload.conversations()
+    total = sum(len(c.turns) for c in convs)
+    with contextlib.ExitStack() as stack:
+        endpoint, page = args.endpoint, args.page_size
+        if endpoint is None:
+            rt = stack.enter_context(Runtime(
+                args.model, dtype=args.dtype, page_size=args.page_size,
+                schedule_policy=args.schedule_policy, disable_radix_cache=args.disable_radix_cache,
+                max_total_tokens=args.max_total_tokens,
+                max_running_requests=args.max_running_requests,
+            ))  # fmt: skip
+            endpoint, page = rt.endpoint, rt.ready_info.page_size
+
+        async def go() -> list[RequestRecord]:
+            async with AsyncClient(endpoint, api_key=args.api_key, timeout=None) as client:
+                with tqdm(total=total, desc=args.workload, unit="req", file=sys.stdout) as bar:
+                    return await run_workload(
+                        client, convs, max_concurrency=args.max_concurrency,
+                        request_rate=args.request_rate, progress=bar,
+                    )  # fmt: skip
+
+        records = asyncio.run(go())
+    summary = summarize(records, page)
+    summary["workload"] = {"name": args.workload, **dataclasses.asdict(workload)}
+    print_summary(f"{args.workload} ({total} requests)", summary)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        rows = [{**dataclasses.asdict(r), "prompt_ids": len(r.prompt_ids),
+                 "output_ids": len(r.output_ids)} for r in records]  # fmt: skip
+        args.out.write_text(json.dumps({"summary": summary, "requests": rows}, indent=1))
+    if args.plot:
+        plot(records, summary, args.plot)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_bench(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
