@@ -127,3 +127,21 @@ def test_requests_that_can_never_be_served_are_rejected_clearly(model):
     while s.has_work():
         s.step()
     assert s.flush_cache() == (True, "")
+
+
+def test_shared_prefix_decode_reads_the_prefix_once_with_the_same_tokens(model, alone, monkeypatch):
+    from radixkv.model import cascade
+
+    plans = []
+    real_plan = cascade.plan_shared_prefixes
+
+    def counting_plan(*args):
+        plan = real_plan(*args)
+        plans.append(plan)
+        return plan
+
+    monkeypatch.setattr(cascade, "MIN_SAVED", 1)
+    monkeypatch.setattr("radixkv.model.torch_backend.plan_shared_prefixes", counting_plan)
+    results = run(make(model), prompts())
+    assert {rid: r[0] for rid, r in results.items()} == alone
+    assert any(p is not None and p.prefix_index.shape[1] >= 150 for p in plans)

@@ -5,7 +5,8 @@ sequence, `kv_index [bs, max_seq_len]`, and build the mask. Per layer we gather 
 `kv_index` and run one `scaled_dot_product_attention` for the whole batch: no Python loop over
 requests. Decode groups the query heads of each KV head (`[bs, kv_heads, group, head_dim]`) so GQA
 needs no K/V expansion; extend pads queries to `[bs, max_extend_len]`. A single request without a
-cached prefix attends to its own fresh K/V with `is_causal` (no gather, no mask).
+cached prefix attends to its own fresh K/V with `is_causal` (no gather, no mask). A decode batch
+whose requests share a long cached prefix reads that prefix once per group (`cascade.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from radixkv.mem.req_to_token_pool import ReqToTokenPool
 from radixkv.mem.token_to_kv_pool import TokenToKVPool
 from radixkv.model.attention import AttentionBackend
+from radixkv.model.cascade import CascadePlan, cascade_decode, plan_shared_prefixes
 from radixkv.model.forward_batch import ForwardBatch, ForwardMode
 
 
@@ -27,6 +29,7 @@ class _Metadata:
     mask: torch.Tensor | None  # additive float [bs, 1, q_len, max_seq_len]; None = attend all
     pad_index: torch.Tensor | None  # extend: packed token -> row of [bs * max_extend_len]
     self_causal: bool  # one request, nothing cached: attend to the fresh K/V causally
+    cascade: CascadePlan | None = None  # decode: groups sharing a cached prefix read it once
 
 
 class TorchNativeBackend(AttentionBackend):
@@ -70,6 +73,11 @@ class TorchNativeBackend(AttentionBackend):
         valid = cols[None, :] < seq_lens[:, None]  # [bs, S]
         rows = self.req_pool.req_to_token[batch.req_rows, : batch.max_seq_len].to(torch.int64)
         kv_index = rows.masked_fill_(~valid, 0)
+        if batch.mode is ForwardMode.DECODE and batch.batch_size > 1:
+            plan = plan_shared_prefixes(kv_index, seq_lens, self.dtype)
+            if plan is not None:
+                self._md = _Metadata(None, None, None, False, plan)
+                return
         self._reserve_workspace(kv_index.numel())
         if batch.mode is ForwardMode.DECODE:
             mask = None if bool(valid.all()) else self._additive(valid[:, None, None, :])
@@ -119,6 +127,9 @@ class TorchNativeBackend(AttentionBackend):
                 enable_gqa=True,
             )
             return out[0].transpose(0, 1).reshape(q.shape[0], -1)
+        if md.cascade is not None:
+            k_buf, v_buf = self.token_pool.get_kv_buffer(layer)
+            return cascade_decode(q, k_buf, v_buf, md.cascade, self.scale)
         k_all, v_all = self._gather(layer, md)
         if batch.mode is ForwardMode.DECODE:
             bs = q.shape[0]
