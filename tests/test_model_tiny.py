@@ -116,7 +116,9 @@ def test_qwen2_bias_matches_transformers() -> None:
         torch.testing.assert_close(logits[i], hf_last_logits(hf, p), atol=1e-4, rtol=1e-4)
 
 
-def test_prefix_and_mixed_extend_match_single_requests() -> None:
+@pytest.mark.parametrize("ragged_waste", [1.5, 100.0])  # per-request attention / one padded call
+def test_prefix_and_mixed_extend_match_single_requests(ragged_waste, monkeypatch) -> None:
+    monkeypatch.setattr("radixkv.model.torch_backend.RAGGED_WASTE", ragged_waste)
     hf = tiny_hf()
     driver = driver_for(ours_from(hf))
     base = driver.add(prompts([30])[0])

@@ -22,6 +22,8 @@ from radixkv.model.attention import AttentionBackend
 from radixkv.model.cascade import CascadePlan, cascade_decode, plan_shared_prefixes
 from radixkv.model.forward_batch import ForwardBatch, ForwardMode
 
+RAGGED_WASTE = 1.5  # pad an extend batch only while padded queries <= 1.5x the real ones
+
 
 @dataclass(slots=True)
 class _Metadata:
@@ -30,6 +32,15 @@ class _Metadata:
     pad_index: torch.Tensor | None  # extend: packed token -> row of [bs * max_extend_len]
     self_causal: bool  # one request, nothing cached: attend to the fresh K/V causally
     cascade: CascadePlan | None = None  # decode: groups sharing a cached prefix read it once
+    ragged: list[_RaggedReq] | None = None  # extend with very uneven lengths: one call per request
+
+
+@dataclass(slots=True)
+class _RaggedReq:
+    start: int  # first packed token of the request
+    end: int
+    kv_index: torch.Tensor  # [seq_len] its slots
+    mask: torch.Tensor | None  # additive [extend, seq_len]; None: no prefix, plain causal
 
 
 class TorchNativeBackend(AttentionBackend):
@@ -84,6 +95,9 @@ class TorchNativeBackend(AttentionBackend):
             self._md = _Metadata(kv_index, mask, None, False)
             return
         bs, max_ext = batch.batch_size, batch.max_extend_len
+        if bs * max_ext > RAGGED_WASTE * batch.num_tokens:
+            self._md = self._ragged(batch, kv_index)
+            return
         # Query i of request b sits at position prefix_b + i and sees keys j <= that position.
         q_pos = batch.prefix_lens[:, None] + torch.arange(max_ext, device=seq_lens.device)
         allowed = (cols[None, None, :] <= q_pos[:, :, None]) & valid[:, None, :]  # [bs, E, S]
@@ -98,6 +112,35 @@ class TorchNativeBackend(AttentionBackend):
         # None when every request extends by the same length: nothing to pad.
         pad_index = None if max_ext * bs == batch.num_tokens else token_req * max_ext + local
         self._md = _Metadata(kv_index, self._additive(allowed[:, None]), pad_index, False)
+
+    def _ragged(self, batch: ForwardBatch, kv_index: torch.Tensor) -> _Metadata:
+        """Padding every request to the longest extend would multiply the attention work (one
+        1088-token prefill beside nine 64-token ones pads 10x): attend request by request."""
+        reqs, start = [], 0
+        for b, ext in enumerate(batch.extend_lens_list):
+            prefix = int(batch.prefix_lens[b])
+            seq = prefix + ext
+            mask = None
+            if prefix:
+                q_pos = prefix + torch.arange(ext)[:, None]
+                mask = self._additive(torch.arange(seq)[None, :] <= q_pos)
+            reqs.append(_RaggedReq(start, start + ext, kv_index[b, :seq], mask))
+            start += ext
+        return _Metadata(None, None, None, False, ragged=reqs)
+
+    def _ragged_forward(self, q: torch.Tensor, layer: int, reqs: list[_RaggedReq]) -> torch.Tensor:
+        k_buf, v_buf = self.token_pool.get_kv_buffer(layer)
+        out = q.new_empty((q.shape[0], self.num_heads * self.head_dim))
+        for r in reqs:
+            qr = q[r.start : r.end].transpose(0, 1)[None]  # [1, heads, ext, d]
+            kr = k_buf[r.kv_index].to(self.dtype).transpose(0, 1)[None]  # [1, kv, seq, d]
+            vr = v_buf[r.kv_index].to(self.dtype).transpose(0, 1)[None]
+            o = F.scaled_dot_product_attention(
+                qr, kr, vr, attn_mask=r.mask, is_causal=r.mask is None, scale=self.scale,
+                enable_gqa=True,
+            )  # fmt: skip
+            out[r.start : r.end] = o[0].transpose(0, 1).reshape(r.end - r.start, -1)
+        return out
 
     def _reserve_workspace(self, num_slots: int) -> None:
         need = num_slots * self.num_kv_heads * self.head_dim
@@ -127,6 +170,8 @@ class TorchNativeBackend(AttentionBackend):
                 enable_gqa=True,
             )
             return out[0].transpose(0, 1).reshape(q.shape[0], -1)
+        if md.ragged is not None:
+            return self._ragged_forward(q, layer, md.ragged)
         if md.cascade is not None:
             k_buf, v_buf = self.token_pool.get_kv_buffer(layer)
             return cascade_decode(q, k_buf, v_buf, md.cascade, self.scale)
