@@ -10,7 +10,7 @@ from radixkv.model.cascade import cascade_decode, plan_shared_prefixes
 
 
 def reference(q, k_buf, v_buf, kv_index, seq_lens, scale):
-    bs, heads, dim = q.shape
+    bs, heads, _dim = q.shape
     group = heads // k_buf.shape[1]
     out = []
     for b in range(bs):
