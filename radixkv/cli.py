@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=d.model, help="smollm2-135m, a .gguf file or a HF directory")
     p.add_argument("--host", default=d.host, help="interface to listen on (default %(default)s)")
     p.add_argument("--port", type=int, default=d.port, help="client port (0: pick a free one)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API and /metrics on this port "
+                        "(0: pick a free one)")  # fmt: skip
     kv = p.add_mutually_exclusive_group()
     kv.add_argument("--kv-memory", type=parse_size, default=d.kv_memory,
                     help="KV cache memory budget, e.g. 256MiB (default)")  # fmt: skip
@@ -53,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "torch", "triton"),
         help="auto: triton on CUDA, torch otherwise (triton on a CPU needs TRITON_INTERPRET=1)",
     )
-    p.add_argument("--api-key", default=None, help="clients must send this key")
+    p.add_argument("--api-key", default=None,
+                   help="clients must send this key (HTTP: Authorization: Bearer KEY)")  # fmt: skip
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
         "--log-level", default=d.log_level, choices=("debug", "info", "warning", "error")
@@ -63,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def server_args(ns: argparse.Namespace) -> ServerArgs:
-    fields = ("model", "host", "port", "kv_memory", "max_total_tokens", "page_size",
+    fields = ("model", "host", "port", "http_port", "kv_memory", "max_total_tokens", "page_size",
               "max_running_requests", "max_prefill_tokens", "chunked_prefill_size",
               "max_context_len", "schedule_policy", "disable_radix_cache", "dtype", "device",
               "attention_backend", "api_key", "seed", "log_level")  # fmt: skip
@@ -101,7 +105,8 @@ def launch(
             ready.max_context_len, ready.max_running_requests,
         )  # fmt: skip
         auth = " (API key required)" if args.api_key else ""
-        print(f"radixkv ready: endpoint {server.endpoint}{auth}; Ctrl-C to stop", flush=True)
+        http = f", HTTP {server.http.url}" if server.http is not None else ""
+        print(f"radixkv ready: endpoint {server.endpoint}{http}{auth}; Ctrl-C to stop", flush=True)
         server.serve_forever()
         log.info("shutting down")
         return 0

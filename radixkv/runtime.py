@@ -44,6 +44,7 @@ class Launch(msgspec.Struct, tag="launch"):
 class Started(msgspec.Struct, tag="started"):
     endpoint: str
     ready: Ready
+    http_url: str | None = None
 
 
 class StartFailed(msgspec.Struct, tag="start_failed"):
@@ -71,7 +72,9 @@ def _child_main(fd: int) -> None:
     try:
         server = RuntimeServer(args, launch.scheduler, launch.scheduler_kwargs)
         signal.signal(signal.SIGTERM, lambda *_: server.stop() if server else None)
-        started = Started(endpoint=server.endpoint, ready=server.start(launch.ready_timeout))
+        ready = server.start(launch.ready_timeout)
+        http_url = server.http.url if server.http is not None else None
+        started = Started(endpoint=server.endpoint, ready=ready, http_url=http_url)
     except Exception as exc:
         conn.send_bytes(encoder.encode(StartFailed(message=str(exc) or type(exc).__name__)))
         if server is not None:
@@ -89,8 +92,9 @@ class Runtime:
     the `with` block, on Ctrl-C in the block, or at interpreter exit.
 
     `server_args` are `ServerArgs` fields (e.g. `max_total_tokens`, `page_size`,
-    `schedule_policy`). `rt.client` is a connected `Client`, `rt.endpoint` its address,
-    `rt.ready_info` the scheduler's handshake (KV capacity, page size, context length, ...).
+    `schedule_policy`, `http_port`). `rt.client` is a connected `Client`, `rt.endpoint` its
+    address, `rt.ready_info` the scheduler's handshake (KV capacity, page size, context length,
+    ...), `rt.http_url` the HTTP server's base URL when `http_port` was given (0: a free port).
     `scheduler` ("module:function", called as `f(args, in_addr, out_addr, **scheduler_kwargs)`)
     replaces the scheduler process entry; tests use a fake one.
     """
@@ -129,6 +133,7 @@ class Runtime:
             raise
         self.endpoint: str = started.endpoint
         self.ready_info: Ready = started.ready
+        self.http_url: str | None = started.http_url
         self.client = Client(self.endpoint, api_key=self.args.api_key, timeout=client_timeout)
 
     def _wait_started(self, timeout: float) -> Started:

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import zmq
@@ -30,6 +30,7 @@ from radixkv.protocol import (
     FlushReply,
     FrameTooLarge,
     GenerateRequest,
+    GenerateResult,
     GetStatsRequest,
     Ready,
     ReqError,
@@ -39,6 +40,9 @@ from radixkv.protocol import (
 )
 from radixkv.scheduler_child import DEFAULT_SCHEDULER, SchedulerChild
 from radixkv.tokenizer_manager import BadRequest, ReqState, TokenizerManager
+
+if TYPE_CHECKING:
+    from radixkv.http_server import HttpServer
 
 log = logging.getLogger("radixkv.runtime")
 
@@ -76,6 +80,22 @@ class RuntimeServer:
                 f"cannot listen on {address}: {exc}; choose another --port/--host"
             ) from exc
         self.endpoint: str = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.http: HttpServer | None = None
+        if args.http_port is not None:
+            try:
+                from radixkv.http_server import HttpServer  # fastapi etc. only when asked for
+
+                self.http = HttpServer(args.host, args.http_port)
+            except ImportError as exc:
+                self._close_sockets()
+                raise OSError(
+                    f"the HTTP server needs the 'server' extra (pip install 'radixkv[server]'): "
+                    f"{exc}"
+                ) from exc
+            except OSError:
+                self._close_sockets()
+                raise
+        self.metrics = self.http.metrics if self.http is not None else None
         self.child = SchedulerChild(self.ctx, args, scheduler, scheduler_kwargs)
         self.codec = client_codec()
         self.encoder = msgspec.msgpack.Encoder()
@@ -112,7 +132,15 @@ class RuntimeServer:
             )
         self.tm = TokenizerManager(loaded["tokenizer"], ready)
         self.ready = ready
+        if self.http is not None:
+            from radixkv.http_server import gateway_config
+
+            metrics = self.http.metrics
+            self.http.start(gateway_config(self.endpoint, self.args, ready, metrics, self._dead))
         return ready
+
+    def _dead(self) -> str | None:
+        return self.dead
 
     def stop(self) -> None:
         """Ask `serve_forever` to return (safe from signal handlers and other threads)."""
@@ -121,6 +149,8 @@ class RuntimeServer:
     def close(self) -> None:
         """Fail what is pending, stop the scheduler, close sockets, remove the ipc directory."""
         self._fail_all("the runtime is shutting down", "internal")
+        if self.http is not None:
+            self.http.stop()
         self.child.shutdown()
         self._close_sockets()
 
@@ -252,6 +282,8 @@ class RuntimeServer:
             if ident == identity:
                 self.child.send(AbortRequest(rid=rid))
                 self._forget(rid)
+                if self.metrics is not None:
+                    self.metrics.observe_end("abort")
         log.debug("client %s disconnected; its requests were aborted", identity.hex())
 
     def _forget(self, rid: str) -> ReqState | None:
@@ -288,12 +320,17 @@ class RuntimeServer:
                     self._reply(state.identity, reply)
                 if step.finished:
                     self._forget(out.rid)
+                    result = step.replies[-1]
+                    if self.metrics is not None and isinstance(result, GenerateResult):
+                        self.metrics.observe_result(result)
                     if step.abort_scheduler:
                         self.child.send(AbortRequest(rid=out.rid))
         elif isinstance(msg, ReqError):
             state = self._forget(msg.rid)
             if state is not None:
                 self._error(state.identity, state.rid, msg.message)
+                if self.metrics is not None:
+                    self.metrics.observe_end("error")
         elif isinstance(msg, (StatsReply, FlushReply)):
             client = self.control.pop(msg.rid, None)
             if client is not None:

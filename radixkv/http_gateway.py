@@ -1,0 +1,218 @@
+"""What every HTTP handler shares: the runtime client, auth, body limits, the served model names,
+client-disconnect handling and the mapping of runtime errors to HTTP errors.
+
+Handlers reach the runtime loop through an `AsyncClient` connected to the runtime's own client
+endpoint over loopback, so an HTTP request takes exactly the path a Python client's request takes:
+the same TokenizerManager, validation, stop strings, accounting and abort handling, and the
+runtime loop stays single-threaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeAlias, TypeVar, cast
+
+from starlette.requests import Request
+
+from radixkv.async_client import AsyncClient
+from radixkv.client_common import (
+    DEFAULT_TIMEOUT,
+    ConnectionLost,
+    Message,
+    RequestError,
+    Result,
+)
+from radixkv.metrics import RuntimeMetrics
+from radixkv.openai_protocol import ApiError, decode_body, runtime_param
+from radixkv.protocol import ChatMessage, WireSamplingParams
+
+log = logging.getLogger("radixkv.http")
+T = TypeVar("T")
+Prompt: TypeAlias = "str | list[int] | list[Message]"  # text, token ids or chat messages
+MAX_BODY_BYTES = 8 * 1024 * 1024
+STATUS_OF_CODE = {"bad_request": 400, "unauthorized": 401, "too_large": 413, "aborted": 400}
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """How the HTTP front end reaches and describes its runtime."""
+
+    endpoint: str  # the runtime's client endpoint, as reachable from this process
+    api_key: str | None
+    model: str  # the served model name (listed by /v1/models)
+    aliases: tuple[str, ...]  # other names accepted in `model` (e.g. the path it was loaded from)
+    max_context_len: int
+    metrics: RuntimeMetrics
+    dead: Callable[[], str | None]  # why the scheduler is gone, or None while it serves
+    max_body_bytes: int = MAX_BODY_BYTES
+    timeout: float = DEFAULT_TIMEOUT  # seconds to wait for a result or the next chunk
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected; its request was aborted."""
+
+
+class Gateway:
+    """Per-app state: the config and, between start-up and shutdown, the runtime client."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self._client: AsyncClient | None = None
+
+    @property
+    def client(self) -> AsyncClient:
+        if self._client is None:
+            raise ApiError(503, "the HTTP server is starting or stopping", None, "unavailable")
+        return self._client
+
+    async def open(self) -> None:
+        """Connect to the runtime (call on the server's event loop)."""
+        cfg = self.config
+        self._client = AsyncClient(cfg.endpoint, api_key=cfg.api_key, timeout=cfg.timeout)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    # ---- checks -------------------------------------------------------------------------------
+
+    def authorize(self, request: Request) -> None:
+        """With an API key configured, require `Authorization: Bearer <key>` (401 otherwise)."""
+        key = self.config.api_key
+        if key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), key):
+            raise ApiError(
+                401,
+                "missing or wrong API key: send the header 'Authorization: Bearer <key>' with "
+                "the key the runtime was launched with (--api-key)",
+                None,
+                "invalid_api_key",
+            )
+
+    def check_model(self, model: str | None) -> None:
+        """Accept no model, the served name or one of its aliases; 400 otherwise."""
+        names = (self.config.model, *self.config.aliases)
+        if model is not None and model not in names:
+            raise ApiError(
+                400,
+                f"the model {model!r} is not served here; this runtime serves "
+                f"{self.config.model!r} (see GET /v1/models)",
+                "model",
+                "model_not_found",
+            )
+
+    async def body(self, request: Request, type_: type[T]) -> T:
+        """Read the JSON body (refusing one over the size limit with 413) and decode it."""
+        limit = self.config.max_body_bytes
+        too_large = ApiError(
+            413, f"the request body exceeds the limit of {limit} bytes", None, "body_too_large"
+        )
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        result: T = decode_body(b"".join(chunks), type_)
+        return result
+
+    # ---- calls into the runtime ---------------------------------------------------------------
+
+    async def call(self, request: Request, make: Callable[[], Awaitable[T]]) -> T:
+        """Await `make()`, aborting it (and raising ClientGone) if the HTTP client disconnects;
+        runtime errors become ApiErrors. Call after the body is read."""
+        task = asyncio.ensure_future(self._mapped(make))
+        watcher = asyncio.ensure_future(wait_disconnect(request))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            watcher.cancel()
+        if not task.done():  # the client left first
+            task.cancel()  # the runtime client aborts the request as the task unwinds
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise ClientGone()
+        return task.result()
+
+    async def relay(
+        self, request: Request, open_source: Callable[[], Awaitable[AsyncIterator[T]]]
+    ) -> AsyncGenerator[T, None]:
+        """Items of a stream opened by `open_source()`. If the HTTP client disconnects, or this
+        generator is closed early, the stream's task is cancelled, which aborts the request."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        done = object()
+
+        async def pump() -> None:
+            try:
+                async for item in await self._mapped(open_source):
+                    queue.put_nowait(item)
+                queue.put_nowait(done)
+            except Exception as exc:  # the consumer raises it; nothing may leave it waiting
+                queue.put_nowait(map_error(exc))
+
+        async def watch() -> None:
+            await wait_disconnect(request)
+            pumping.cancel()
+            queue.put_nowait(ClientGone())
+
+        pumping = asyncio.ensure_future(pump())
+        watching = asyncio.ensure_future(watch())
+        try:
+            while (item := await queue.get()) is not done:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            watching.cancel()
+            pumping.cancel()
+
+    def complete(self, prompt: Prompt, sp: WireSamplingParams) -> Awaitable[Result]:
+        """One generation from text, token ids or chat messages (awaited: its Result)."""
+        if isinstance(prompt, str):
+            return cast(Awaitable[Result], self.client.generate(prompt, params=sp))
+        if prompt and all(isinstance(m, ChatMessage) for m in prompt):
+            return cast(Awaitable[Result], self.client.chat(cast(list[Message], prompt), params=sp))
+        return cast(Awaitable[Result], self.client.generate_ids(cast(list[int], prompt), params=sp))
+
+    async def _mapped(self, make: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await make()
+        except (RequestError, ConnectionLost, TimeoutError) as exc:
+            raise map_error(exc) from None
+
+
+async def wait_disconnect(request: Request) -> None:
+    """Return when the HTTP client disconnects (the body must have been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def map_error(exc: Exception) -> ApiError:
+    """The HTTP error for an exception of the runtime client."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, RequestError):
+        message = str(exc).removesuffix(f" [{exc.code}]")
+        status = STATUS_OF_CODE.get(exc.code, 503)
+        param = runtime_param(message) if status == 400 else None
+        return ApiError(status, message, param, exc.code)
+    if isinstance(exc, ConnectionLost):
+        return ApiError(503, f"lost the runtime: {exc}", None, "unavailable")
+    if isinstance(exc, TimeoutError):
+        return ApiError(504, str(exc), None, "timeout")
+    log.error("unexpected error serving an HTTP request", exc_info=exc)
+    return ApiError(500, f"internal error ({type(exc).__name__})", None, "internal")

@@ -1,0 +1,202 @@
+"""The OpenAI-compatible endpoints: `/v1/completions`, `/v1/chat/completions`, `/v1/models`.
+
+`usage.prompt_tokens_details.cached_tokens` is the prefix the radix cache served. Streams are
+server-sent events, one JSON chunk per `data:` line, ending with `data: [DONE]`; with
+`stream_options.include_usage` a last chunk with empty `choices` carries the usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+from fastapi import APIRouter, Depends
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from radixkv.client_common import Message, Result
+from radixkv.http_gateway import ClientGone, Gateway
+from radixkv.openai_protocol import (
+    DEFAULT_CHAT_TOKENS,
+    DEFAULT_COMPLETION_TOKENS,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_messages,
+)
+from radixkv.protocol import WireSamplingParams
+
+CLOSED = Response(status_code=499)  # nobody reads it: the client has gone
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(obj), status, media_type="application/json")
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def usage(results: list[Result]) -> dict[str, Any]:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in results)},
+    }
+
+
+def check(gw: Gateway, req: CompletionRequest | ChatCompletionRequest) -> None:
+    gw.check_model(req.model)
+    refused = req.unsupported()
+    if refused is not None:
+        raise ApiError(400, refused[1], refused[0], "unsupported")
+
+
+async def event_stream(
+    gw: Gateway,
+    request: Request,
+    open_stream: Callable[[], Awaitable[AsyncIterator[str | Result]]],
+    render: Callable[[str | Result], list[bytes]],
+) -> Response:
+    """Stream as SSE. The first item is awaited before answering, so a refused request gets a
+    proper error status instead of a 200 whose stream carries the error."""
+    items = gw.relay(request, open_stream)
+    try:
+        first = await items.__anext__()
+    except (ClientGone, StopAsyncIteration):
+        await items.aclose()
+        return CLOSED
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            for event in render(first):
+                yield event
+            async for item in items:
+                for event in render(item):
+                    yield event
+        except ApiError as exc:  # after the headers: report it in the stream
+            yield sse(msgspec.json.decode(exc.body()))
+        except ClientGone:
+            return
+        finally:
+            await items.aclose()
+        yield SSE_DONE
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def openai_router(gw: Gateway) -> APIRouter:
+    """The /v1 routes, all behind the API key (when one is set)."""
+    router = APIRouter(dependencies=[Depends(gw.authorize)])
+
+    @router.get("/v1/models")
+    async def models() -> Response:
+        card = {
+            "id": gw.config.model,
+            "object": "model",
+            "created": 0,
+            "owned_by": "radixkv",
+            "max_model_len": gw.config.max_context_len,
+        }
+        return json_response({"object": "list", "data": [card]})
+
+    @router.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = await gw.body(request, CompletionRequest)
+        check(gw, req)
+        prompts = req.prompts()
+        sp = req.sampling(DEFAULT_COMPLETION_TOKENS)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                "created": int(time.time()), "model": gw.config.model}  # fmt: skip
+
+        def choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
+            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+        if req.stream:
+
+            def render(item: str | Result) -> list[bytes]:
+                if isinstance(item, str):
+                    return [sse({**head, "choices": [choice(0, item, None)]})]
+                events = [sse({**head, "choices": [choice(0, "", item.finish_reason)]})]
+                if req.include_usage:
+                    events.append(sse({**head, "choices": [], "usage": usage([item])}))
+                return events
+
+            return await event_stream(
+                gw, request, lambda: gw.client.stream(prompts[0], params=sp), render
+            )
+
+        async def run() -> list[Result]:
+            tasks = [asyncio.ensure_future(gw.complete(p, sp)) for p in prompts]  # they batch
+            try:
+                return list(await asyncio.gather(*tasks))
+            finally:
+                for task in tasks:
+                    task.cancel()  # after a failure, the others abort their requests
+
+        try:
+            results = await gw.call(request, run)
+        except ClientGone:
+            return CLOSED
+        choices = [choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
+        return json_response({**head, "choices": choices, "usage": usage(results)})
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = await gw.body(request, ChatCompletionRequest)
+        check(gw, req)
+        messages = chat_messages(req.messages)
+        sp = req.sampling(DEFAULT_CHAT_TOKENS)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": gw.config.model}  # fmt: skip
+        if req.stream:
+            return await stream_chat(gw, request, req, messages, sp, head)
+        try:
+            r = await gw.call(request, lambda: gw.complete(messages, sp))
+        except ClientGone:
+            return CLOSED
+        message = {"role": "assistant", "content": r.text}
+        choice = {"index": 0, "message": message, "finish_reason": r.finish_reason}
+        body = {**head, "object": "chat.completion", "choices": [choice], "usage": usage([r])}
+        return json_response(body)
+
+    return router
+
+
+async def stream_chat(
+    gw: Gateway,
+    request: Request,
+    req: ChatCompletionRequest,
+    messages: list[Message],
+    sp: WireSamplingParams,
+    head: dict[str, Any],
+) -> Response:
+    """A chat completion as SSE: the role first, then content deltas, then the finish reason."""
+    started = False
+
+    def chunk(delta: dict[str, str], finish: str | None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return sse({**head, "choices": [choice]})
+
+    def render(item: str | Result) -> list[bytes]:
+        nonlocal started
+        events = [] if started else [chunk({"role": "assistant", "content": ""}, None)]
+        started = True
+        if isinstance(item, str):
+            return [*events, chunk({"content": item}, None)]
+        events.append(chunk({}, item.finish_reason))
+        if req.include_usage:
+            events.append(sse({**head, "choices": [], "usage": usage([item])}))
+        return events
+
+    return await event_stream(gw, request, lambda: gw.client.stream(messages, params=sp), render)

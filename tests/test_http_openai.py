@@ -1,0 +1,127 @@
+"""The OpenAI-compatible API with the official `openai` client against the real model (fp32,
+greedy, one module-scoped runtime): completions, chat, streaming, cached tokens growing across a
+multi-turn conversation, and a /metrics scrape that agrees with the per-request usage."""
+
+from __future__ import annotations
+
+import json
+
+import httpx2 as httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+import radixkv
+
+pytestmark = pytest.mark.slow
+
+NEW = 6
+SYSTEM = (
+    "You are a concise assistant for a geography quiz. Answer in one short sentence, name the "
+    "place first, and never add follow-up questions or extra commentary."
+)
+
+
+@pytest.fixture(scope="module")
+def rt():
+    with radixkv.Runtime(
+        "smollm2-135m", dtype="float32", max_total_tokens=8192, http_port=0, api_key="k"
+    ) as runtime:
+        yield runtime
+
+
+@pytest.fixture(scope="module")
+def oai(rt):
+    with openai.OpenAI(base_url=f"{rt.http_url}/v1", api_key="k", max_retries=0) as client:
+        yield client
+
+
+def chat(oai, messages, **kwargs):
+    return oai.chat.completions.create(
+        model="smollm2-135m", messages=messages, max_tokens=NEW, temperature=0, **kwargs
+    )
+
+
+def test_models_lists_the_served_model(oai):
+    assert [m.id for m in oai.models.list()] == ["smollm2-135m"]
+
+
+def test_completion_equals_the_python_client(rt, oai):
+    prompt = "The capital of France is"
+    r = oai.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=NEW, temperature=0)
+    direct = rt.client.generate(prompt, max_new_tokens=NEW)
+    assert r.choices[0].text == direct.text and r.choices[0].finish_reason == direct.finish_reason
+    u = r.usage
+    assert u.prompt_tokens == direct.prompt_tokens and u.completion_tokens == NEW
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+    # the Python client's request ran second and hit the prompt the HTTP request cached
+    assert direct.cached_tokens == direct.prompt_tokens - 1
+    assert u.prompt_tokens_details.cached_tokens <= u.prompt_tokens
+
+
+def test_chat_and_stream_agree(oai):
+    messages = [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": "What is the capital of Italy?"}]  # fmt: skip
+    whole = chat(oai, messages)
+    assert whole.choices[0].message.role == "assistant" and whole.choices[0].message.content
+    chunks = list(chat(oai, messages, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finish == [whole.choices[0].finish_reason]
+    usage = chunks[-1].usage
+    assert not chunks[-1].choices and usage.completion_tokens == whole.usage.completion_tokens
+    assert usage.prompt_tokens == whole.usage.prompt_tokens
+    # the second run of the same conversation is served from the radix cache
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+
+
+def test_cached_tokens_grow_across_a_multi_turn_conversation(oai):
+    messages = [{"role": "system", "content": SYSTEM}]
+    cached, prompts = [], []
+    for question in ("Where is Lyon?", "And Porto?", "And Krakow?"):
+        messages.append({"role": "user", "content": question})
+        r = chat(oai, messages)
+        messages.append({"role": "assistant", "content": r.choices[0].message.content})
+        cached.append(r.usage.prompt_tokens_details.cached_tokens)
+        prompts.append(r.usage.prompt_tokens)
+    # each turn's prompt starts with the previous turn's prompt (and answer): a growing hit
+    assert cached[1] > cached[0] and cached[2] > cached[1]
+    assert cached[1] >= prompts[0] - 1 and cached[2] >= prompts[1] - 1
+
+
+def test_metrics_agree_with_usage(rt, oai):
+    http = httpx.Client(base_url=rt.http_url, headers={"Authorization": "Bearer k"})
+
+    def scrape() -> dict[str, float]:
+        text = http.get("/metrics").text
+        return {s.name + json.dumps(s.labels, sort_keys=True): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}  # fmt: skip
+
+    before = scrape()
+    usages = [chat(oai, [{"role": "user", "content": f"Name a river in country {i}."}]).usage
+              for i in range(2)]  # fmt: skip
+    direct = rt.client.generate("Rivers of Europe:", max_new_tokens=NEW)
+    after = scrape()
+    http.close()
+
+    def delta(name: str) -> float:
+        return after[name + "{}"] - before[name + "{}"]
+
+    prompt = sum(u.prompt_tokens for u in usages) + direct.prompt_tokens
+    cached = sum(u.prompt_tokens_details.cached_tokens for u in usages) + direct.cached_tokens
+    generated = sum(u.completion_tokens for u in usages) + direct.completion_tokens
+    assert delta("radixkv_prompt_tokens_total") == prompt
+    assert delta("radixkv_cached_prompt_tokens_total") == cached > 0  # the chat template's head
+    assert delta("radixkv_generated_tokens_total") == generated
+    assert delta("radixkv_scheduler_requests_total") == 3
+    for histogram in ("radixkv_time_to_first_token_seconds", "radixkv_e2e_request_latency_seconds"):
+        assert delta(f"{histogram}_count") == 3  # HTTP and ZMQ requests alike
+    finished = sum(after[k] - before.get(k, 0) for k in after
+                   if k.startswith("radixkv_requests_finished_total"))  # fmt: skip
+    assert finished == 3
+    assert after["radixkv_running_requests{}"] == 0 and after["radixkv_protected_tokens{}"] == 0
+    assert after["radixkv_kv_capacity_tokens{}"] == rt.ready_info.kv_capacity
