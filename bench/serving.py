@@ -33,8 +33,12 @@ CONFIGS = {
 }
 
 
-def run_radixkv(convs: list[Conversation], dtype: str, options: dict[str, Any]) -> dict[str, Any]:
-    with Runtime("smollm2-135m", dtype=dtype, max_running_requests=64, **options) as rt:
+def run_radixkv(
+    convs: list[Conversation], dtype: str, kv_tokens: int, options: dict[str, Any]
+) -> dict[str, Any]:
+    with Runtime(
+        "smollm2-135m", dtype=dtype, max_running_requests=64, max_total_tokens=kv_tokens, **options
+    ) as rt:
 
         async def go() -> list:
             async with AsyncClient(rt.endpoint, timeout=None) as client:
@@ -85,11 +89,13 @@ def main() -> None:
     wl = GeneratedSharedPrefix(args.groups, args.prompts_per_group, args.system_len,
                                args.question_len, args.output_len)  # fmt: skip
     convs = wl.conversations()
-    print(f"workload: {wl}\n")
+    # room for every request's whole sequence, so "radix off" is not also starved of memory
+    kv_tokens = sum(len(c.prefix_ids) + len(c.turns[0].user_ids) + args.output_len for c in convs)
+    print(f"workload: {wl}; KV cache {kv_tokens} tokens\n")
     rows: list[tuple[str, dict[str, Any]]] = []
     for part in args.only.split(","):
         for name, options in CONFIGS.get(part, []):
-            rows.append((name, run_radixkv(convs, args.dtype, options)))
+            rows.append((name, run_radixkv(convs, args.dtype, kv_tokens, options)))
             print(f"  done: {name} in {rows[-1][1]['duration_s']:.1f} s", flush=True)
     if "transformers" in args.only:
         model = load_transformers(args.dtype)

@@ -159,16 +159,18 @@ def plot(records: list[RequestRecord], summary: dict[str, Any], path: Path) -> N
         cum_cached += r.cached_tokens
         hit.append(cum_cached / cum_prompt)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot(times, hit, label="measured (cumulative)")
+    axes[0].step([0.0, *times], [0.0, *hit], where="post", label="measured (cumulative)")
     axes[0].axhline(summary["best_hit_rate"], color="gray", linestyle="--", label="best possible")
-    axes[0].set(xlabel="time (s)", ylabel="hit rate", title="prefix cache hit rate", ylim=(0, 1))
+    axes[0].set(xlabel="time (s)", ylabel="hit rate", title="prefix cache hit rate", ylim=(0, 1),
+                xlim=(0, max(times) * 1.02))  # fmt: skip
     axes[0].legend()
     bins = max(1, int(max(times)) + 1)
     per_second = [0] * bins
     for r in done:
         per_second[min(bins - 1, int(r.finished))] += len(r.output_ids)
-    axes[1].bar(range(bins), per_second, width=1.0)
-    axes[1].set(xlabel="time (s)", ylabel="output tokens", title="output tokens per second")
+    axes[1].bar([b + 0.5 for b in range(bins)], per_second, width=1.0)
+    axes[1].set(xlabel="time (s)", ylabel="output tokens", title="output tokens per second",
+                xlim=(0, bins))  # fmt: skip
     axes[2].hist([r.ttft for r in records], bins=30)
     axes[2].set(xlabel="seconds", ylabel="requests", title="time to first token")
     fig.tight_layout()

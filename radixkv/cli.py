@@ -1,4 +1,8 @@
-"""`radixkv launch`: run a runtime (and its scheduler) in the foreground until Ctrl-C."""
+"""The `radixkv` command.
+
+radixkv launch ...   run a runtime (and its scheduler) in the foreground until Ctrl-C
+radixkv bench ...    run a workload against a runtime and report hit rate, throughput, TTFT
+"""
 
 from __future__ import annotations
 
@@ -27,8 +31,14 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="radixkv", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="radixkv", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
+    # `bench` has its own parser (radixkv.bench.build_parser); listed here for `radixkv -h`
+    sub.add_parser("bench", add_help=False,
+                   help="run a shared-prefix workload and report hit rate, throughput and TTFT "
+                        "(radixkv bench -h)")  # fmt: skip
     p = sub.add_parser("launch", help="serve a model on a ZMQ endpoint until Ctrl-C")
     d = ServerArgs()
     p.add_argument("--model", default=d.model, help="smollm2-135m, a .gguf file or a HF directory")
@@ -115,6 +125,12 @@ def launch(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from radixkv.bench import main as bench_main
+
+        bench_main(argv[1:])
+        return 0
     ns = build_parser().parse_args(argv)
     try:
         args = server_args(ns)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import radixkv
@@ -100,3 +102,22 @@ def test_memory_pressure_through_the_processes_keeps_outputs_and_invariants():
         stats = tight.client.stats()
     assert stats.retractions > 0 and stats.evicted_tokens > 0
     assert stats.running == stats.waiting == stats.protected == stats.kv_used == 0
+
+
+def test_radixkv_bench_against_a_running_runtime(rt, tmp_path, capsys):
+    from radixkv.cli import main
+
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = ["bench", "--endpoint", rt.endpoint, "--workload", "multi-turn", "--chats", "4",
+            "--turns", "3", "--system-len", "64", "--user-len", "8", "--output-len", "4",
+            "--seed", "7", "--out", str(out), "--plot", str(png)]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    summary = report["summary"]
+    assert summary["requests"] == len(report["requests"]) == 12
+    assert summary["prompt_tokens"] == sum(r["prompt_ids"] for r in report["requests"])
+    assert summary["cached_tokens"] == sum(r["cached_tokens"] for r in report["requests"])
+    # later turns reuse the whole history and the chats share the system prompt
+    assert summary["hit_rate"] >= 0.95 * summary["best_hit_rate"] > 0.5
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "best possible" in capsys.readouterr().out
