@@ -21,7 +21,7 @@ from starlette.responses import Response
 from radixkv.client_common import Result
 from radixkv.http_gateway import ClientGone, Gateway, GatewayConfig, Prompt
 from radixkv.openai_protocol import ApiError, GenerateBody, chat_messages
-from radixkv.openai_routes import CLOSED, event_stream, json_response, openai_router, sse
+from radixkv.openai_routes import closed, event_stream, json_response, openai_router, sse
 from radixkv.streams import AsyncStream
 
 log = logging.getLogger("radixkv.http")
@@ -97,7 +97,7 @@ def native_router(gw: Gateway) -> APIRouter:
         try:
             r = await gw.call(request, lambda: gw.complete(prompt, sp))
         except ClientGone:
-            return CLOSED
+            return closed()
         return json_response(native_result(r))
 
     @router.post("/flush_cache")
@@ -110,7 +110,7 @@ def native_router(gw: Gateway) -> APIRouter:
                 raise ApiError(409, exc.message, None, "busy") from None
             raise
         except ClientGone:
-            return CLOSED
+            return closed()
         return json_response({"ok": True})
 
     @router.get("/metrics")
@@ -120,7 +120,7 @@ def native_router(gw: Gateway) -> APIRouter:
         try:
             stats = await gw.call(request, lambda: gw.client.stats())
         except ClientGone:
-            return CLOSED
+            return closed()
         text = gw.config.metrics.render(stats)
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
@@ -152,6 +152,10 @@ def add_error_handlers(app: FastAPI) -> None:
         log.error("unexpected error serving an HTTP request", exc_info=exc)
         return error_response(ApiError(500, f"internal error ({type(exc).__name__})"))
 
+    async def client_gone(_: Request, exc: Exception) -> Response:
+        return closed()  # e.g. the client hung up while sending its body: nothing to report
+
+    app.add_exception_handler(ClientGone, client_gone)
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)

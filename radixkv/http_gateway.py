@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar, cast
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from radixkv.async_client import AsyncClient
 from radixkv.client_common import (
@@ -82,13 +82,16 @@ class Gateway:
 
     # ---- checks -------------------------------------------------------------------------------
 
-    def authorize(self, request: Request) -> None:
-        """With an API key configured, require `Authorization: Bearer <key>` (401 otherwise)."""
+    async def authorize(self, request: Request) -> None:
+        """With an API key configured, require `Authorization: Bearer <key>` (401 otherwise).
+        Async so FastAPI runs it on the event loop, not in its thread pool."""
         key = self.config.api_key
         if key is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), key):
+        # bytes: compare_digest refuses non-ASCII str, and a header may hold any latin-1 byte
+        given_bytes = given.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, key.encode()):
             raise ApiError(
                 401,
                 "missing or wrong API key: send the header 'Authorization: Bearer <key>' with "
@@ -119,11 +122,14 @@ class Gateway:
         if length.isdigit() and int(length) > limit:
             raise too_large
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ClientGone from None
         result: T = decode_body(b"".join(chunks), type_)
         return result
 

@@ -97,11 +97,15 @@ class RuntimeMetrics:
         )
 
     def observe_result(self, result: GenerateResult) -> None:
-        """A request finished with a result (any finish reason)."""
+        """A request finished with a result (any finish reason). Aborted requests count by
+        reason but stay out of the latency histograms: their latency is when they were given up,
+        not how long serving took."""
+        self.finished.labels(result.finish_reason).inc()
+        if result.finish_reason == "abort":
+            return
         if result.meta.completion_tokens:
             self.ttft.observe(result.meta.ttft)
         self.latency.observe(result.meta.latency)
-        self.finished.labels(result.finish_reason).inc()
 
     def observe_end(self, reason: str) -> None:
         """A request ended without a result: "abort" (its client left) or "error" (refused)."""

@@ -36,23 +36,25 @@ class StreamOptions(msgspec.Struct, kw_only=True):
 class _Sampling(msgspec.Struct, kw_only=True):
     """The sampling fields both OpenAI endpoints share."""
 
+    # OpenAI's API takes an explicit null for every optional field (some clients send them):
+    # null means the default, which `sampling()` fills in.
     model: str | None = None
     max_tokens: MaxTokens | None = None
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
-    top_k: TopK = 0  # an extension, as in vLLM and SGLang
+    temperature: Temperature | None = None  # 1.0
+    top_p: TopP | None = None  # 1.0
+    top_k: TopK | None = None  # 0 (off); an extension, as in vLLM and SGLang
     seed: Seed | None = None
     stop: Stop = None
-    n: Annotated[int, Meta(ge=1)] = 1
-    stream: bool = False
+    n: Annotated[int, Meta(ge=1)] | None = None  # 1
+    stream: bool | None = None  # False
     stream_options: StreamOptions | None = None
-    presence_penalty: Penalty = 0.0
-    frequency_penalty: Penalty = 0.0
-    ignore_eos: bool = False  # an extension, for benchmarks
+    presence_penalty: Penalty | None = None  # 0
+    frequency_penalty: Penalty | None = None  # 0
+    ignore_eos: bool | None = None  # False; an extension, for benchmarks
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for a value we cannot honour, or None."""
-        if self.n != 1:
+        if self.n is not None and self.n != 1:
             return "n", f"n must be 1 (one choice per request), got {self.n}"
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
@@ -62,13 +64,13 @@ class _Sampling(msgspec.Struct, kw_only=True):
     def sampling(self, default_max_tokens: int) -> WireSamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return WireSamplingParams(
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_k=self.top_k or 0,
+            top_p=1.0 if self.top_p is None else self.top_p,
             seed=self.seed,
             max_new_tokens=self.max_tokens or default_max_tokens,
             stop=stop,
-            ignore_eos=self.ignore_eos,
+            ignore_eos=bool(self.ignore_eos),
         )
 
     @property
@@ -80,7 +82,7 @@ class CompletionRequest(_Sampling, kw_only=True):
     """`POST /v1/completions`: `prompt` is a string, token ids, or a list of either (a batch)."""
 
     prompt: str | list[Any]  # msgspec allows one array type per union: checked by prompts()
-    echo: bool = False
+    echo: bool | None = None
     logprobs: int | None = None
     suffix: str | None = None
 
@@ -144,7 +146,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 
     messages: list[OpenAIMessage]
     max_completion_tokens: MaxTokens | None = None
-    logprobs: bool = False
+    logprobs: bool | None = None
     tools: list[Any] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:

@@ -30,7 +30,10 @@ from radixkv.openai_protocol import (
 )
 from radixkv.protocol import WireSamplingParams
 
-CLOSED = Response(status_code=499)  # nobody reads it: the client has gone
+
+def closed() -> Response:
+    """The answer to a client that has gone (nobody reads it; 499 as in nginx's logs)."""
+    return Response(status_code=499)
 
 
 def json_response(obj: Any, status: int = 200) -> Response:
@@ -75,7 +78,7 @@ async def event_stream(
         first = await items.__anext__()
     except (ClientGone, StopAsyncIteration):
         await items.aclose()
-        return CLOSED
+        return closed()
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -147,7 +150,7 @@ def openai_router(gw: Gateway) -> APIRouter:
         try:
             results = await gw.call(request, run)
         except ClientGone:
-            return CLOSED
+            return closed()
         choices = [choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
         return json_response({**head, "choices": choices, "usage": usage(results)})
 
@@ -164,7 +167,7 @@ def openai_router(gw: Gateway) -> APIRouter:
         try:
             r = await gw.call(request, lambda: gw.complete(messages, sp))
         except ClientGone:
-            return CLOSED
+            return closed()
         message = {"role": "assistant", "content": r.text}
         choice = {"index": 0, "message": message, "finish_reason": r.finish_reason}
         body = {**head, "object": "chat.completion", "choices": [choice], "usage": usage([r])}

@@ -269,6 +269,8 @@ class RuntimeServer:
             ids = self.tm.tokenize(msg)
         except BadRequest as exc:
             self._error(identity, msg.rid, str(exc))
+            if self.metrics is not None:
+                self.metrics.observe_end("error")
             return
         rid = str(next(self.rids))
         self.requests[rid] = self.tm.new_state(msg, identity, len(ids), arrival)
@@ -347,6 +349,8 @@ class RuntimeServer:
     def _fail_all(self, message: str, code: str) -> None:
         for state in self.requests.values():
             self._error(state.identity, state.rid, message, code)
+            if self.metrics is not None:
+                self.metrics.observe_end("error")
         for identity, client_rid in self.control.values():
             self._error(identity, client_rid, message, code)
         self.requests.clear()

@@ -66,7 +66,9 @@ def test_binds_loopback_and_lists_the_model(rt, http):
 
 def test_api_key_required_except_health(rt, http):
     assert httpx.get(f"{rt.http_url}/health").json()["status"] == "ok"
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+    wrong = ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+             {"Authorization": "Bearer \u00e9t\u00e9".encode("latin-1")})  # fmt: skip
+    for headers in wrong:
         r = httpx.post(f"{rt.http_url}/v1/completions", json={"prompt": "x"}, headers=headers)
         assert error_of(r, 401)["code"] == "invalid_api_key"
         assert r.headers["www-authenticate"] == "Bearer"
@@ -127,6 +129,18 @@ def test_oversized_bodies_are_413_with_or_without_a_length(http):
             yield big[i : i + 2**20]
 
     assert error_of(http.post("/v1/completions", content=chunks()), 413)["code"]
+
+
+def test_explicit_nulls_mean_the_defaults(http):
+    names = ("temperature", "top_p", "top_k", "n", "stream", "seed", "stop",
+             "presence_penalty", "frequency_penalty", "echo", "logprobs")  # fmt: skip
+    nulls = dict.fromkeys(names)
+    r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, **nulls})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+    del nulls["echo"]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **nulls}
+    assert http.post("/v1/chat/completions", json=chat).status_code == 200
 
 
 def test_aliases_and_ids_accepted(http):
@@ -243,10 +257,11 @@ def test_metrics_count_zmq_and_http_requests_and_aborts(rt, http):
     next(stream)
     stream.close()
     wait_aborted(rt.client, aborted)
+    assert http.post("/v1/completions", json={"prompt": "", "max_tokens": 3}).status_code == 400
     after = scrape()
     count = "radixkv_e2e_request_latency_seconds_count{}"
-    assert after[count] - before[count] == 3
-    for reason, n in (("length", 2), ("abort", 1)):
+    assert after[count] - before[count] == 2  # aborted and refused requests are not latencies
+    for reason, n in (("length", 2), ("abort", 1), ("error", 1)):
         key = f'radixkv_requests_finished_total{{"reason": "{reason}"}}'
         assert after[key] - before.get(key, 0) == n
     assert after["radixkv_kv_capacity_tokens{}"] == 8192
