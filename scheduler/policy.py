@@ -10,13 +10,16 @@ Guards that apply to every policy:
 - window: cache-aware ordering looks at the oldest `window` requests only, the rest follow in
   arrival order, so one scheduling step costs O(window), not O(queue);
 - in-batch sharing: of several requests that share `share_len` or more uncached tokens, only the
-  first is admitted in a round; the others are deferred to the next round and hit its cache.
+  first is admitted in a round; the others are deferred to the next round and hit its cache. A
+  request part-way through a chunked prefill counts as the first: while it computes a long shared
+  prompt chunk by chunk, the requests waiting to share it wait for it instead of computing it too.
 """
 
 from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Sequence
 
 from radixkv.mem import RadixCache
 from radixkv.mem.radix_cache import TreeNode
@@ -49,8 +52,11 @@ class SchedulePolicy:
     def cache_aware(self) -> bool:
         return self.policy in ("lpm", "dfs-weight")
 
-    def order(self, waiting: list[Req]) -> tuple[list[Req], set[int]]:
-        """Admission order, and the ids (`id(req)`) of requests deferred by in-batch sharing."""
+    def order(
+        self, waiting: list[Req], in_flight: Sequence[Req] = ()
+    ) -> tuple[list[Req], set[int]]:
+        """Admission order, and the ids (`id(req)`) of requests deferred by in-batch sharing.
+        `in_flight`: requests already in this round's batch (a chunked prefill continuing)."""
         by_arrival = sorted(waiting, key=lambda r: r.wait_order)
         aged = [r for r in by_arrival if r.skips >= self.max_skips]
         rest = [r for r in by_arrival if r.skips < self.max_skips]
@@ -67,7 +73,7 @@ class SchedulePolicy:
         elif self.policy == "random":
             self._rng.shuffle(head)
         ordered = aged + head + tail
-        deferred = self._in_batch_deferred(head) if self.cache_aware else set()
+        deferred = self._in_batch_deferred(head, in_flight) if self.cache_aware else set()
         if deferred:
             ordered = [r for r in ordered if id(r) not in deferred] + [
                 r for r in ordered if id(r) in deferred
@@ -95,18 +101,28 @@ class SchedulePolicy:
             stack.extend(children)
         return out
 
-    def _in_batch_deferred(self, head: list[Req]) -> set[int]:
-        """Requests whose next `share_len` uncached tokens repeat an earlier request's."""
+    def _in_batch_deferred(self, head: list[Req], in_flight: Sequence[Req]) -> set[int]:
+        """Requests whose next `share_len` uncached tokens repeat an earlier or in-flight
+        request's. Keys come from `peek_prefix` for both, so a waiting request and an in-flight
+        one with the same tokens meet at the same (node, matched length)."""
         seen: set[tuple] = set()
+        for r in in_flight:
+            match_len, node = self.tree.peek_prefix(r.fill_ids)
+            key = self._share_key(r.fill_ids, match_len, node)
+            if key is not None:
+                seen.add(key)
         deferred: set[int] = set()
         for r in head:
-            ids = r.fill_ids
-            if len(ids) - r.match_len <= self.share_len:
+            key = self._share_key(r.fill_ids, r.match_len, r.match_node)
+            if key is None:
                 continue
-            uncached = tuple(ids[r.match_len : r.match_len + self.share_len])
-            key = (id(r.match_node), r.match_len, uncached)
             if key in seen:
                 deferred.add(id(r))
             else:
                 seen.add(key)
         return deferred
+
+    def _share_key(self, ids: list[int], match_len: int, node: object) -> tuple | None:
+        if len(ids) - match_len <= self.share_len:
+            return None  # too little left to be worth waiting for
+        return (id(node), match_len, tuple(ids[match_len : match_len + self.share_len]))

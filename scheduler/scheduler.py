@@ -167,7 +167,7 @@ class Scheduler:
                 chunk_left -= n
         if not self.waiting:
             return chosen
-        ordered, deferred = self.policy.order(self.waiting)
+        ordered, deferred = self.policy.order(self.waiting, in_flight=[r for r, _ in chosen])
         admitted: set[int] = set()
         for req in ordered:
             if id(req) in deferred or prefill_left <= 0 or chunk_left <= 0:

@@ -97,6 +97,21 @@ def test_in_batch_sharing_defers_requests_that_share_an_uncached_prefix():
     assert deferred == {id(waiting[1]), id(waiting[3])}
 
 
+@pytest.mark.parametrize("policy", ["lpm", "dfs-weight"])
+def test_a_chunked_prefill_in_flight_defers_the_requests_that_share_its_prompt(policy):
+    tree = make_tree()
+    system = list(range(1000, 1200))
+    cache(tree, system[:64])  # its first chunk, already computed and in the tree
+    chunked, same, other = reqs([*system, 1], [*system, 2], [5, 6, 7] * 20)
+    ordered, deferred = SchedulePolicy(policy, tree, share_len=32).order(
+        [same, other], in_flight=[chunked]
+    )
+    assert deferred == {id(same)} and ordered[-1] is same
+    # with the prompt fully cached, nothing is left to share: the request goes
+    cache(tree, system)
+    assert SchedulePolicy(policy, tree).order([same, other], in_flight=[chunked])[1] == set()
+
+
 def test_window_limits_cache_aware_ordering_to_the_oldest_requests():
     tree = make_tree()
     cache(tree, list(range(30)))
