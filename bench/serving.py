@@ -55,7 +55,7 @@ def load_transformers(dtype: str) -> Any:
 
     location, kwargs = resolve_model("smollm2-135m").tokenizer_location()  # same args: the model
     torch_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(location, torch_dtype=torch_dtype, **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs).eval()
 
 
 def run_transformers(convs: list[Conversation], model: Any, batch: int) -> dict[str, Any]:
