@@ -175,7 +175,10 @@ def test_config_from_hf_dict_reads_everything() -> None:
 
 def test_resolve_dtype() -> None:
     # AVX512-BF16 without AMX is slower than fp32 for matmuls (measured): auto keeps fp32
-    assert resolve_dtype("auto", "cpu", frozenset({"avx512_bf16"})) == torch.float32
+    slow, fast = (lambda: 0.57), (lambda: 2.5)  # bf16 matmul / fp32, measured on two CPUs
+    assert resolve_dtype("auto", "cpu", frozenset({"avx512_bf16"}), slow) == torch.float32
+    assert resolve_dtype("auto", "cpu", frozenset({"avx512_bf16"}), fast) == torch.bfloat16
+    assert resolve_dtype("auto", "cpu", frozenset({"avx2"}), fast) == torch.float32
     assert resolve_dtype("auto", "cpu", frozenset({"amx_bf16", "avx2"})) == torch.bfloat16
     assert resolve_dtype("auto", "cpu", frozenset({"avx2"})) == torch.float32
     assert resolve_dtype("auto", "cuda", frozenset()) == torch.bfloat16
@@ -183,3 +186,35 @@ def test_resolve_dtype() -> None:
     assert resolve_dtype(torch.float16) == torch.float16
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         resolve_dtype("fp8")
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_prepacked_linears_compute_what_plain_ones_do(dtype: torch.dtype, tol: float) -> None:
+    from radixkv.model.prepack import PackedLinear
+
+    hf = tiny_hf(qwen=True)  # q/k/v biases too
+    plain, packed = ours_from(hf, dtype), ours_from(hf, dtype)
+    if not packed.prepack():
+        pytest.skip("oneDNN weight packing is not available in this torch build")
+    assert packed.prepack()  # idempotent
+    kinds = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    g = torch.Generator().manual_seed(3)
+    for layer_p, layer_q in zip(plain.layers, packed.layers, strict=True):
+        for kind in kinds:
+            p, q = layer_p.get_submodule(kind), layer_q.get_submodule(kind)
+            assert isinstance(q, PackedLinear) and not isinstance(p, PackedLinear)
+            x = torch.randn(7, p.in_features, generator=g).to(dtype)
+            ref = p(x).float()
+            assert torch.allclose(q(x).float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    assert packed.lm_head is not None and packed.packed_head is not None
+    x = torch.randn(4, 64, generator=g).to(dtype)
+    ref = packed.lm_head(x).float()
+    got = packed.packed_head(x).float()
+    assert torch.allclose(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_prepack_can_be_turned_off(monkeypatch) -> None:
+    monkeypatch.setenv("RADIXKV_PREPACK", "0")
+    model = ours_from(tiny_hf())
+    assert not model.prepack()
+    assert not any(type(m).__name__ == "PackedLinear" for m in model.modules())

@@ -15,6 +15,7 @@ from torch import nn
 from radixkv.model.attention import AttentionBackend
 from radixkv.model.config import ModelConfig
 from radixkv.model.forward_batch import ForwardBatch
+from radixkv.model.prepack import pack_weight, prepack_linears
 from radixkv.model.rotary import RotaryEmbedding, apply_rotary
 
 
@@ -117,6 +118,7 @@ class LlamaForCausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary: RotaryEmbedding | None = None
+        self.packed_head: nn.Module | None = None  # set by prepack()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -136,8 +138,24 @@ class LlamaForCausalLM(nn.Module):
         if batch.num_tokens != batch.batch_size:
             x = x[batch.last_token_index]
         x = self.norm(x)
+        if self.packed_head is not None:
+            return self.packed_head(x).float()
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()
+
+    def prepack(self) -> bool:
+        """On the CPU, hold every projection and the LM head in oneDNN's packed layout
+        (`prepack.py`); False where that is unavailable (the model then runs as it was)."""
+        if self.packed_head is not None:
+            return True
+        if self.lm_head is not None:
+            self.packed_head = pack_weight(self.lm_head.weight)
+        else:
+            self.packed_head = pack_weight(self.embed_tokens.weight)
+        if self.packed_head is None:
+            return False
+        prepack_linears(self.layers)
+        return True
 
     def load_hf_state_dict(
         self,

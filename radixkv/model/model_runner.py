@@ -61,6 +61,8 @@ class ModelRunner:
                 f"KV pool layout {layout} does not fit the model ({config.num_layers} layers, "
                 f"{config.num_kv_heads} KV heads, head dim {config.head_dim})"
             )
+        if model.device.type == "cpu":
+            model.prepack()
         self.model = model
         self.config = config
         self.token_pool = token_pool
