@@ -166,7 +166,11 @@ class AsyncClient:
         request = GenerateRequest(rid=rid, sampling=sp, stream=stream, api_key=self.api_key, **kind)
         frame = encode_checked(self._encoder, request)
         self._queues[rid] = asyncio.Queue()
-        await self._sock.send(frame)
+        try:
+            await self._sock.send(frame)
+        except BaseException:  # cancelled mid-send: nothing to wait for, nothing left behind
+            self._queues.pop(rid, None)
+            raise
         return rid
 
     async def _one(
