@@ -223,3 +223,37 @@ def test_long_edges_compare_correctly_past_the_fast_path():
         query = [*base[:cut], -1, *base[cut + 1 :]]
         assert len(tree.match_prefix(query).indices) == cut
     tree.check_integrity()
+
+
+@pytest.mark.parametrize("page", [1, 4])
+def test_insert_resumed_at_a_locked_node_equals_insert_from_the_root(page):
+    """A request's prefix is cached and locked; inserting its longer sequence from that node gives
+    the tree, the return values and the slots a walk from the root gives."""
+    trees = []
+    for resume in (False, True):
+        pool, tree = make(page)
+        put(pool, tree, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
+        put(pool, tree, [1, 2, 3, 4, 20, 21, 22, 23])  # the path splits after 4 tokens
+        cached, node = tree.match_prefix([1, 2, 3, 4, 5, 6, 7, 8, 0])
+        tree.lock(node)
+        seq = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 30, 31, 32, 33, 34, 35]
+        slots = torch.cat([cached, pool.alloc_extend(8, len(seq), int(cached[-1]))])
+        start = (node, len(cached)) if resume else None
+        present, tail, end = tree.insert_and_match(seq, slots, start)
+        expected_tail, expected_end = tree.match_full(seq)
+        skipped = len(cached) if resume else 0
+        assert end is expected_end and tail.tolist() == expected_tail[skipped:].tolist()
+        assert present == 8 + (2 // page) * page  # tokens 9, 10 were cached (page-aligned)
+        tree.lock(end)
+        tree.unlock(node)
+        pool.free(slots[len(cached) : present])
+        tree.check_integrity()
+        trees.append(tree.pretty_print())
+    assert trees[0] == trees[1]
+
+
+def test_insert_start_must_be_a_page_boundary():
+    pool, tree = make(4)
+    slots = pool.alloc_extend(0, 8, 0)
+    with pytest.raises(ValueError, match="page boundary"):
+        tree.insert(list(range(8)), slots, (tree.root, 2))

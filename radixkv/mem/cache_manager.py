@@ -122,18 +122,22 @@ class KVCacheManager:
             [present, aligned)         the request's slots, now owned by the tree
             [aligned, kv_len)          unaligned tail: still the request's own
         """
-        key = tokens[: seq.kv_len]
-        slots = self.req_pool.read(seq.row, 0, seq.kv_len)
-        present = self.tree.insert(key, slots)
         if self.tree.disable:
             return
-        indices, node = self.tree.match_full(key)
-        # Re-point the row before freeing the duplicates, so it never names a free slot.
-        self.req_pool.write(seq.row, seq.cached_len, indices[seq.cached_len :])
-        self.token_pool.free(slots[seq.cached_len : present])
+        key = tokens[: seq.kv_len]
+        slots = self.req_pool.read(seq.row, 0, seq.kv_len)
+        # Resume at the request's locked node: its cached prefix is not compared again.
+        present, indices, node = self.tree.insert_and_match(
+            key, slots, (seq.last_node, seq.cached_len)
+        )
+        # Re-point the row before freeing the duplicates, so it never names a free slot. From
+        # `present` on, the tree holds the request's own slots: the row already names them.
+        if present > seq.cached_len:
+            self.req_pool.write(seq.row, seq.cached_len, indices[: present - seq.cached_len])
+            self.token_pool.free(slots[seq.cached_len : present])
         self.tree.lock(node)
         self.tree.unlock(seq.last_node)
-        seq.cached_len, seq.last_node = len(indices), node
+        seq.cached_len, seq.last_node = seq.cached_len + indices.shape[0], node
 
     def cache_finished(self, seq: SeqSlots, tokens: Sequence[int] | torch.Tensor) -> None:
         """Cache a finished request and release everything it holds.
@@ -148,7 +152,7 @@ class KVCacheManager:
         """
         key = tokens[: seq.kv_len]
         slots = self.req_pool.read(seq.row, 0, seq.kv_len)
-        present = self.tree.insert(key, slots)
+        present = self.tree.insert(key, slots, (seq.last_node, seq.cached_len))
         aligned = seq.kv_len // self.page_size * self.page_size
         self.token_pool.free(slots[seq.cached_len : present])
         self.token_pool.free(slots[aligned:])

@@ -135,33 +135,66 @@ class RadixCache:
                 break
         return pos, node
 
-    def insert(self, tokens: Sequence[int] | torch.Tensor, slots: torch.Tensor) -> int:
+    def insert(
+        self,
+        tokens: Sequence[int] | torch.Tensor,
+        slots: torch.Tensor,
+        start: tuple[TreeNode, int] | None = None,
+    ) -> int:
         """Cache the page-aligned part of `tokens` held in `slots`; return the length already
         present (a page multiple).
 
         The tree takes ownership of `slots[present:aligned]`. The caller still owns, and must free,
         `slots[:present]` (duplicates of what the tree has) and `slots[aligned:]` (the unaligned
         tail). Disabled, the tree takes nothing and the whole aligned length counts as present.
+
+        `start = (node, n)`: a node the caller holds locked whose path is `tokens[:n]` (a request's
+        `last_node` and `cached_len`): the walk resumes there instead of comparing those `n`
+        tokens again. The result is the same as inserting from the root.
         """
+        return self.insert_and_match(tokens, slots, start)[0]
+
+    def insert_and_match(
+        self,
+        tokens: Sequence[int] | torch.Tensor,
+        slots: torch.Tensor,
+        start: tuple[TreeNode, int] | None = None,
+    ) -> tuple[int, torch.Tensor, TreeNode]:
+        """`insert`, also returning the tree's slots for `tokens[n:aligned]` (n = the start's
+        length, or 0) and the node that ends at `aligned`: what re-pointing a running request at
+        the tree needs, without a second walk."""
         key = _as_list(tokens)
-        if len(slots) < len(key):
-            raise ValueError(f"insert: {len(key)} tokens but only {len(slots)} slots")
+        if slots.shape[0] < len(key):
+            raise ValueError(f"insert: {len(key)} tokens but only {slots.shape[0]} slots")
         aligned = len(key) // self.page_size * self.page_size
         if self.disable:
-            return aligned
+            return aligned, _EMPTY, self.root
         self._clock += 1
-        node, pos = self.root, 0
+        node, pos = start if start is not None else (self.root, 0)
+        if pos % self.page_size or pos > aligned:
+            raise ValueError(f"insert: start length {pos} is not a page boundary within {aligned}")
+        walk = node
+        while walk is not self.root:  # the path above the start counts as used, as from the root
+            self._touch(walk)
+            walk = walk.parent  # type: ignore[assignment]
+        values: list[torch.Tensor] = []
+        present = aligned
         while pos < aligned:
             child = node.children.get(self._child_key(key, pos))
             if child is None:
-                self._add_leaf(node, key[pos:aligned], slots[pos:aligned])
-                return pos
+                present = pos
+                node = self._add_leaf(node, key[pos:aligned], slots[pos:aligned])
+                values.append(node.value)
+                break
             m = self._common_len(child.key, key, pos, aligned)
             if m < len(child.key):
                 child = self._split(child, m)
             self._touch(child)
+            values.append(child.value)
             node, pos = child, pos + m
-        return pos
+        if not values:
+            return present, _EMPTY, node
+        return present, values[0] if len(values) == 1 else torch.cat(values), node
 
     # ---- locking ------------------------------------------------------------------------------
 
@@ -331,7 +364,7 @@ class RadixCache:
         else:
             node.last_access = self._clock
 
-    def _add_leaf(self, parent: TreeNode, key: list[int], value: torch.Tensor) -> None:
+    def _add_leaf(self, parent: TreeNode, key: list[int], value: torch.Tensor) -> TreeNode:
         if parent is not self.root and parent.lock_ref == 0 and not parent.children:
             self._lru.remove(parent)
         leaf = TreeNode(next(self._ids), key, value.to(torch.int64, copy=True), parent)
@@ -339,6 +372,7 @@ class RadixCache:
         parent.children[self._child_key(key, 0)] = leaf
         self._evictable += len(key)
         self._lru.add(leaf)
+        return leaf
 
     def _split(self, child: TreeNode, m: int) -> TreeNode:
         """Cut `child` after `m` tokens; return the new upper node (it inherits lock and time)."""
