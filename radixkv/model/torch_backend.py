@@ -6,7 +6,8 @@ sequence, `kv_index [bs, max_seq_len]`, and build the mask. Per layer we gather 
 requests. Decode groups the query heads of each KV head (`[bs, kv_heads, group, head_dim]`) so GQA
 needs no K/V expansion; extend pads queries to `[bs, max_extend_len]`. A single request without a
 cached prefix attends to its own fresh K/V with `is_causal` (no gather, no mask). A decode batch
-whose requests share a long cached prefix reads that prefix once per group (`cascade.py`).
+whose requests share a long cached prefix reads that prefix once per group (`cascade.py`); other
+decode batches on the CPU read K/V straight from the pool with a C kernel (`cpu_attention.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from radixkv.mem.req_to_token_pool import ReqToTokenPool
 from radixkv.mem.token_to_kv_pool import TokenToKVPool
+from radixkv.model import cpu_attention
 from radixkv.model.attention import AttentionBackend
 from radixkv.model.cascade import CascadePlan, cascade_decode, plan_shared_prefixes
 from radixkv.model.forward_batch import ForwardBatch, ForwardMode
@@ -33,6 +35,7 @@ class _Metadata:
     self_causal: bool  # one request, nothing cached: attend to the fresh K/V causally
     cascade: CascadePlan | None = None  # decode: groups sharing a cached prefix read it once
     ragged: list[_RaggedReq] | None = None  # extend with very uneven lengths: one call per request
+    seq_lens: torch.Tensor | None = None  # decode with the CPU kernel (`kv_index` is its slots)
 
 
 @dataclass(slots=True)
@@ -68,6 +71,14 @@ class TorchNativeBackend(AttentionBackend):
         # longer than the gather itself (measured ~4x on this CPU).
         self._k_ws = torch.empty(0, dtype=token_pool.layout.dtype, device=token_pool.device)
         self._v_ws = torch.empty_like(self._k_ws)
+        # Decode reads K/V straight from the pool with the C kernel where it works (CPU, K/V in
+        # the model's dtype, the kernel compiled); otherwise gather + SDPA.
+        self._decode_kernel = (
+            token_pool.device.type == "cpu"
+            and token_pool.layout.dtype == dtype
+            and cpu_attention.supports(dtype, num_heads, head_dim)
+            and cpu_attention.available()
+        )
 
     # ---- per batch --------------------------------------------------------------------------
 
@@ -89,6 +100,9 @@ class TorchNativeBackend(AttentionBackend):
             if plan is not None:
                 self._md = _Metadata(None, None, None, False, plan)
                 return
+        if batch.mode is ForwardMode.DECODE and self._decode_kernel:
+            self._md = _Metadata(kv_index, None, None, False, seq_lens=seq_lens)
+            return
         self._reserve_workspace(kv_index.numel())
         if batch.mode is ForwardMode.DECODE:
             mask = None if bool(valid.all()) else self._additive(valid[:, None, None, :])
@@ -175,6 +189,13 @@ class TorchNativeBackend(AttentionBackend):
         if md.cascade is not None:
             k_buf, v_buf = self.token_pool.get_kv_buffer(layer)
             return cascade_decode(q, k_buf, v_buf, md.cascade, self.scale)
+        if md.seq_lens is not None:
+            assert md.kv_index is not None
+            k_buf, v_buf = self.token_pool.get_kv_buffer(layer)
+            out = cpu_attention.decode_attention(
+                q, k_buf, v_buf, md.kv_index, md.seq_lens, self.scale
+            )
+            return out.view(q.shape[0], -1)
         k_all, v_all = self._gather(layer, md)
         if batch.mode is ForwardMode.DECODE:
             bs = q.shape[0]

@@ -1,0 +1,91 @@
+"""The C decode-attention kernel against a plain torch reference, and inside the model runner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixkv.model import cpu_attention
+from radixkv.model.model_runner import ModelRunner
+from radixkv.model.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.skipif(
+    not cpu_attention.available(), reason="no C compiler: the backend uses gather + SDPA"
+)
+
+
+def reference(q, k_buf, v_buf, kv_index, seq_lens, scale):
+    """float32 softmax attention of each request over its own slots, GQA by repetition."""
+    group = q.shape[1] // k_buf.shape[1]
+    out = []
+    for b in range(q.shape[0]):
+        slots = kv_index[b, : seq_lens[b]]
+        k = k_buf[slots].float().repeat_interleave(group, dim=1)  # [L, heads, d]
+        v = v_buf[slots].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale
+        out.append(torch.einsum("hl,lhd->hd", scores.softmax(-1), v))
+    return torch.stack(out)
+
+
+def scattered_rows(seq_lens, num_slots, page, generator):
+    """Each request's slots: whole pages in random order, as the pool hands them out."""
+    pages = torch.randperm(num_slots // page - 1, generator=generator) + 1  # page 0: padding
+    width = max(seq_lens)
+    kv_index = torch.zeros((len(seq_lens), width), dtype=torch.int64)
+    used = 0
+    for b, n in enumerate(seq_lens):
+        need = -(-n // page)
+        slots = (pages[used : used + need, None] * page + torch.arange(page)).reshape(-1)
+        kv_index[b, :n] = slots[:n]
+        used += need
+    return kv_index
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize(("kv_heads", "group", "dim"), [(4, 1, 64), (3, 3, 64), (1, 8, 128)])
+@pytest.mark.parametrize("page", [1, 16])
+@pytest.mark.parametrize("seq_lens", [[1, 37, 300, 64, 999], [5] * 9 + [130]])
+def test_kernel_equals_reference(dtype, tol, kv_heads, group, dim, page, seq_lens):
+    """Ragged lengths (1 to 999 keys, across blocks of 32), GQA 1/3/8, head dims 64/128, scattered
+    pages; few requests (split over KV heads) and many (one task per request)."""
+    g = torch.Generator().manual_seed(len(seq_lens) * 7 + page)
+    num_slots = 16 * 1024
+    k_buf = torch.randn(num_slots, kv_heads, dim, generator=g).to(dtype)
+    v_buf = torch.randn(num_slots, kv_heads, dim, generator=g).to(dtype)
+    q = torch.randn(len(seq_lens), kv_heads * group, dim, generator=g).to(dtype)
+    kv_index = scattered_rows(seq_lens, num_slots, page, g)
+    lens = torch.tensor(seq_lens)
+    got = cpu_attention.decode_attention(q, k_buf, v_buf, kv_index, lens, dim**-0.5)
+    assert got.dtype == dtype and got.shape == q.shape
+    want = reference(q, k_buf, v_buf, kv_index, lens, dim**-0.5)
+    # bf16: inputs and output are rounded to bf16 (8 bits of mantissa); accumulation is float32
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+def test_kernel_refuses_what_it_cannot_do():
+    q = torch.randn(2, 4, 64, dtype=torch.float16)
+    buf = torch.randn(8, 2, 64, dtype=torch.float16)
+    idx, lens = torch.zeros(2, 4, dtype=torch.int64), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="unsupported"):
+        cpu_attention.decode_attention(q, buf, buf, idx, lens, 0.125)
+    q, buf = q.float(), buf.float()
+    with pytest.raises(ValueError, match="int64"):
+        cpu_attention.decode_attention(q, buf, buf, idx.int(), lens, 0.125)
+
+
+def test_runner_decodes_the_same_tokens_with_and_without_the_kernel():
+    from test_model_tiny import ours_from, prompts, tiny_hf  # tests/ is on sys.path
+
+    from radixkv.model.driver import PoolDriver
+
+    outputs = []
+    for use_kernel in (True, False):
+        model = ours_from(tiny_hf(heads=8, kv_heads=2))
+        runner = ModelRunner.with_pools(model, num_slots=4096, max_running_requests=16)
+        assert runner.backend._decode_kernel  # type: ignore[attr-defined]
+        runner.backend._decode_kernel = use_kernel  # type: ignore[attr-defined]
+        driver = PoolDriver(runner)
+        params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+        reqs = [driver.add(p, params) for p in prompts([5, 40, 17, 90, 3], seed=4)]
+        outputs.append(driver.generate(reqs))
+    assert outputs[0] == outputs[1]
