@@ -44,10 +44,11 @@ def scattered_rows(seq_lens, num_slots, page, generator):
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize(("kv_heads", "group", "dim"), [(4, 1, 64), (3, 3, 64), (1, 8, 128)])
 @pytest.mark.parametrize("page", [1, 16])
-@pytest.mark.parametrize("seq_lens", [[1, 37, 300, 64, 999], [5] * 9 + [130]])
-def test_kernel_equals_reference(dtype, tol, kv_heads, group, dim, page, seq_lens):
-    """Ragged lengths (1 to 999 keys, across blocks of 32), GQA 1/3/8, head dims 64/128, scattered
-    pages; few requests (split over KV heads) and many (one task per request)."""
+@pytest.mark.parametrize("seq_lens", [[1, 37, 300, 64, 999], [5] * 9 + [130], [0, 700]])
+@pytest.mark.parametrize("split", ["request", "kv_head", "auto"])
+def test_kernel_equals_reference(dtype, tol, kv_heads, group, dim, page, seq_lens, split):
+    """Ragged lengths (0 to 999 keys, across blocks of 32), GQA 1/3/8, head dims 64/128, scattered
+    pages; both task layouts (a task per request, a task per request and KV head)."""
     g = torch.Generator().manual_seed(len(seq_lens) * 7 + page)
     num_slots = 16 * 1024
     k_buf = torch.randn(num_slots, kv_heads, dim, generator=g).to(dtype)
@@ -55,11 +56,32 @@ def test_kernel_equals_reference(dtype, tol, kv_heads, group, dim, page, seq_len
     q = torch.randn(len(seq_lens), kv_heads * group, dim, generator=g).to(dtype)
     kv_index = scattered_rows(seq_lens, num_slots, page, g)
     lens = torch.tensor(seq_lens)
-    got = cpu_attention.decode_attention(q, k_buf, v_buf, kv_index, lens, dim**-0.5)
+    layout = {"request": 1, "kv_head": kv_heads, "auto": 0}[split]
+    got = cpu_attention.decode_attention(q, k_buf, v_buf, kv_index, lens, dim**-0.5, layout)
     assert got.dtype == dtype and got.shape == q.shape
     want = reference(q, k_buf, v_buf, kv_index, lens, dim**-0.5)
+    want[lens == 0] = 0.0  # nothing to attend to: the kernel writes zeros
     # bf16: inputs and output are rounded to bf16 (8 bits of mantissa); accumulation is float32
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+def test_kernel_at_its_limits_and_with_a_strided_query():
+    g = torch.Generator().manual_seed(1)
+    k_buf, v_buf = torch.randn(600, 8, 256, generator=g), torch.randn(600, 8, 256, generator=g)
+    qkv = torch.randn(3, 64 + 8, 256, generator=g)
+    q = qkv[:, :64]  # 64 heads of 256, a view into a fused projection as the model passes it
+    kv_index = torch.randperm(599, generator=g)[:450].view(3, 150) + 1
+    lens = torch.tensor([150, 1, 77])
+    got = cpu_attention.decode_attention(q, k_buf, v_buf, kv_index, lens, 256**-0.5)
+    torch.testing.assert_close(got, reference(q, k_buf, v_buf, kv_index, lens, 256**-0.5),
+                               atol=2e-5, rtol=2e-5)  # fmt: skip
+
+
+def test_loading_the_kernel_leaves_float_semantics_alone():
+    """Linked with -ffast-math, a library turns on flush-to-zero for the process when loaded."""
+    assert cpu_attention.available()
+    tiny = torch.tensor([1e-40], dtype=torch.float32)  # a subnormal
+    assert (tiny * 1.0).item() != 0.0
 
 
 def test_kernel_refuses_what_it_cannot_do():
@@ -71,6 +93,10 @@ def test_kernel_refuses_what_it_cannot_do():
     q, buf = q.float(), buf.float()
     with pytest.raises(ValueError, match="int64"):
         cpu_attention.decode_attention(q, buf, buf, idx.int(), lens, 0.125)
+    with pytest.raises(ValueError, match="rows of 4 slots"):
+        cpu_attention.decode_attention(q, buf, buf, idx, torch.tensor([1, 5]), 0.125)
+    with pytest.raises(ValueError, match="group evenly"):
+        cpu_attention.decode_attention(q[:, :3], buf, buf, idx, lens, 0.125)
 
 
 def test_runner_decodes_the_same_tokens_with_and_without_the_kernel():

@@ -9,9 +9,9 @@ fp32 decode and the memory roofline (docs/model.md).
 
 The C source below is compiled on first use with the system C compiler (`cc -O3 -march=native
 -fopenmp`, under a second) into `$RADIXKV_CACHE_DIR/kernels/` (default `~/.cache/radixkv`), keyed
-by the source, the flags and the CPU model, and loaded with ctypes: no torch headers, no build
-step at install time. Without a compiler (or with `RADIXKV_CPU_KERNEL=0`) the backend keeps the
-gather + SDPA path; `available()` says which.
+by the source, the compiler, the flags and the CPU's model and feature flags, and loaded with
+ctypes: no torch headers, no build step at install time. Without a compiler (or with
+`RADIXKV_CPU_KERNEL=0`) the backend keeps the gather + SDPA path; `available()` says which.
 """
 
 from __future__ import annotations
@@ -119,12 +119,13 @@ ATTEND(uint16_t, LOAD_BF16)
 
 /* q, out: [bs, kvh * group, d] (float, or bf16 when is_bf16); kv_index: [bs, stride] slots;
    seq_lens: [bs]. One task per request when there are enough requests for the threads; otherwise
-   one per (request, KV head), so a single long request still uses every thread. */
+   one per (request, KV head), so a single long request still uses every thread. `split`: 1 or
+   kvh forces one layout (tests), anything else chooses. */
 void decode_attention(const void *q, const void *k, const void *v, const int64_t *kv_index,
                       int64_t stride, const int64_t *seq_lens, void *out, int bs, int kvh,
-                      int group, int d, float scale, int is_bf16) {
+                      int group, int d, float scale, int is_bf16, int split) {
     int heads = kvh * group;
-    int split = bs >= 2 * omp_get_max_threads() ? 1 : kvh;
+    if (split != 1 && split != kvh) split = bs >= 2 * omp_get_max_threads() ? 1 : kvh;
     #pragma omp parallel for schedule(static)
     for (int task = 0; task < bs * split; task++) {
         int b = task / split, part = task % split;
@@ -150,19 +151,21 @@ void decode_attention(const void *q, const void *k, const void *v, const int64_t
 """
 
 # -ffast-math vectorises expf and the reductions; -fno-finite-math-only keeps -inf (the softmax's
-# starting maximum) meaning -inf.
-_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-shared",
-          "-fPIC", "-std=c11")  # fmt: skip
+# starting maximum) meaning -inf. Only for compiling: linked with -ffast-math, the library would
+# pull in crtfastmath.o, whose constructor turns on flush-to-zero for the whole process.
+_COMPILE = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-fPIC",
+            "-std=c11", "-c")  # fmt: skip
+_LINK = ("-shared", "-fopenmp")
 
 
-def _cpu_model() -> str:
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return "unknown"
+        return "unknown"
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
+    return "\n".join(keep) or "unknown"
 
 
 def _cache_dir() -> Path:
@@ -171,19 +174,20 @@ def _cache_dir() -> Path:
 
 
 def _build() -> Path:
-    """Compile the kernel (once per source, flags and CPU model) and return the library path."""
-    key = hashlib.sha256("\0".join((_SOURCE, *_FLAGS, _cpu_model())).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"decode_attention_{key}.so"
+    """Compile the kernel (once per source, compiler, flags and CPU) and return the library."""
+    cc = os.environ.get("CC", "cc")
+    ident = "\0".join((_SOURCE, cc, *_COMPILE, *_LINK, _cpu_identity()))
+    target = _cache_dir() / f"decode_attention_{hashlib.sha256(ident.encode()).hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(tmp) / "decode_attention.c"
+        src, obj = Path(tmp) / "decode_attention.c", Path(tmp) / "decode_attention.o"
         src.write_text(_SOURCE)
         built = Path(tmp) / target.name
-        cc = os.environ.get("CC", "cc")
-        subprocess.run([cc, *_FLAGS, str(src), "-o", str(built), "-lm"],
-                       check=True, capture_output=True, text=True, timeout=120)  # fmt: skip
+        for cmd in ([cc, *_COMPILE, str(src), "-o", str(obj)],
+                    [cc, *_LINK, str(obj), "-o", str(built), "-lm"]):  # fmt: skip
+            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
         os.replace(built, target)  # atomic: concurrent builders leave one complete file
     return target
 
@@ -194,7 +198,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     try:
         lib = ctypes.CDLL(str(_build()))
-    except (OSError, subprocess.SubprocessError) as exc:
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # RuntimeError: no home
         detail = getattr(exc, "stderr", "") or exc
         log.warning("CPU decode attention kernel unavailable (%s); using gather + SDPA", detail)
         return None
@@ -202,7 +206,8 @@ def _library() -> ctypes.CDLL | None:
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                   ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int]  # fmt: skip
+                   ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int,
+                   ctypes.c_int]  # fmt: skip
     return lib
 
 
@@ -227,10 +232,13 @@ def decode_attention(
     kv_index: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    split: int = 0,
 ) -> torch.Tensor:
     """`q [bs, heads, d]` attends to `kv_index[b, :seq_lens[b]]` rows of the pool buffers
     `[slots, kv_heads, d]`; returns `[bs, heads, d]` in q's dtype. All on the CPU; K/V in q's
-    dtype; `kv_index` and `seq_lens` int64."""
+    dtype; `kv_index` and `seq_lens` int64. The slots themselves are trusted (they come from
+    `ReqToTokenPool` rows). `split` (tests): 1 = a task per request, kv_heads = a task per
+    (request, KV head), 0 = chosen by batch size and threads."""
     lib = _library()
     if lib is None:
         raise RuntimeError("the CPU decode attention kernel is not available")
@@ -240,8 +248,13 @@ def decode_attention(
     if not (supports(q.dtype, heads, d) and k_buf.dtype == v_buf.dtype == q.dtype):
         raise ValueError(f"unsupported decode attention: q {q.dtype} {tuple(q.shape)}, K/V "
                          f"{k_buf.dtype} {tuple(k_buf.shape)}")  # fmt: skip
+    if heads % kvh:
+        raise ValueError(f"{heads} query heads do not group evenly over {kvh} KV heads")
     if kv_index.dtype != torch.int64 or seq_lens.dtype != torch.int64:
         raise ValueError("kv_index and seq_lens must be int64")
+    longest = int(seq_lens.max()) if bs else 0
+    if longest > kv_index.shape[1]:
+        raise ValueError(f"a sequence of {longest} keys but rows of {kv_index.shape[1]} slots")
     q = q.contiguous()
     kv_index = kv_index.contiguous()
     seq_lens = seq_lens.contiguous()
@@ -250,6 +263,6 @@ def decode_attention(
     lib.decode_attention(
         q.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(), kv_index.data_ptr(),
         kv_index.shape[1], seq_lens.data_ptr(), out.data_ptr(), bs, kvh, group, d, scale,
-        int(q.dtype == torch.bfloat16),
+        int(q.dtype == torch.bfloat16), split,
     )  # fmt: skip
     return out
