@@ -125,3 +125,25 @@ def test_metrics_agree_with_usage(rt, oai):
     assert finished == 3
     assert after["radixkv_running_requests{}"] == 0 and after["radixkv_protected_tokens{}"] == 0
     assert after["radixkv_kv_capacity_tokens{}"] == rt.ready_info.kv_capacity
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_kv_slots(rt, oai):
+    import time
+
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Tell a story."}]
+    stream = oai.chat.completions.create(
+        model="smollm2-135m", messages=messages, max_tokens=2000, temperature=0, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    for pieces, _chunk in enumerate(stream, 1):
+        if pieces == 3:
+            assert rt.client.stats().protected > 0  # the running request holds its prefix
+            break
+    stream.close()  # the HTTP connection goes: the runtime aborts the request
+    deadline = time.monotonic() + 10
+    while (s := rt.client.stats()).running or s.waiting:
+        assert time.monotonic() < deadline, f"the request kept running: {s}"
+        time.sleep(0.05)
+    # no slot is held any more: everything in use is either free or evictable cache
+    assert s.protected == 0 and s.kv_used == 0
+    assert s.finished.get("abort", 0) >= 1
