@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +22,8 @@ from radixkv.model import weight_cache
 from radixkv.model.config import ModelConfig
 from radixkv.model.dtype import resolve_dtype
 from radixkv.model.gguf_file import open_gguf, read_gguf_config, read_gguf_tensors
+
+log = logging.getLogger("radixkv.model")
 
 if TYPE_CHECKING:
     from radixkv.model.llama import LlamaForCausalLM
@@ -158,9 +164,30 @@ def load_model(
 
 
 def load_tokenizer(model: str | Path | ModelSource) -> Any:
-    """The model's `transformers` tokenizer (with its chat template)."""
+    """The model's `transformers` tokenizer (with its chat template).
+
+    From a GGUF file, `transformers` rebuilds the tokenizer from the vocabulary every time (7 s
+    for SmolLM2 here); the result is saved next to the converted weights, keyed like them by the
+    source file's identity, and later loads read it back (well under a second)."""
     from transformers import AutoTokenizer
 
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     location, kwargs = source.tokenizer_location()
-    return AutoTokenizer.from_pretrained(location, **kwargs)
+    if source.kind != "gguf":
+        return AutoTokenizer.from_pretrained(location, **kwargs)
+    key = weight_cache.source_key(source.path)
+    cached = weight_cache.cache_dir() / f"{source.path.stem}-{key}-tokenizer"
+    if (cached / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(str(cached))
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    tmp = None
+    try:  # saved to a temporary directory and renamed: readers never see half a tokenizer
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=cached.parent)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, cached)
+    except OSError as exc:  # a read-only cache directory, or another process renamed first
+        log.debug("tokenizer not cached (%s)", exc)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer
