@@ -26,13 +26,13 @@ log = logging.getLogger("radixkv.model")
 PACKABLE = (torch.float32, torch.bfloat16)
 
 
-def _linear_op() -> object | None:
+def _onednn_linear_available() -> bool:
     ops = torch.ops.mkldnn
-    if not torch.backends.mkldnn.is_available():
-        return None
-    if not hasattr(ops, "_reorder_linear_weight") or not hasattr(ops, "_linear_pointwise"):
-        return None
-    return ops
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_reorder_linear_weight")
+        and hasattr(ops, "_linear_pointwise")
+    )
 
 
 class PackedLinear(nn.Module):
@@ -56,7 +56,7 @@ class PackedLinear(nn.Module):
 
 def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear | None:
     """A checked PackedLinear for this weight, or None where packing is unavailable or wrong."""
-    if os.environ.get("RADIXKV_PREPACK", "1") == "0" or _linear_op() is None:
+    if os.environ.get("RADIXKV_PREPACK", "1") == "0" or not _onednn_linear_available():
         return None
     if weight.device.type != "cpu" or weight.dtype not in PACKABLE or weight.dim() != 2:
         return None
