@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 
 # The main job: a runtime on the bundled model serving a shared-prefix chat workload.
 run: setup
-	$(PY) -m radixkv.demo
+	$(PY) -m radixkv.tools.demo
 
 lint: setup
 	$(PY) -m ruff check .

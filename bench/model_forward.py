@@ -24,12 +24,12 @@ import torch
 from radixkv.mem.req_to_token_pool import ReqToTokenPool
 from radixkv.mem.token_to_kv_pool import TokenToKVPool
 from radixkv.model.config import ModelConfig
-from radixkv.model.driver import PoolDriver
 from radixkv.model.dtype import resolve_dtype
 from radixkv.model.llama import LlamaForCausalLM
 from radixkv.model.loader import load_config, load_weights, resolve_model
 from radixkv.model.model_runner import ModelRunner, kv_layout
-from radixkv.model.sampling_params import SamplingParams
+from radixkv.protocol import SamplingParams
+from radixkv.testing import PoolDriver
 
 GO_ON = SamplingParams(max_new_tokens=1 << 30, ignore_eos=True)
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from radixkv.async_client import AsyncClient
-from radixkv.bench import run_workload, summarize
-from radixkv.runtime import Runtime
-from radixkv.workloads import Conversation, GeneratedSharedPrefix
+from radixkv.client.aio import AsyncClient
+from radixkv.frontend.launcher import Runtime
+from radixkv.tools.bench import run_workload, summarize
+from radixkv.tools.workloads import Conversation, GeneratedSharedPrefix
 
 CONFIGS = {
     "radix": [("radix on (lpm)", {}), ("radix off", {"disable_radix_cache": True})],

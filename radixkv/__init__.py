@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Runtime": "radixkv.runtime",
-    "RuntimeStartError": "radixkv.runtime",
-    "Client": "radixkv.client",
-    "Stream": "radixkv.streams",
-    "AsyncClient": "radixkv.async_client",
-    "AsyncStream": "radixkv.streams",
-    "Result": "radixkv.client_common",
-    "RequestError": "radixkv.client_common",
-    "ConnectionLost": "radixkv.client_common",
+    "Runtime": "radixkv.frontend.launcher",
+    "RuntimeStartError": "radixkv.frontend.launcher",
+    "Client": "radixkv.client.sync",
+    "Stream": "radixkv.client.streams",
+    "AsyncClient": "radixkv.client.aio",
+    "AsyncStream": "radixkv.client.streams",
+    "Result": "radixkv.client.results",
+    "RequestError": "radixkv.client.results",
+    "ConnectionLost": "radixkv.client.results",
     "ServerArgs": "radixkv.config",
     "Stats": "radixkv.protocol",
     "ChatMessage": "radixkv.protocol",
@@ -43,19 +43,17 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from radixkv.async_client import AsyncClient
-    from radixkv.client import Client
-    from radixkv.client_common import ConnectionLost, RequestError, Result
+    from radixkv.client.aio import AsyncClient
+    from radixkv.client.results import ConnectionLost, RequestError, Result
+    from radixkv.client.streams import AsyncStream, Stream
+    from radixkv.client.sync import Client
     from radixkv.config import ServerArgs
-    from radixkv.protocol import ChatMessage, Stats
-    from radixkv.protocol import WireSamplingParams as SamplingParams
-    from radixkv.runtime import Runtime, RuntimeStartError
-    from radixkv.streams import AsyncStream, Stream
+    from radixkv.frontend.launcher import Runtime, RuntimeStartError
+    from radixkv.protocol import ChatMessage, SamplingParams, Stats
 
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'radixkv' has no attribute {name!r}")
-    attr = "WireSamplingParams" if name == "SamplingParams" else name
-    return getattr(importlib.import_module(module), attr)
+    return getattr(importlib.import_module(module), name)

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from radixkv.cli import main
+from radixkv.tools.cli import main
 
 sys.exit(main())

@@ -1,53 +1,99 @@
-"""Launch configuration shared by the runtime front end and the scheduler process."""
+"""Launch configuration shared by every process: `ServerArgs`, one field per option.
+
+Each field carries its help text (and, where it has them, its choices or parser) as metadata, and
+the command line of `radixkv launch` and `radixkv bench` is generated from these fields
+(`radixkv.tools.cli`), so an option is described once, here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
 
 SCHEDULE_POLICIES = ("lpm", "dfs-weight", "fcfs", "lof", "random")
+DTYPES = ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "268435456", "256MiB", "256M", "1.5GB", "2g"; ValueError otherwise."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not match:
+        raise ValueError(f"not a size: {text!r} (e.g. 512MiB, 2GiB, 1000000)")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def option(default: Any, help: str, **cli: Any) -> Any:
+    """A ServerArgs field: its default, its help text and how the command line reads it
+    (`choices`, `parse`, `exclusive`: the name of a group of which one may be given)."""
+    return field(default=default, metadata={"help": help, **cli})
 
 
 @dataclass(frozen=True)
 class ServerArgs:
-    """Everything `radixkv launch` and `radixkv.Runtime(...)` accept.
+    """Everything `radixkv launch` and `radixkv.Runtime(...)` accept."""
 
-    KV capacity comes from `max_total_tokens` if set, else from `kv_memory` (bytes).
-    """
-
-    model: str = "smollm2-135m"
-    dtype: str = "auto"  # auto | bfloat16 | float32 (and float16 on CUDA)
-    kv_dtype: str | None = None  # follows dtype unless set
-    device: str = "cpu"
-    attention_backend: str = "auto"  # auto | torch | triton
-    kv_memory: int = 256 * 1024 * 1024
-    max_total_tokens: int | None = None
-    page_size: int = 1
-    max_context_len: int | None = None  # default: the model's, capped at 8192
-    max_running_requests: int = 64
-    max_prefill_tokens: int = 4096
-    chunked_prefill_size: int = 2048
-    schedule_policy: str = "lpm"
-    disable_radix_cache: bool = False
-    new_token_ratio: float = 0.4  # initial share of max_new_tokens reserved for decode
-    min_new_token_ratio: float = 0.1
-    new_token_ratio_decay: float = 0.002  # per decode step, towards the minimum
-    max_skips: int = 32  # aging: a request passed over in this many admission rounds goes first
-    lpm_window: int = 256  # cache-aware ordering looks at the oldest this many waiting requests
-    in_batch_share_len: int = 32  # defer a request sharing this many uncached tokens with one
-    #                               admitted in the same round (it will hit that one's cache)
-    host: str = "127.0.0.1"
-    port: int = 0  # client endpoint (tcp); 0 picks a free port
-    http_port: int | None = None
-    api_key: str | None = None
-    seed: int = 0
-    log_level: str = "info"
+    # the model
+    model: str = option("smollm2-135m", "smollm2-135m, a .gguf file or a Hugging Face directory")
+    dtype: str = option("auto", "weights and activations; auto: bf16 where this machine is fast "
+                        "at it, else fp32 (float16 on CUDA only)", choices=DTYPES)  # fmt: skip
+    kv_dtype: str | None = option(
+        None, "KV cache dtype (default: follows --dtype)", choices=DTYPES[1:]
+    )
+    device: str = option("cpu", "torch device of the scheduler process (cpu, cuda, cuda:1, ...)")
+    attention_backend: str = option(
+        "auto", "auto: triton on CUDA, torch otherwise (triton on a CPU needs TRITON_INTERPRET=1)",
+        choices=ATTENTION_BACKENDS,
+    )  # fmt: skip
+    # memory
+    kv_memory: int = option(256 * 2**20, "KV cache memory budget, e.g. 256MiB",
+                            parse=parse_size, exclusive="kv_size")  # fmt: skip
+    max_total_tokens: int | None = option(None, "KV cache size in tokens (instead of --kv-memory)",
+                                          exclusive="kv_size")  # fmt: skip
+    page_size: int = option(1, "tokens per KV page (radix-tree keys are whole pages)")
+    max_context_len: int | None = option(None, "context length (default: the model's, capped at "
+                                         "8192)")  # fmt: skip
+    # scheduling
+    max_running_requests: int = option(64, "requests decoding at once")
+    max_prefill_tokens: int = option(4096, "new prompt tokens in one prefill batch")
+    chunked_prefill_size: int = option(2048, "a longer uncached prompt is prefilled in chunks of "
+                                       "this many tokens")  # fmt: skip
+    schedule_policy: str = option(
+        "lpm", "admission order: lpm (longest cached prefix first), dfs-weight, fcfs, lof, random",
+        choices=SCHEDULE_POLICIES,
+    )  # fmt: skip
+    disable_radix_cache: bool = option(False, "share no prefixes (an ablation)")
+    new_token_ratio: float = option(0.4, "initial share of max_new_tokens reserved for decode")
+    min_new_token_ratio: float = option(0.1, "the reserve's floor")
+    new_token_ratio_decay: float = option(0.002, "per decode step, towards the floor")
+    max_skips: int = option(32, "aging: a request passed over in this many admission rounds goes "
+                            "first")  # fmt: skip
+    lpm_window: int = option(256, "cache-aware ordering looks at the oldest this many waiting "
+                             "requests")  # fmt: skip
+    in_batch_share_len: int = option(32, "defer a request sharing this many uncached tokens with "
+                                     "one admitted in the same round (it will hit that one's "
+                                     "cache)")  # fmt: skip
+    # serving
+    host: str = option("127.0.0.1", "interface to listen on")
+    port: int = option(0, "client (ZMQ) port; 0 picks a free one")
+    http_port: int | None = option(None, "also serve the OpenAI-compatible HTTP API and /metrics "
+                                   "on this port (0 picks a free one)")  # fmt: skip
+    api_key: str | None = option(None, "clients must send this key (HTTP: Authorization: Bearer "
+                                 "KEY)")  # fmt: skip
+    seed: int = option(0, "seed of the scheduler's random state (sampling without a seed, the "
+                       "random policy)")  # fmt: skip
+    log_level: str = option("info", "logging level of the runtime and scheduler processes",
+                            choices=LOG_LEVELS)  # fmt: skip
 
     def __post_init__(self) -> None:
-        if self.schedule_policy not in SCHEDULE_POLICIES:
-            raise ValueError(
-                f"unknown schedule policy {self.schedule_policy!r}; "
-                f"choose one of {', '.join(SCHEDULE_POLICIES)}"
-            )
+        for name, value in vars(self).items():
+            choices = type(self).__dataclass_fields__[name].metadata.get("choices")
+            if choices and value is not None and value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
         for name in ("page_size", "max_running_requests", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -63,3 +109,10 @@ class ServerArgs:
         if self.disable_radix_cache and self.schedule_policy in ("lpm", "dfs-weight"):
             return "fcfs"
         return self.schedule_policy
+
+
+def setup_logging(level: str) -> None:
+    """The log format of every radixkv process."""
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )

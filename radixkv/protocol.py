@@ -18,10 +18,16 @@ from typing import Any
 import msgspec
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # a larger frame is refused before it is decoded
+MAX_SEED = 2**63 - 1  # seeds are in [0, MAX_SEED]
 
 
-class WireSamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """Sampling parameters as sent by a client; validated into `SamplingParams` by the runtime."""
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """How to sample and when to stop, as a client sends it (`radixkv.SamplingParams`).
+
+    The runtime checks every field once (`radixkv.frontend.validation`); past it, the scheduler
+    and the model trust these values. `top_k` 0 or -1 and `top_p` 1 turn those filters off;
+    `temperature` 0 is greedy; `seed` makes a sampled request reproducible in any batch.
+    """
 
     temperature: float = 0.0
     top_k: int = 0
@@ -31,6 +37,10 @@ class WireSamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_default
     stop: list[str] = msgspec.field(default_factory=list)
     stop_token_ids: list[int] = msgspec.field(default_factory=list)
     ignore_eos: bool = False
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
 
 
 class ChatMessage(msgspec.Struct, frozen=True):
@@ -48,7 +58,7 @@ class GenerateRequest(msgspec.Struct, tag="generate", kw_only=True):
     text: str | None = None
     messages: list[ChatMessage] | None = None
     input_ids: list[int] | None = None
-    sampling: WireSamplingParams = WireSamplingParams()
+    sampling: SamplingParams = SamplingParams()
     stream: bool = False
     api_key: str | None = None
 
@@ -101,11 +111,16 @@ class GenerateResult(msgspec.Struct, tag="result", kw_only=True):
 
 
 class ErrorReply(msgspec.Struct, tag="error", kw_only=True):
-    """A request (or a frame) that could not be served; `rid` is "" when none could be read."""
+    """A request (or a frame) that could not be served; `rid` is "" when none could be read.
+
+    `param` names the request field at fault, in this protocol's names ("temperature",
+    "max_new_tokens", "messages", or "prompt" for the prompt as a whole), when one is.
+    """
 
     rid: str
     message: str
     code: str = "bad_request"  # bad_request | unauthorized | too_large | aborted | internal
+    param: str | None = None
 
 
 class Stats(msgspec.Struct, kw_only=True):
@@ -148,10 +163,11 @@ RuntimeReply = TokenChunk | GenerateResult | ErrorReply | StatsReply | FlushRepl
 
 
 class TokenizedRequest(msgspec.Struct, tag="tokenized", kw_only=True):
+    """A validated request: the scheduler checks only what it alone knows (KV capacity)."""
+
     rid: str
     input_ids: list[int]
-    sampling: WireSamplingParams
-    arrival: float  # time.time() at the runtime, so TTFT counts queueing too
+    sampling: SamplingParams
 
 
 class ShutdownRequest(msgspec.Struct, tag="shutdown"):

@@ -16,12 +16,11 @@ import msgspec
 import torch
 import zmq
 
-from radixkv.config import ServerArgs
+from radixkv.config import ServerArgs, setup_logging
 from radixkv.mem import KVCacheManager, RadixCache, ReqToTokenPool, TokenToKVPool
 from radixkv.model.llama import LlamaForCausalLM
 from radixkv.model.loader import load_model
 from radixkv.model.model_runner import ModelRunner, kv_layout
-from radixkv.model.sampling_params import SamplingParams
 from radixkv.protocol import (
     AbortRequest,
     BatchOutput,
@@ -34,7 +33,6 @@ from radixkv.protocol import (
     ShutdownRequest,
     StatsReply,
     TokenizedRequest,
-    WireSamplingParams,
     scheduler_codec,
 )
 from radixkv.scheduler.scheduler import RequestRejected, Scheduler
@@ -62,21 +60,6 @@ def build_scheduler(args: ServerArgs, model: LlamaForCausalLM | None = None) -> 
         backend = "triton" if torch.device(args.device).type == "cuda" else "torch"
     runner = ModelRunner(model, token_pool, req_pool, backend)
     return Scheduler(args, runner, KVCacheManager(token_pool, req_pool, tree))
-
-
-def to_sampling_params(wire: WireSamplingParams) -> SamplingParams:
-    """Raises ValueError with a readable message on out-of-range values."""
-    if wire.top_k < -1:
-        raise ValueError(f"top_k must be -1, 0 (off) or a positive count, got {wire.top_k}")
-    return SamplingParams(
-        temperature=wire.temperature,
-        top_k=max(0, wire.top_k),
-        top_p=wire.top_p,
-        seed=wire.seed,
-        max_new_tokens=wire.max_new_tokens,
-        stop_token_ids=frozenset(wire.stop_token_ids),
-        ignore_eos=wire.ignore_eos,
-    )
 
 
 class SchedulerLoop:
@@ -130,10 +113,8 @@ class SchedulerLoop:
         sched = self.scheduler
         if isinstance(msg, TokenizedRequest):
             try:
-                sched.add_request(
-                    msg.rid, msg.input_ids, to_sampling_params(msg.sampling), msg.arrival
-                )
-            except (RequestRejected, ValueError) as exc:
+                sched.add_request(msg.rid, msg.input_ids, msg.sampling)
+            except RequestRejected as exc:
                 self.send.send(self.encoder.encode(ReqError(rid=msg.rid, message=str(exc))))
         elif isinstance(msg, AbortRequest):
             outputs = sched.abort(msg.rid)
@@ -150,9 +131,7 @@ class SchedulerLoop:
 
 def run_scheduler(args: ServerArgs, in_addr: str, out_addr: str) -> None:
     """Process entry point: connect to the runtime, load, send Ready (or Fatal), serve."""
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    setup_logging(args.log_level)
     ctx = zmq.Context()
     recv = ctx.socket(zmq.PULL)
     recv.connect(in_addr)

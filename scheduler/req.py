@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from radixkv.mem import SeqSlots
 from radixkv.model.sampler import make_generator
-from radixkv.model.sampling_params import SamplingParams
+from radixkv.protocol import SamplingParams
 
 
 class Req:
@@ -20,7 +18,6 @@ class Req:
     """
 
     __slots__ = (
-        "arrival",
         "cached_tokens",
         "extend_target",
         "finish_reason",
@@ -37,13 +34,10 @@ class Req:
         "wait_order",
     )
 
-    def __init__(
-        self, rid: str, prompt_ids: list[int], params: SamplingParams, arrival: float | None = None
-    ) -> None:
+    def __init__(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> None:
         self.rid = rid
         self.prompt_ids = prompt_ids
         self.params = params
-        self.arrival = time.time() if arrival is None else arrival
         self.output_ids: list[int] = []
         self.generator: torch.Generator | None = (
             None if params.is_greedy else make_generator(params)

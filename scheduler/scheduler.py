@@ -16,8 +16,8 @@ from radixkv.config import ServerArgs
 from radixkv.mem import KVCacheManager
 from radixkv.model.forward_batch import ForwardBatch
 from radixkv.model.model_runner import ModelRunner
-from radixkv.model.sampling_params import SamplingParams, StopChecker
-from radixkv.protocol import ReqOutput, Stats
+from radixkv.model.stop_checker import StopChecker
+from radixkv.protocol import ReqOutput, SamplingParams, Stats
 from radixkv.scheduler.policy import SchedulePolicy
 from radixkv.scheduler.req import Req
 
@@ -56,20 +56,12 @@ class Scheduler:
 
     # ---- requests in and out ------------------------------------------------------------------
 
-    def add_request(
-        self, rid: str, input_ids: list[int], params: SamplingParams, arrival: float | None = None
-    ) -> None:
-        """Queue a request; raises RequestRejected if it can never be served."""
-        ctx = self.mgr.req_pool.max_context_len
-        if not input_ids:
-            raise RequestRejected("the prompt is empty")
+    def add_request(self, rid: str, input_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request validated by the front end (`radixkv.frontend.validation`: a prompt
+        that fits the context, sampling in range); raises RequestRejected if it can never fit the
+        KV cache, which only the scheduler knows."""
         if any(self.find(rid)):
             raise RequestRejected(f"request id {rid!r} is already in use")
-        if len(input_ids) + params.max_new_tokens > ctx:
-            raise RequestRejected(
-                f"prompt ({len(input_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                f"exceeds the context length {ctx}"
-            )
         need = math.ceil((len(input_ids) + params.max_new_tokens) / self.page) * self.page
         if need > self.mgr.token_pool.capacity:
             raise RequestRejected(
@@ -77,7 +69,7 @@ class Scheduler:
                 f"{self.mgr.token_pool.capacity}; raise --max-total-tokens / --kv-memory or "
                 "lower max_new_tokens"
             )
-        req = Req(rid, list(input_ids), params, arrival)
+        req = Req(rid, list(input_ids), params)
         req.wait_order = next(self._order)
         self.waiting.append(req)
         self.stats.requests += 1

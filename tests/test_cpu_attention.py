@@ -7,7 +7,7 @@ import torch
 
 from radixkv.model import cpu_attention
 from radixkv.model.model_runner import ModelRunner
-from radixkv.model.sampling_params import SamplingParams
+from radixkv.protocol import SamplingParams
 
 pytestmark = pytest.mark.skipif(
     not cpu_attention.available(), reason="no C compiler: the backend uses gather + SDPA"
@@ -102,7 +102,7 @@ def test_kernel_refuses_what_it_cannot_do():
 def test_runner_decodes_the_same_tokens_with_and_without_the_kernel():
     from test_model_tiny import ours_from, prompts, tiny_hf  # tests/ is on sys.path
 
-    from radixkv.model.driver import PoolDriver
+    from radixkv.testing import PoolDriver
 
     outputs = []
     for use_kernel in (True, False):

@@ -7,18 +7,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from radixkv.detokenizer import IncrementalDetokenizer, StopStrings
-from radixkv.model.loader import load_tokenizer
+from radixkv.frontend.detokenizer import IncrementalDetokenizer, StopStrings
+from radixkv.frontend.tokenizer import load_tokenizer
+from radixkv.frontend.tokenizer_manager import TokenizerManager
+from radixkv.frontend.validation import BadRequest
 from radixkv.protocol import (
     ChatMessage,
     GenerateRequest,
     GenerateResult,
     Ready,
     ReqOutput,
+    SamplingParams,
     TokenChunk,
-    WireSamplingParams,
 )
-from radixkv.tokenizer_manager import BadRequest, TokenizerManager
 
 CONTEXT = 256
 TEXTS = [
@@ -48,7 +49,7 @@ def tm(tokenizer):
 
 def run_stream(tm, ids, chunks, stop=(), stream=True):
     """Feed `ids` to a request in pieces of the given sizes; return its replies."""
-    req = GenerateRequest(rid="x", text="p", stream=stream, sampling=WireSamplingParams(stop=stop))
+    req = GenerateRequest(rid="x", text="p", stream=stream, sampling=SamplingParams(stop=stop))
     state = tm.new_state(req, b"id", prompt_tokens=1, arrival=0.0)
     replies, pos = [], 0
     for n in chunks:
@@ -133,7 +134,7 @@ def test_stop_strings_holdback():
 
 def gen(**kw):
     sampling = kw.pop("sampling", {})
-    return GenerateRequest(rid="r", sampling=WireSamplingParams(**sampling), **kw)
+    return GenerateRequest(rid="r", sampling=SamplingParams(**sampling), **kw)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,9 @@ import psutil
 import pytest
 
 import radixkv
-from radixkv.cli import build_parser, parse_size, server_args
+from radixkv.config import parse_size
+from radixkv.tools.cli import build_parser
+from radixkv.tools.flags import server_args
 
 FAKE = "fake_scheduler:run_fake_scheduler"
 CRASH = [0, 0, 0]
@@ -137,8 +139,9 @@ def test_cli_parses_launch_options():
 
 def test_cli_serves_in_the_foreground_and_stops_on_ctrl_c(tmpdir_env):
     code = (
-        "import sys; from radixkv.cli import launch; from radixkv.config import ServerArgs; "
-        f"sys.exit(launch(ServerArgs(api_key='k'), 60, scheduler={FAKE!r}))"
+        "import sys; from radixkv.frontend.launcher import serve; "
+        "from radixkv.config import ServerArgs; "
+        f"sys.exit(serve(ServerArgs(api_key='k'), 60, scheduler={FAKE!r}))"
     )
     env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
     proc = subprocess.Popen(

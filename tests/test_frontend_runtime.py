@@ -17,8 +17,8 @@ from radixkv.protocol import (
     MAX_FRAME_BYTES,
     ErrorReply,
     GenerateRequest,
+    SamplingParams,
     TokenChunk,
-    WireSamplingParams,
     reply_codec,
 )
 
@@ -127,7 +127,7 @@ def test_client_disconnect_aborts_its_requests(rt, client):
     sock.connect(rt.endpoint)
     req = GenerateRequest(
         rid="gone", text="x y z", stream=True, api_key=KEY,
-        sampling=WireSamplingParams(max_new_tokens=3000),
+        sampling=SamplingParams(max_new_tokens=3000),
     )  # fmt: skip
     sock.send(msgspec.msgpack.encode(req))
     assert isinstance(reply_codec().decode(sock.recv()), TokenChunk)
@@ -217,7 +217,7 @@ def test_bad_frames_get_error_replies(raw, client):
     r = raw_reply(raw, b"\x00" * (MAX_FRAME_BYTES + 1))
     assert r.code == "too_large" and str(MAX_FRAME_BYTES) in r.message
     dup = enc(GenerateRequest(rid="d", text="abc", api_key=KEY,
-                              sampling=WireSamplingParams(max_new_tokens=3000)))  # fmt: skip
+                              sampling=SamplingParams(max_new_tokens=3000)))  # fmt: skip
     raw.send(dup)
     r = raw_reply(raw, dup)
     assert "already in flight" in r.message

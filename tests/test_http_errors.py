@@ -14,7 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import radixkv
-from radixkv.cli import build_parser, server_args
+from radixkv.tools.cli import build_parser
+from radixkv.tools.flags import server_args
 
 KEY = "s3cret"
 FAKE = "fake_scheduler:run_fake_scheduler"
@@ -90,7 +91,7 @@ def test_api_key_required_except_health(rt, http):
         ({"prompt": "hi", "stream": "yes"}, "stream"),
         ({"prompt": [1, "a"]}, "prompt"),
         ({"prompt": "hi", "max_tokens": 100_000}, "prompt"),  # prompt + max_tokens > context
-        ({"prompt": [1, 2, 99_999_999]}, None),  # outside the vocabulary
+        ({"prompt": [1, 2, 99_999_999]}, "prompt"),  # outside the vocabulary
         ({}, "prompt"),
     ],
 )
@@ -102,9 +103,9 @@ def test_bad_completion_bodies_are_400(http, body, param):
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"messages": [{"role": "wizard", "content": "hi"}]}, None),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
         ({"messages": "hi"}, "messages"),
-        ({"messages": []}, None),
+        ({"messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
         ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "x"}]}, "tools"),
     ],

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from radixkv.model.sampler import Sampler, make_generator
-from radixkv.model.sampling_params import FinishReason, SamplingParams, StopChecker
+from radixkv.model.stop_checker import FinishReason, StopChecker
+from radixkv.protocol import SamplingParams
 
 VOCAB = 50
 
@@ -83,21 +84,24 @@ def test_mixed_batch_keeps_greedy_rows_greedy() -> None:
 
 def test_stop_checker() -> None:
     stop = StopChecker.for_model([2])
-    p = SamplingParams(max_new_tokens=3, stop_token_ids=frozenset({7}))
+    p = SamplingParams(max_new_tokens=3, stop_token_ids=[7])
     assert stop.check(p, 5, 1) is None
     assert stop.check(p, 2, 1) is FinishReason.STOP
     assert stop.check(p, 7, 1) is FinishReason.STOP
     assert stop.check(p, 5, 3) is FinishReason.LENGTH
-    ignore = SamplingParams(max_new_tokens=3, ignore_eos=True, stop_token_ids=frozenset({7}))
+    ignore = SamplingParams(max_new_tokens=3, ignore_eos=True, stop_token_ids=[7])
     assert stop.check(ignore, 2, 1) is None
     assert stop.check(ignore, 7, 1) is FinishReason.STOP  # stop ids still apply
 
 
-def test_sampling_params_validation() -> None:
-    with pytest.raises(ValueError, match="temperature"):
-        SamplingParams(temperature=-1)
-    with pytest.raises(ValueError, match="top_p"):
-        SamplingParams(top_p=0)
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        SamplingParams(max_new_tokens=0)
-    assert SamplingParams(stop_token_ids={1, 2}).stop_token_ids == frozenset({1, 2})  # type: ignore[arg-type]
+def test_sampling_params_are_validated_once_at_the_front_end() -> None:
+    """The model trusts its SamplingParams: their rules live in `radixkv.frontend.validation`."""
+    from radixkv.frontend.validation import BadRequest, check_sampling
+
+    for bad, param in ((SamplingParams(temperature=-1), "temperature"),
+                       (SamplingParams(top_p=0), "top_p"),
+                       (SamplingParams(max_new_tokens=0), "max_new_tokens")):  # fmt: skip
+        with pytest.raises(BadRequest, match=param) as err:
+            check_sampling(bad, vocab_size=100)
+        assert err.value.param == param
+    check_sampling(SamplingParams(stop_token_ids=[1, 2]), vocab_size=100)

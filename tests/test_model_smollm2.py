@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from radixkv.model.driver import DriverRequest, PoolDriver
+from radixkv.frontend.tokenizer import load_tokenizer
 from radixkv.model.llama import LlamaForCausalLM
 from radixkv.model.loader import (
     load_config,
     load_model,
-    load_tokenizer,
     load_weights,
     resolve_model,
 )
 from radixkv.model.model_runner import ModelRunner
-from radixkv.model.sampling_params import SamplingParams
+from radixkv.protocol import SamplingParams
+from radixkv.testing import DriverRequest, PoolDriver
 
 pytestmark = pytest.mark.slow
 

@@ -8,12 +8,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from radixkv.model.config import ModelConfig, RopeScaling
-from radixkv.model.driver import PoolDriver
 from radixkv.model.dtype import resolve_dtype
 from radixkv.model.llama import LlamaForCausalLM as OurLlama
 from radixkv.model.model_runner import ModelRunner
 from radixkv.model.rotary import inverse_frequencies
-from radixkv.model.sampling_params import SamplingParams
+from radixkv.protocol import SamplingParams
+from radixkv.testing import PoolDriver
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",

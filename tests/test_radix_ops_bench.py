@@ -1,36 +1,31 @@
-"""The radix-ops benchmark's trace generator and replayer, on small traces."""
+"""Radix-cache traces (generation, replay) and the radix-ops benchmark script, on small traces."""
 
 from __future__ import annotations
 
-import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location(
-    "radix_ops", Path(__file__).resolve().parents[1] / "bench" / "radix_ops.py"
-)
-assert _SPEC is not None and _SPEC.loader is not None
-radix_ops = importlib.util.module_from_spec(_SPEC)
-sys.modules["radix_ops"] = radix_ops  # dataclasses look their module up
-_SPEC.loader.exec_module(radix_ops)
+from radixkv.tools import traces
+from radixkv.tools.workloads import GeneratedSharedPrefix, MultiTurnChat
 
 SMALL = {
-    "shared-prefix": radix_ops.SharedPrefix(4, 5, 64, 16, 8),
-    "multi-turn": radix_ops.MultiTurn(6, 3, 32, 8, 8),
+    "shared-prefix": GeneratedSharedPrefix(4, 5, 64, 16, 8),
+    "multi-turn": MultiTurnChat(chats=6, turns=3, system_len=32, user_len=8, output_len=8),
 }
 
 
 @pytest.mark.parametrize("kind", sorted(SMALL))
 def test_traces_are_deterministic_and_round_trip(kind, tmp_path):
-    a = radix_ops.generate(kind, SMALL[kind], concurrency=3, seed=7)
-    b = radix_ops.generate(kind, SMALL[kind], concurrency=3, seed=7)
+    a = traces.generate(SMALL[kind], concurrency=3, seed=7)
+    b = traces.generate(SMALL[kind], concurrency=3, seed=7)
     assert a == b
-    assert a != radix_ops.generate(kind, SMALL[kind], concurrency=3, seed=8)
+    assert a != traces.generate(SMALL[kind], concurrency=3, seed=8)
     path = tmp_path / "t.jsonl"
-    radix_ops.write_trace(path, {"version": 1, "concurrency": 3, "capacity": 100}, a)
-    header, events = radix_ops.read_trace(path)
+    traces.write_trace(path, {"version": 1, "concurrency": 3, "capacity": 100}, a)
+    header, events = traces.read_trace(path)
     assert events == a and header["capacity"] == 100
     arrivals = [e["rid"] for e in a if e["op"] == "arrive"]
     finishes = [e["rid"] for e in a if e["op"] == "finish"]
@@ -40,10 +35,10 @@ def test_traces_are_deterministic_and_round_trip(kind, tmp_path):
 @pytest.mark.parametrize("kind", sorted(SMALL))
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_unbounded_replay_reaches_the_best_hit_rate(kind, page_size):
-    events = radix_ops.generate(kind, SMALL[kind], concurrency=3, seed=1)
-    best, total = radix_ops.best_hit_rate(events)
-    big = radix_ops.unique_tokens(events) + 4096
-    stats = radix_ops.replay(events, big, page_size, concurrency=3)
+    events = traces.generate(SMALL[kind], concurrency=3, seed=1)
+    best, total = traces.best_hit_rate(events)
+    big = traces.unique_tokens(events) + 4096
+    stats = traces.replay(events, big, page_size, concurrency=3)
     assert stats.prompt_tokens == total and stats.evicted_tokens == 0
     if page_size == 1:
         assert stats.matched_tokens == best
@@ -53,15 +48,20 @@ def test_unbounded_replay_reaches_the_best_hit_rate(kind, page_size):
 
 
 def test_bounded_replay_evicts_and_keeps_the_invariants():
-    events = radix_ops.generate("shared-prefix", SMALL["shared-prefix"], concurrency=3, seed=1)
-    best, _ = radix_ops.best_hit_rate(events)
-    stats = radix_ops.replay(events, 300, 1, concurrency=3)  # replay checks integrity at the end
+    events = traces.generate(SMALL["shared-prefix"], concurrency=3, seed=1)
+    best, _ = traces.best_hit_rate(events)
+    stats = traces.replay(events, 300, 1, concurrency=3)  # replay checks integrity at the end
     assert stats.evicted_tokens > 0 and stats.rejected == 0
     assert 0 < stats.matched_tokens < best
     assert stats.peak_kv_slots <= 300
 
 
-def test_eviction_cost_rows():
-    rows = radix_ops.evict_cost([200, 800], evictions=20)
-    assert [r["leaves"] for r in rows] == [200, 800]
-    assert all(r["evict_us"] > 0 and r["walk_heapify_us"] > 0 for r in rows)
+def test_eviction_cost_table():
+    bench = Path(__file__).resolve().parents[1] / "bench" / "radix_ops.py"
+    out = subprocess.run(
+        [sys.executable, str(bench), "evict-cost", "--sizes", "200", "800"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("200", "800"))]
+    assert [r[0] for r in rows] == ["200", "800"]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)

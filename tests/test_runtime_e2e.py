@@ -9,7 +9,7 @@ import pytest
 import radixkv
 from radixkv.config import ServerArgs
 from radixkv.model.loader import load_model
-from radixkv.model.sampling_params import SamplingParams
+from radixkv.protocol import SamplingParams
 from radixkv.scheduler.process import build_scheduler
 
 pytestmark = pytest.mark.slow
@@ -105,7 +105,7 @@ def test_memory_pressure_through_the_processes_keeps_outputs_and_invariants():
 
 
 def test_radixkv_bench_against_a_running_runtime(rt, tmp_path, capsys):
-    from radixkv.cli import main
+    from radixkv.tools.cli import main
 
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     args = ["bench", "--endpoint", rt.endpoint, "--workload", "multi-turn", "--chats", "4",

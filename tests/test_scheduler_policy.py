@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from radixkv.mem import KVLayout, RadixCache, TokenToKVPool
-from radixkv.model.sampling_params import SamplingParams
+from radixkv.protocol import SamplingParams
 from radixkv.scheduler.policy import SchedulePolicy
 from radixkv.scheduler.req import Req
 

@@ -219,12 +219,12 @@ def test_model_runner_with_triton_backend_matches_torch_backend() -> None:
     decodes over ragged lengths; logits agree to fp32 round-off."""
     transformers = pytest.importorskip("transformers")
     from radixkv.model.config import ModelConfig
-    from radixkv.model.driver import PoolDriver
     from radixkv.model.llama import LlamaForCausalLM
     from radixkv.model.model_runner import ModelRunner, kv_layout
-    from radixkv.model.sampling_params import SamplingParams
     from radixkv.model.torch_backend import TorchNativeBackend
     from radixkv.model.triton_backend import TritonAttentionBackend
+    from radixkv.protocol import SamplingParams
+    from radixkv.testing import PoolDriver
 
     torch.manual_seed(0)
     hf_config = transformers.LlamaConfig(

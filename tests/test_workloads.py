@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from radixkv.workloads import (
+from radixkv.tools.workloads import (
     FewShotTree,
     GeneratedSharedPrefix,
     MultiTurnChat,
@@ -61,7 +61,7 @@ def test_few_shot_tree_shares_instruction_and_examples():
 
 
 def test_bench_summary_reads_hit_rate_against_the_best():
-    from radixkv.bench import RequestRecord, summarize
+    from radixkv.tools.bench import RequestRecord, summarize
 
     recs = [
         RequestRecord(0, 0, 0.0, 1.0, [1, 2, 3, 4], [7, 8], 0, 0.5, 1.0),

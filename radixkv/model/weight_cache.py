@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 
-# Bump when the conversion changes, so stale caches are not reused.
-CONVERSION_VERSION = 1
-
-
-def cache_dir() -> Path:
-    """`$RADIXKV_CACHE_DIR`, else `~/.cache/radixkv`."""
-    env = os.environ.get("RADIXKV_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "radixkv"
-
-
-def source_key(path: Path) -> str:
-    """A key that changes whenever the source file is replaced: path, size, mtime, version."""
-    st = path.stat()
-    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|v{CONVERSION_VERSION}"
-    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+from radixkv.model_source import cache_dir, source_key
 
 
 def cache_path(source: Path, directory: Path | None = None) -> Path:

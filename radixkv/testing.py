@@ -15,7 +15,8 @@ import torch
 from radixkv.model.forward_batch import ForwardBatch
 from radixkv.model.model_runner import ModelRunner
 from radixkv.model.sampler import make_generator
-from radixkv.model.sampling_params import SamplingParams, StopChecker
+from radixkv.model.stop_checker import StopChecker
+from radixkv.protocol import SamplingParams
 
 
 @dataclass(slots=True)

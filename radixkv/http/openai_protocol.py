@@ -1,8 +1,11 @@
 """HTTP request bodies (OpenAI-compatible and native) as `msgspec.Struct`s, and error objects.
 
-Bodies are decoded with msgspec, which checks types and the ranges declared below and names the
-offending field (`$.temperature`), so every refusal becomes a 400 with `param` set. Unknown fields
-are ignored (clients send many optional ones); fields we cannot honour are refused, not ignored.
+Bodies are decoded with msgspec, which checks the types declared below (and OpenAI's own ranges,
+such as temperature <= 2) and names the offending field (`$.temperature`), so every refusal
+becomes a 400 with `param` set. The rules of the request itself (context length, vocabulary,
+sampling ranges) are checked once, by the runtime (`radixkv.frontend.validation`), whose error
+names the field as data. Unknown fields are ignored (clients send many optional ones); fields we
+cannot honour are refused, not ignored.
 """
 
 from __future__ import annotations
@@ -13,10 +16,9 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
-from radixkv.client_common import Message
-from radixkv.protocol import ChatMessage, WireSamplingParams
+from radixkv.client.core import Message
+from radixkv.protocol import MAX_SEED, ChatMessage, SamplingParams
 
-MAX_SEED = 2**63 - 1
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_TOKENS = 128  # OpenAI's is "the rest of the context"; ours is bounded
 
@@ -61,9 +63,9 @@ class _Sampling(msgspec.Struct, kw_only=True):
                 return name, f"{name} is not supported; leave it at 0"
         return None
 
-    def sampling(self, default_max_tokens: int) -> WireSamplingParams:
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return WireSamplingParams(
+        return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
             top_k=self.top_k or 0,
             top_p=1.0 if self.top_p is None else self.top_p,
@@ -156,7 +158,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
             return "tools", "tools (function calling) are not supported"
         return super().unsupported()
 
-    def sampling(self, default_max_tokens: int) -> WireSamplingParams:
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
         sp = super().sampling(default_max_tokens)
         if self.max_tokens is None and self.max_completion_tokens is not None:
             return msgspec.structs.replace(sp, max_new_tokens=self.max_completion_tokens)
@@ -169,7 +171,7 @@ class GenerateBody(msgspec.Struct, kw_only=True):
     text: str | None = None
     input_ids: list[int] | None = None
     messages: list[OpenAIMessage] | None = None
-    sampling_params: WireSamplingParams = WireSamplingParams()
+    sampling_params: SamplingParams = SamplingParams()
     stream: bool = False
 
 
@@ -226,21 +228,3 @@ def decode_body(body: bytes, type_: type[Any]) -> Any:
         raise ApiError(400, f"invalid request body: {message}", param, "invalid_value") from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, f"the body is not valid JSON: {exc}", None, "invalid_json") from None
-
-
-# Wire names of sampling parameters, as the runtime's messages start, → the OpenAI names.
-RUNTIME_PARAMS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "seed": "seed",
-    "max_new_tokens": "max_tokens",
-    "stop": "stop",
-    "prompt": "prompt",
-}
-
-
-def runtime_param(message: str) -> str | None:
-    """The request field a runtime BadRequest message is about, when it names one first."""
-    first = message.split(" ", 1)[0]
-    return RUNTIME_PARAMS.get(first)

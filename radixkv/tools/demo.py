@@ -1,29 +1,27 @@
-"""`make run`: start a runtime on the bundled model, run a shared-prefix chat workload, report.
+"""`make run`: start a runtime on the bundled model, let the users of four assistants (a bakery's
+support desk, a chess tutor, a travel agent, a cooking helper) ask their questions at once, and
+report a few answers, the cache hit rate against the best possible, throughput and latency.
 
-python -m radixkv.demo [--groups 4] [--prompts-per-group 8] [--system-words 300] ...
+python -m radixkv.tools.demo [--assistants 4] [--questions 8] [--output-len 48] ...
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import time
 from typing import Any
 
-from radixkv.client_common import Result
-from radixkv.workloads import ChatRequest, SharedPrefixWorkload, best_hit_rate
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+from radixkv.client.results import Result
+from radixkv.tools.assistants import ASSISTANTS, assistant_chats
+from radixkv.tools.stats import percentile
+from radixkv.tools.workloads import ChatRequest, best_hit_rate
 
 
 async def _run_all(endpoint: str, requests: list[ChatRequest], bar: Any) -> list[Result]:
     """Send every request at once (the scheduler batches them); tick the bar as each finishes."""
-    from radixkv.async_client import AsyncClient
+    from radixkv.client.aio import AsyncClient
 
     async with AsyncClient(endpoint) as client:
 
@@ -38,9 +36,8 @@ async def _run_all(endpoint: str, requests: list[ChatRequest], bar: Any) -> list
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--groups", type=int, default=4)
-    ap.add_argument("--prompts-per-group", type=int, default=8)
-    ap.add_argument("--system-words", type=int, default=300)
+    ap.add_argument("--assistants", type=int, default=len(ASSISTANTS))
+    ap.add_argument("--questions", type=int, default=8, help="questions per assistant")
     ap.add_argument("--output-len", type=int, default=48)
     ap.add_argument("--schedule-policy", default="lpm")
     ap.add_argument("--seed", type=int, default=0)
@@ -49,16 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
     import radixkv
-    from radixkv.model.loader import load_tokenizer
+    from radixkv.frontend.tokenizer import load_tokenizer
 
-    workload = SharedPrefixWorkload(
-        groups=args.groups,
-        prompts_per_group=args.prompts_per_group,
-        system_words=args.system_words,
-        output_len=args.output_len,
-        seed=args.seed,
-    )
-    requests = workload.requests()
+    requests = assistant_chats(args.assistants, args.questions, args.output_len, args.seed)
     print(f"starting a runtime on {args.model} ...", flush=True)
     with radixkv.Runtime(model=args.model, schedule_policy=args.schedule_policy) as rt:
         info = rt.ready_info
@@ -81,9 +71,12 @@ def main(argv: list[str] | None = None) -> None:
     best = best_hit_rate(
         [(p, res.token_ids) for p, res in zip(prompts, results, strict=True)], info.page_size
     )
-    for i in (0, len(requests) // 2):
-        question = requests[i].messages[-1]["content"]
-        print(f"\nQ: {question[:100]}\nA: {results[i].text.strip()[:300]}")
+    shown: set[int] = set()
+    for req, res in zip(requests, results, strict=True):
+        if req.group not in shown and len(shown) < 3:
+            shown.add(req.group)
+            print(f"\n[{ASSISTANTS[req.group].name}]")
+            print(f"Q: {req.messages[-1]['content']}\nA: {res.text.strip()}")
 
     prompt_tokens = sum(r.prompt_tokens for r in results)
     cached = sum(r.cached_tokens for r in results)
@@ -91,7 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     hit = cached / prompt_tokens
     ttfts = [r.ttft for r in results]
     print("\nsummary")
-    print(f"  requests          {len(results)} ({args.groups} groups x {args.prompts_per_group})")
+    print(
+        f"  requests          {len(results)} ({args.assistants} assistants x {args.questions} "
+        "questions)"
+    )
     print(f"  prompt tokens     {prompt_tokens}")
     print(f"  cached tokens     {cached}")
     print(f"  hit rate          {hit:.3f}  (best possible {best:.3f}, {hit / best:.1%} of it)")
@@ -101,8 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{out_tokens / elapsed:.1f} output tok/s  ({elapsed:.1f} s)"
     )
     print(
-        f"  TTFT              p50 {statistics.median(ttfts):.2f} s, "
-        f"p99 {_percentile(ttfts, 0.99):.2f} s"
+        f"  TTFT              p50 {percentile(ttfts, 0.5):.2f} s, "
+        f"p99 {percentile(ttfts, 0.99):.2f} s"
     )
     print(
         f"  runtime counters  {stats.requests} requests, {stats.prompt_tokens} prompt tokens, "

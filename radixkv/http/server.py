@@ -1,4 +1,4 @@
-"""The HTTP front end of a runtime: uvicorn serving `radixkv.http_app` in a thread of the runtime
+"""The HTTP front end of a runtime: uvicorn serving `radixkv.http.app` in a thread of the runtime
 process.
 
 Why a thread whose handlers talk to the runtime over its own client endpoint (loopback ZMQ):
@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from radixkv.config import ServerArgs
-from radixkv.http_gateway import GatewayConfig
-from radixkv.metrics import RuntimeMetrics
+from radixkv.http.gateway import GatewayConfig
+from radixkv.http.metrics import RuntimeMetrics
 from radixkv.protocol import Ready
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class HttpServer:
         """Serve the app; returns once uvicorn accepts connections (RuntimeError otherwise)."""
         import uvicorn
 
-        from radixkv.http_app import build_app
+        from radixkv.http.app import build_app
 
         uv_config = uvicorn.Config(
             build_app(config),

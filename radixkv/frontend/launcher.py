@@ -1,12 +1,13 @@
-"""`radixkv.Runtime`: start a runtime process (which starts the scheduler) from Python.
+"""Start the runtime process: in the foreground (`serve`, behind `radixkv launch`), or from Python
+as a child (`radixkv.Runtime`):
 
     with radixkv.Runtime(model="smollm2-135m", max_total_tokens=20000) as rt:
         print(rt.client.generate("Hello").text)
 
-The runtime process is a fresh interpreter (`python -c ...`, like a multiprocessing "spawn" child
-but without re-importing the caller's `__main__`, so scripts need no `if __name__` guard). It talks
-to its parent over a pipe carrying msgpack (no pickle): `Launch` in, then `Started` or
-`StartFailed` out; the parent closing its end (or dying) tells the runtime to shut down.
+The runtime process of a `Runtime` is a fresh interpreter (`python -c ...`, like a multiprocessing
+"spawn" child but without re-importing the caller's `__main__`, so scripts need no `if __name__`
+guard). It talks to its parent over a pipe carrying msgpack (no pickle): `Launch` in, then
+`Started` or `StartFailed` out; the parent closing its end (or dying) tells the runtime to stop.
 """
 
 from __future__ import annotations
@@ -24,13 +25,51 @@ from typing import Any
 
 import msgspec
 
-from radixkv.client import Client
-from radixkv.client_common import DEFAULT_TIMEOUT
-from radixkv.config import ServerArgs
+from radixkv.client.core import DEFAULT_TIMEOUT
+from radixkv.client.sync import Client
+from radixkv.config import ServerArgs, setup_logging
+from radixkv.frontend.scheduler_child import DEFAULT_SCHEDULER, describe_exit
 from radixkv.protocol import Ready
-from radixkv.scheduler_child import DEFAULT_SCHEDULER, describe_exit
 
 log = logging.getLogger("radixkv.runtime")
+
+
+def serve(
+    args: ServerArgs,
+    start_timeout: float,
+    scheduler: str = DEFAULT_SCHEDULER,
+    scheduler_kwargs: dict[str, Any] | None = None,
+) -> int:
+    """Be the runtime process, in the foreground, until SIGINT/SIGTERM; returns the exit status."""
+    from radixkv.frontend.server import RuntimeServer
+
+    setup_logging(args.log_level)
+    try:
+        server = RuntimeServer(args, scheduler, scheduler_kwargs)
+    except OSError as exc:
+        log.error("radixkv failed to start: %s", exc)
+        return 1
+    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    try:
+        try:
+            ready = server.start(start_timeout)
+        except Exception as exc:
+            log.error("radixkv failed to start: %s", exc)
+            return 1
+        log.info(
+            "model %s (%s): KV cache %d tokens (page size %d), context %d, up to %d running "
+            "requests", ready.model, ready.dtype, ready.kv_capacity, ready.page_size,
+            ready.max_context_len, ready.max_running_requests,
+        )  # fmt: skip
+        auth = " (API key required)" if args.api_key else ""
+        http = f", HTTP {server.http.url}" if server.http is not None else ""
+        print(f"radixkv ready: endpoint {server.endpoint}{http}{auth}; Ctrl-C to stop", flush=True)
+        server.serve_forever()
+        log.info("shutting down")
+        return 0
+    finally:
+        server.close()
 
 
 class Launch(msgspec.Struct, tag="launch"):
@@ -61,12 +100,10 @@ def _child_main(fd: int) -> None:
     conn = Connection(fd)
     launch = msgspec.msgpack.decode(conn.recv_bytes(), type=Launch)
     sys.path[:] = launch.sys_path
-    from radixkv.runtime_server import RuntimeServer
+    from radixkv.frontend.server import RuntimeServer
 
     args = launch.args
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    setup_logging(args.log_level)
     encoder = msgspec.msgpack.Encoder()
     server: RuntimeServer | None = None
     try:
@@ -118,7 +155,9 @@ class Runtime:
         self.args = ServerArgs(model=model, **server_args)
         self._closed = False
         self._conn, child_conn = multiprocessing.Pipe()
-        code = f"from radixkv.runtime import _child_main; _child_main({child_conn.fileno()})"
+        code = (
+            f"from radixkv.frontend.launcher import _child_main; _child_main({child_conn.fileno()})"
+        )
         self.process = subprocess.Popen(
             [sys.executable, "-c", code], pass_fds=(child_conn.fileno(),)
         )

@@ -4,13 +4,22 @@ scheduler outputs out (token ids → text chunks and final results, with stop st
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from radixkv.detokenizer import IncrementalDetokenizer, StopStrings
+from radixkv.frontend.detokenizer import IncrementalDetokenizer, StopStrings
+from radixkv.frontend.validation import (
+    BadRequest,
+    check_fits_context,
+    check_messages,
+    check_prompt_kind,
+    check_sampling,
+    check_text,
+    check_token_ids,
+)
 from radixkv.protocol import (
+    ChatMessage,
     GenerateRequest,
     GenerateResult,
     Ready,
@@ -18,39 +27,7 @@ from radixkv.protocol import (
     RequestMeta,
     RuntimeReply,
     TokenChunk,
-    WireSamplingParams,
 )
-
-MAX_SEED = 2**63 - 1
-CHAT_ROLES = ("system", "user", "assistant", "tool")
-
-
-class BadRequest(ValueError):
-    """A request that cannot be served as sent; the message says what is wrong and the limit."""
-
-
-def check_sampling(sp: WireSamplingParams, prompt_tokens: int, max_context_len: int) -> None:
-    """Raise BadRequest on out-of-range sampling values (NaN included)."""
-    if not (sp.temperature >= 0 and math.isfinite(sp.temperature)):
-        raise BadRequest(
-            f"temperature must be a finite number >= 0 (0 = greedy), got {sp.temperature}"
-        )
-    if not 0 < sp.top_p <= 1:
-        raise BadRequest(f"top_p must be in (0, 1], got {sp.top_p}")
-    if sp.top_k < -1:
-        raise BadRequest(f"top_k must be -1 or 0 (off) or a positive count, got {sp.top_k}")
-    if sp.seed is not None and not 0 <= sp.seed <= MAX_SEED:
-        raise BadRequest(f"seed must be in [0, 2**63 - 1], got {sp.seed}")
-    if sp.max_new_tokens < 1:
-        raise BadRequest(f"max_new_tokens must be >= 1, got {sp.max_new_tokens}")
-    if prompt_tokens + sp.max_new_tokens > max_context_len:
-        raise BadRequest(
-            f"prompt ({prompt_tokens} tokens) + max_new_tokens ({sp.max_new_tokens}) exceeds the "
-            f"context length {max_context_len}; shorten the prompt or lower max_new_tokens "
-            f"(at most {max(0, max_context_len - prompt_tokens)} here)"
-        )
-    if any(not s for s in sp.stop):
-        raise BadRequest("stop strings must not be empty")
 
 
 @dataclass(slots=True)
@@ -96,61 +73,22 @@ class TokenizerManager:
     # ---- requests in --------------------------------------------------------------------------
 
     def tokenize(self, req: GenerateRequest) -> list[int]:
-        """The prompt's token ids, checked against the context; raises BadRequest."""
-        given = [x is not None for x in (req.text, req.messages, req.input_ids)]
-        if sum(given) != 1:
-            raise BadRequest("give exactly one of text, messages or input_ids")
+        """The prompt's token ids, every rule of `validation` checked; raises BadRequest."""
+        check_prompt_kind(req)
         if req.text is not None:
-            ids = self._encode_text(req.text)
+            check_text(req.text, self.max_prompt_chars, self.max_context_len)
+            ids = list(self.tokenizer.encode(req.text))
         elif req.messages is not None:
-            ids = self._encode_chat(req)
+            check_messages(req.messages, self.max_prompt_chars, self.max_context_len)
+            ids = self._encode_chat(req.messages)
         else:
             ids = list(req.input_ids or [])
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise BadRequest(
-                    f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
-                )
-        if not ids:
-            raise BadRequest("the prompt is empty")
-        if len(ids) >= self.max_context_len:
-            raise BadRequest(
-                f"the prompt has {len(ids)} tokens; the context length is {self.max_context_len} "
-                "(prompt + max_new_tokens must fit it)"
-            )
-        check_sampling(req.sampling, len(ids), self.max_context_len)
-        bad_stop = [t for t in req.sampling.stop_token_ids if not 0 <= t < self.vocab_size]
-        if bad_stop:
-            raise BadRequest(
-                f"stop token id {bad_stop[0]} is outside the vocabulary [0, {self.vocab_size})"
-            )
+            check_token_ids(ids, self.vocab_size)
+        check_sampling(req.sampling, self.vocab_size)
+        check_fits_context(len(ids), req.sampling.max_new_tokens, self.max_context_len)
         return ids
 
-    def _encode_text(self, text: str) -> list[int]:
-        if not text:
-            raise BadRequest("the prompt is empty")
-        if len(text) > self.max_prompt_chars:
-            raise BadRequest(
-                f"the prompt has {len(text)} characters, more than can fit the context length "
-                f"{self.max_context_len} tokens"
-            )
-        return list(self.tokenizer.encode(text))
-
-    def _encode_chat(self, req: GenerateRequest) -> list[int]:
-        messages = req.messages or []
-        if not messages:
-            raise BadRequest("messages is empty; give at least one {role, content} message")
-        for m in messages:
-            if m.role not in CHAT_ROLES:
-                raise BadRequest(
-                    f"unknown chat role {m.role!r}; use one of {', '.join(CHAT_ROLES)}"
-                )
-        chars = sum(len(m.content) for m in messages)
-        if chars > self.max_prompt_chars:
-            raise BadRequest(
-                f"the messages have {chars} characters, more than can fit the context length "
-                f"{self.max_context_len} tokens"
-            )
+    def _encode_chat(self, messages: list[ChatMessage]) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(
                 [{"role": m.role, "content": m.content} for m in messages],
@@ -158,7 +96,9 @@ class TokenizerManager:
                 add_generation_prompt=True,
             )
         except Exception as exc:  # a template may reject an order of roles, etc.
-            raise BadRequest(f"the chat template rejected these messages: {exc}") from exc
+            raise BadRequest(
+                f"the chat template rejected these messages: {exc}", "messages"
+            ) from exc
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def new_state(

@@ -14,14 +14,18 @@ import asyncio
 import dataclasses
 import json
 import random
-import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from radixkv.workloads import WORKLOADS, Conversation, best_hit_rate
+from radixkv.config import ServerArgs
+from radixkv.tools.flags import add_server_args, server_args
+from radixkv.tools.stats import distribution
+from radixkv.tools.workloads import WORKLOADS, Conversation, best_hit_rate
+
+SKIPPED = ("seed",)  # server flags the bench leaves out: --seed is the workload's
 
 
 @dataclass
@@ -84,17 +88,6 @@ async def run_workload(
     return records
 
 
-def _dist(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"mean": 0.0, "p50": 0.0, "p99": 0.0}
-    ordered = sorted(values)
-    return {
-        "mean": statistics.fmean(ordered),
-        "p50": ordered[round(0.5 * (len(ordered) - 1))],
-        "p99": ordered[round(0.99 * (len(ordered) - 1))],
-    }
-
-
 def summarize(records: list[RequestRecord], page_size: int = 1) -> dict[str, Any]:
     """Throughput, latency distributions and the hit rate against the best possible."""
     by_send = sorted(records, key=lambda r: r.sent)
@@ -119,8 +112,8 @@ def summarize(records: list[RequestRecord], page_size: int = 1) -> dict[str, Any
         "hit_rate": hit,
         "best_hit_rate": best,
         "hit_rate_of_best": hit / best if best else 0.0,
-        "ttft_s": _dist([r.ttft for r in records]),
-        "tpot_s": _dist(tpot),
+        "ttft_s": distribution([r.ttft for r in records]),
+        "tpot_s": distribution(tpot),
     }
 
 
@@ -192,19 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name in sorted({f.name for cls in WORKLOADS.values() for f in dataclasses.fields(cls)}):
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     ap.add_argument("--endpoint", help="a running runtime (default: start one)")
-    ap.add_argument("--api-key")
     ap.add_argument("--max-concurrency", type=int, default=None)
     ap.add_argument("--request-rate", type=float, default=None, help="first turns per second")
     ap.add_argument("--out", type=Path, help="write the summary and records as JSON")
     ap.add_argument("--plot", type=Path, help="write a PNG of hit rate, throughput and TTFT")
-    run = ap.add_argument_group("runtime options (when the bench starts the runtime)")
-    run.add_argument("--model", default="smollm2-135m")
-    run.add_argument("--dtype", default="auto")
-    run.add_argument("--page-size", type=int, default=1)
-    run.add_argument("--schedule-policy", default="lpm")
-    run.add_argument("--disable-radix-cache", action="store_true")
-    run.add_argument("--max-total-tokens", type=int, default=None)
-    run.add_argument("--max-running-requests", type=int, default=64)
+    run = ap.add_argument_group(
+        "runtime options (`radixkv launch`'s, for the runtime the bench starts without --endpoint; "
+        "--api-key is also the key sent to --endpoint)"
+    )
+    add_server_args(run, skip=SKIPPED)
     return ap
 
 
@@ -214,21 +203,17 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     from tqdm import tqdm
 
-    from radixkv.async_client import AsyncClient
-    from radixkv.runtime import Runtime
+    from radixkv.client.aio import AsyncClient
+    from radixkv.frontend.launcher import Runtime
 
     workload = _workload(args)
     convs = workload.conversations()
     total = sum(len(c.turns) for c in convs)
     with contextlib.ExitStack() as stack:
-        endpoint, page = args.endpoint, args.page_size
+        endpoint, page = args.endpoint, args.page_size or ServerArgs.page_size
         if endpoint is None:
-            rt = stack.enter_context(Runtime(
-                args.model, dtype=args.dtype, page_size=args.page_size,
-                schedule_policy=args.schedule_policy, disable_radix_cache=args.disable_radix_cache,
-                max_total_tokens=args.max_total_tokens,
-                max_running_requests=args.max_running_requests,
-            ))  # fmt: skip
+            server = dataclasses.asdict(server_args(args, skip=SKIPPED))
+            rt = stack.enter_context(Runtime(**server))
             endpoint, page = rt.endpoint, rt.ready_info.page_size
 
         async def go() -> list[RequestRecord]:

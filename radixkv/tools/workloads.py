@@ -1,4 +1,9 @@
-"""Deterministic shared-prefix chat workloads and their best possible cache hit rate."""
+"""Deterministic shared-prefix workloads and their best possible cache hit rate.
+
+Two kinds: chat workloads in words (`ChatRequest`s: the demo's hand-written assistants, and
+`SharedPrefixWorkload`'s synthetic ones), and token-level workloads (`Conversation`s) that
+`radixkv bench`, `bench/` and the radix-cache traces (`radixkv.tools.traces`) run.
+"""
 
 from __future__ import annotations
 
@@ -60,6 +65,32 @@ class SharedPrefixWorkload:
         return out
 
 
+class PrefixTrie:
+    """Every token sequence seen so far, as a trie: the best any prefix cache could reuse."""
+
+    def __init__(self) -> None:
+        self._root: dict = {}
+        self.size = 0  # distinct prefixes (tokens) held
+
+    def match(self, tokens: Sequence[int]) -> int:
+        """Length of the longest prefix of `tokens[:-1]` seen before (a cache never serves the
+        last prompt token: one token must be computed to get logits)."""
+        node, n = self._root, 0
+        for tok in tokens[:-1]:
+            if tok not in node:
+                break
+            node, n = node[tok], n + 1
+        return n
+
+    def insert(self, tokens: Sequence[int]) -> None:
+        node = self._root
+        for tok in tokens:
+            if tok not in node:
+                node[tok] = {}
+                self.size += 1
+            node = node[tok]
+
+
 def best_hit_rate(
     sequences: Sequence[tuple[Sequence[int], Sequence[int]]], page_size: int = 1
 ) -> float:
@@ -70,19 +101,12 @@ def best_hit_rate(
     never its last prompt token, page-aligned.
     Returns Σ best reusable tokens ÷ Σ prompt tokens.
     """
-    trie: dict = {}
+    trie = PrefixTrie()
     reusable = total = 0
     for prompt, output in sequences:
-        node, n = trie, 0
-        for tok in prompt[:-1]:
-            if tok not in node:
-                break
-            node, n = node[tok], n + 1
-        reusable += n // page_size * page_size
+        reusable += trie.match(prompt) // page_size * page_size
         total += len(prompt)
-        node = trie
-        for tok in [*prompt, *output[:-1]]:
-            node = node.setdefault(tok, {})
+        trie.insert([*prompt, *output[:-1]])
     return reusable / total if total else 0.0
 
 

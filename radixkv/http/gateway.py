@@ -15,27 +15,22 @@ import hmac
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeAlias, TypeVar, cast
+from typing import Any, TypeVar
 
 from starlette.requests import ClientDisconnect, Request
 
-from radixkv.async_client import AsyncClient
-from radixkv.client_common import (
-    DEFAULT_TIMEOUT,
-    ConnectionLost,
-    Message,
-    RequestError,
-    Result,
-)
-from radixkv.metrics import RuntimeMetrics
-from radixkv.openai_protocol import ApiError, decode_body, runtime_param
-from radixkv.protocol import ChatMessage, WireSamplingParams
+from radixkv.client.aio import AsyncClient
+from radixkv.client.core import DEFAULT_TIMEOUT
+from radixkv.client.results import ConnectionLost, RequestError
+from radixkv.http.metrics import RuntimeMetrics
+from radixkv.http.openai_protocol import ApiError, decode_body
 
 log = logging.getLogger("radixkv.http")
 T = TypeVar("T")
-Prompt: TypeAlias = "str | list[int] | list[Message]"  # text, token ids or chat messages
 MAX_BODY_BYTES = 8 * 1024 * 1024
 STATUS_OF_CODE = {"bad_request": 400, "unauthorized": 401, "too_large": 413, "aborted": 400}
+# The runtime names fields as `radixkv.protocol` does; these few have other names over HTTP.
+HTTP_PARAM = {"max_new_tokens": "max_tokens", "text": "prompt", "input_ids": "prompt"}
 
 
 @dataclass(frozen=True)
@@ -186,14 +181,6 @@ class Gateway:
             watching.cancel()
             pumping.cancel()
 
-    def complete(self, prompt: Prompt, sp: WireSamplingParams) -> Awaitable[Result]:
-        """One generation from text, token ids or chat messages (awaited: its Result)."""
-        if isinstance(prompt, str):
-            return cast(Awaitable[Result], self.client.generate(prompt, params=sp))
-        if prompt and all(isinstance(m, ChatMessage) for m in prompt):
-            return cast(Awaitable[Result], self.client.chat(cast(list[Message], prompt), params=sp))
-        return cast(Awaitable[Result], self.client.generate_ids(cast(list[int], prompt), params=sp))
-
     async def _mapped(self, make: Callable[[], Awaitable[T]]) -> T:
         try:
             return await make()
@@ -214,7 +201,7 @@ def map_error(exc: Exception) -> ApiError:
     if isinstance(exc, RequestError):
         message = str(exc).removesuffix(f" [{exc.code}]")
         status = STATUS_OF_CODE.get(exc.code, 503)
-        param = runtime_param(message) if status == 400 else None
+        param = HTTP_PARAM.get(exc.param, exc.param) if exc.param else None
         return ApiError(status, message, param, exc.code)
     if isinstance(exc, ConnectionLost):
         return ApiError(503, f"lost the runtime: {exc}", None, "unavailable")

@@ -19,7 +19,11 @@ import msgspec
 import zmq
 
 from radixkv.config import ServerArgs
-from radixkv.peer_tracker import PeerTracker
+from radixkv.frontend.peer_tracker import PeerTracker
+from radixkv.frontend.scheduler_child import DEFAULT_SCHEDULER, SchedulerChild
+from radixkv.frontend.tokenizer import load_tokenizer
+from radixkv.frontend.tokenizer_manager import ReqState, TokenizerManager
+from radixkv.frontend.validation import BadRequest
 from radixkv.protocol import (
     MAX_FRAME_BYTES,
     AbortRequest,
@@ -38,22 +42,14 @@ from radixkv.protocol import (
     TokenizedRequest,
     client_codec,
 )
-from radixkv.scheduler_child import DEFAULT_SCHEDULER, SchedulerChild
-from radixkv.tokenizer_manager import BadRequest, ReqState, TokenizerManager
 
 if TYPE_CHECKING:
-    from radixkv.http_server import HttpServer
+    from radixkv.http.server import HttpServer
 
 log = logging.getLogger("radixkv.runtime")
 
 LIVENESS_INTERVAL = 0.5  # seconds between checks that the scheduler process is alive
 MAX_CLIENT_FRAMES_PER_TURN = 256  # then serve the scheduler's outputs before reading more
-
-
-def load_tokenizer_for(model: str) -> Any:
-    from radixkv.model.loader import load_tokenizer
-
-    return load_tokenizer(model)
 
 
 class RuntimeServer:
@@ -83,7 +79,7 @@ class RuntimeServer:
         self.http: HttpServer | None = None
         if args.http_port is not None:
             try:
-                from radixkv.http_server import HttpServer  # fastapi etc. only when asked for
+                from radixkv.http.server import HttpServer  # fastapi etc. only when asked for
 
                 self.http = HttpServer(args.host, args.http_port)
             except ImportError as exc:
@@ -118,7 +114,7 @@ class RuntimeServer:
 
         def load() -> None:
             try:
-                loaded["tokenizer"] = load_tokenizer_for(self.args.model)
+                loaded["tokenizer"] = load_tokenizer(self.args.model)
             except Exception as exc:
                 loaded["error"] = exc
 
@@ -133,7 +129,7 @@ class RuntimeServer:
         self.tm = TokenizerManager(loaded["tokenizer"], ready)
         self.ready = ready
         if self.http is not None:
-            from radixkv.http_server import gateway_config
+            from radixkv.http.server import gateway_config
 
             metrics = self.http.metrics
             self.http.start(gateway_config(self.endpoint, self.args, ready, metrics, self._dead))
@@ -198,8 +194,15 @@ class RuntimeServer:
         except zmq.Again:
             log.warning("dropped a reply to a client that is not reading")
 
-    def _error(self, identity: bytes, rid: str, message: str, code: str = "bad_request") -> None:
-        self._reply(identity, ErrorReply(rid=rid, message=message, code=code))
+    def _error(
+        self,
+        identity: bytes,
+        rid: str,
+        message: str,
+        code: str = "bad_request",
+        param: str | None = None,
+    ) -> None:
+        self._reply(identity, ErrorReply(rid=rid, message=message, code=code, param=param))
 
     def _drain_clients(self) -> None:
         for _ in range(MAX_CLIENT_FRAMES_PER_TURN):
@@ -268,16 +271,14 @@ class RuntimeServer:
         try:
             ids = self.tm.tokenize(msg)
         except BadRequest as exc:
-            self._error(identity, msg.rid, str(exc))
+            self._error(identity, msg.rid, str(exc), param=exc.param)
             if self.metrics is not None:
                 self.metrics.observe_end("error")
             return
         rid = str(next(self.rids))
         self.requests[rid] = self.tm.new_state(msg, identity, len(ids), arrival)
         self.by_client[(identity, msg.rid)] = rid
-        self.child.send(
-            TokenizedRequest(rid=rid, input_ids=ids, sampling=msg.sampling, arrival=time.time())
-        )
+        self.child.send(TokenizedRequest(rid=rid, input_ids=ids, sampling=msg.sampling))
 
     def _client_gone(self, identity: bytes) -> None:
         for (ident, _), rid in list(self.by_client.items()):

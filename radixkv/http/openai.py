@@ -10,17 +10,16 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import msgspec
 from fastapi import APIRouter, Depends
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
-from radixkv.client_common import Message, Result
-from radixkv.http_gateway import ClientGone, Gateway
-from radixkv.openai_protocol import (
+from radixkv.client.core import Message
+from radixkv.client.results import Result
+from radixkv.http.gateway import ClientGone, Gateway
+from radixkv.http.openai_protocol import (
     DEFAULT_CHAT_TOKENS,
     DEFAULT_COMPLETION_TOKENS,
     ApiError,
@@ -28,23 +27,8 @@ from radixkv.openai_protocol import (
     CompletionRequest,
     chat_messages,
 )
-from radixkv.protocol import WireSamplingParams
-
-
-def closed() -> Response:
-    """The answer to a client that has gone (nobody reads it; 499 as in nginx's logs)."""
-    return Response(status_code=499)
-
-
-def json_response(obj: Any, status: int = 200) -> Response:
-    return Response(msgspec.json.encode(obj), status, media_type="application/json")
-
-
-def sse(obj: Any) -> bytes:
-    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
-
-
-SSE_DONE = b"data: [DONE]\n\n"
+from radixkv.http.responses import closed, event_stream, json_response, sse
+from radixkv.protocol import SamplingParams
 
 
 def usage(results: list[Result]) -> dict[str, Any]:
@@ -63,39 +47,6 @@ def check(gw: Gateway, req: CompletionRequest | ChatCompletionRequest) -> None:
     refused = req.unsupported()
     if refused is not None:
         raise ApiError(400, refused[1], refused[0], "unsupported")
-
-
-async def event_stream(
-    gw: Gateway,
-    request: Request,
-    open_stream: Callable[[], Awaitable[AsyncIterator[str | Result]]],
-    render: Callable[[str | Result], list[bytes]],
-) -> Response:
-    """Stream as SSE. The first item is awaited before answering, so a refused request gets a
-    proper error status instead of a 200 whose stream carries the error."""
-    items = gw.relay(request, open_stream)
-    try:
-        first = await items.__anext__()
-    except (ClientGone, StopAsyncIteration):
-        await items.aclose()
-        return closed()
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            for event in render(first):
-                yield event
-            async for item in items:
-                for event in render(item):
-                    yield event
-        except ApiError as exc:  # after the headers: report it in the stream
-            yield sse(msgspec.json.decode(exc.body()))
-        except ClientGone:
-            return
-        finally:
-            await items.aclose()
-        yield SSE_DONE
-
-    return StreamingResponse(body(), media_type="text/event-stream")
 
 
 def openai_router(gw: Gateway) -> APIRouter:
@@ -140,7 +91,9 @@ def openai_router(gw: Gateway) -> APIRouter:
             )
 
         async def run() -> list[Result]:
-            tasks = [asyncio.ensure_future(gw.complete(p, sp)) for p in prompts]  # they batch
+            tasks = [
+                asyncio.ensure_future(gw.client.complete(p, params=sp)) for p in prompts
+            ]  # they batch
             try:
                 return list(await asyncio.gather(*tasks))
             finally:
@@ -165,7 +118,7 @@ def openai_router(gw: Gateway) -> APIRouter:
         if req.stream:
             return await stream_chat(gw, request, req, messages, sp, head)
         try:
-            r = await gw.call(request, lambda: gw.complete(messages, sp))
+            r = await gw.call(request, lambda: gw.client.chat(messages, params=sp))
         except ClientGone:
             return closed()
         message = {"role": "assistant", "content": r.text}
@@ -181,7 +134,7 @@ async def stream_chat(
     request: Request,
     req: ChatCompletionRequest,
     messages: list[Message],
-    sp: WireSamplingParams,
+    sp: SamplingParams,
     head: dict[str, Any],
 ) -> Response:
     """A chat completion as SSE: the role first, then content deltas, then the finish reason."""

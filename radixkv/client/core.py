@@ -1,0 +1,329 @@
+"""What `Client` and `AsyncClient` share: the public API, building requests, reading replies.
+
+`ClientAPI` writes every public method once. A method turns its arguments into a `Call` (the
+`GenerateRequest`s to send, whether they are a batch, whether to stream) and hands it to the
+transport's `_run`; the sync client runs it and returns the value, the async client returns a
+coroutine of it. Only sending, waiting and aborting differ between the two.
+"""
+
+from __future__ import annotations
+
+import abc
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import msgspec
+import zmq
+
+from radixkv.client.results import RequestError, Result, reply_error
+from radixkv.protocol import (
+    MAX_FRAME_BYTES,
+    AbortRequest,
+    ChatMessage,
+    FlushCacheRequest,
+    FlushReply,
+    GenerateRequest,
+    GenerateResult,
+    GetStatsRequest,
+    SamplingParams,
+    Stats,
+    StatsReply,
+    TokenChunk,
+    reply_codec,
+)
+
+SAMPLING_FIELDS = tuple(SamplingParams.__struct_fields__)
+DEFAULT_TIMEOUT = 600.0
+Message: TypeAlias = "ChatMessage | Mapping[str, str]"
+Prompt: TypeAlias = "str | list[int] | list[Message]"  # text, token ids or chat messages
+ControlRequest: TypeAlias = "type[GetStatsRequest] | type[FlushCacheRequest]"
+
+
+def make_sampling(params: SamplingParams | None, kwargs: dict[str, Any]) -> SamplingParams:
+    """Sampling parameters from keyword arguments (`stop` may be a single string)."""
+    unknown = sorted(set(kwargs) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise TypeError(
+            f"unknown sampling argument(s) {', '.join(unknown)}; "
+            f"valid: {', '.join(SAMPLING_FIELDS)}"
+        )
+    if isinstance(kwargs.get("stop"), str):
+        kwargs = {**kwargs, "stop": [kwargs["stop"]]}
+    if params is not None:
+        return msgspec.structs.replace(params, **kwargs)
+    try:
+        return msgspec.convert(kwargs, SamplingParams)
+    except msgspec.ValidationError as exc:
+        raise TypeError(f"bad sampling argument: {exc}") from exc
+
+
+def to_messages(messages: Sequence[Message]) -> list[ChatMessage]:
+    out = []
+    for m in messages:
+        if isinstance(m, ChatMessage):
+            out.append(m)
+        elif isinstance(m, Mapping) and "role" in m and "content" in m:
+            out.append(ChatMessage(str(m["role"]), str(m["content"])))
+        else:
+            raise TypeError(
+                f"a chat message is a {{'role': ..., 'content': ...}} mapping, got {m!r}"
+            )
+    return out
+
+
+def prompt_fields(prompt: Prompt) -> dict[str, Any]:
+    """GenerateRequest fields for one prompt: text, token ids or chat messages."""
+    if isinstance(prompt, str):
+        return {"text": prompt}
+    items = list(prompt)
+    if items and all(isinstance(t, int) for t in items):
+        return {"input_ids": items}
+    if items and all(isinstance(m, (ChatMessage, Mapping)) for m in items):
+        return {"messages": to_messages(items)}  # type: ignore[arg-type]
+    if not items:
+        return {"input_ids": []}  # the runtime answers with a clear "empty prompt" error
+    raise TypeError("a prompt is a string, a list of token ids or a list of chat messages")
+
+
+def _is_batch(items: Sequence[Any]) -> bool:
+    return bool(items) and isinstance(items[0], (list, tuple))
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """What one public call asks for: the prompts' request fields, sent at once."""
+
+    prompts: list[dict[str, Any]]
+    sampling: SamplingParams
+    batch: bool  # a list of results (or streams) rather than one
+    stream: bool
+    timeout: float | None
+
+    def context(self, index: int) -> str:
+        """How an error of prompt `index` is introduced ("" for a single prompt)."""
+        return f"prompt {index} of {len(self.prompts)}" if self.batch else ""
+
+
+class ClientAPI(abc.ABC):
+    """The public API of both clients, written once over the transport's `_run` and `_control`.
+
+    `generate`, `generate_ids` and `chat` take one prompt (-> Result) or a list of them (-> a list
+    of Results, sent at once so the scheduler batches them); with `stream=True`, a Stream (or a
+    list of Streams) of text chunks, then the Result. `timeout` (seconds, None = forever) bounds
+    the wait for a result, or for the next chunk of a stream; on expiry the request is aborted and
+    TimeoutError raised. The async client returns awaitables of the same values.
+    """
+
+    endpoint: str
+    api_key: str | None
+    timeout: float | None
+
+    def _init_core(
+        self, endpoint: str, api_key: str | None, timeout: float | None, ctx: Any
+    ) -> None:
+        """Set the public attributes and connect a DEALER socket of `ctx` (a zmq or zmq.asyncio
+        context) to the runtime, with a monitor that reports its disconnection (so that waiting
+        calls fail with ConnectionLost instead of hanging)."""
+        self.endpoint = endpoint
+        self.api_key = api_key
+        self.timeout = timeout
+        self._codec = reply_codec()
+        self._encoder = msgspec.msgpack.Encoder()
+        self._ids = itertools.count()
+        self._pending: dict[str, Any] = {}  # rid -> the replies not yet taken (a queue)
+        self._ctx = ctx
+        self._sock = ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 500)
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._sock.connect(endpoint)
+        self._closed = False
+
+    def _close_sockets(self) -> None:
+        self._closed = True
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
+        self._sock.close()
+        self._ctx.term()
+
+    # ---- public API ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        stream: bool = False,
+        params: SamplingParams | None = None,
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> Any:
+        """Complete a prompt or a list of prompts (see the class docstring)."""
+        if isinstance(prompt, str):
+            return self._run(
+                self._call([{"text": prompt}], False, stream, params, sampling, timeout)
+            )
+        prompts = [{"text": p} for p in prompt]
+        return self._run(self._call(prompts, True, stream, params, sampling, timeout))
+
+    def generate_ids(
+        self,
+        input_ids: Sequence[int] | Sequence[Sequence[int]],
+        *,
+        stream: bool = False,
+        params: SamplingParams | None = None,
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> Any:
+        """Like `generate`, from token ids (one list, or a list of lists for a batch)."""
+        batch = _is_batch(input_ids)
+        seqs = input_ids if batch else [input_ids]
+        prompts = [{"input_ids": list(ids)} for ids in seqs]  # type: ignore[arg-type]
+        return self._run(self._call(prompts, batch, stream, params, sampling, timeout))
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        *,
+        stream: bool = False,
+        params: SamplingParams | None = None,
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> Any:
+        """Like `generate`, from chat messages ({"role", "content"}) templated by the runtime;
+        a list of conversations is a batch."""
+        batch = _is_batch(messages)
+        convs = messages if batch else [messages]
+        prompts = [{"messages": to_messages(conv)} for conv in convs]  # type: ignore[arg-type]
+        return self._run(self._call(prompts, batch, stream, params, sampling, timeout))
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        params: SamplingParams | None = None,
+        timeout: float | None = None,
+        **sampling: Any,
+    ) -> Any:
+        """Stream one prompt (text, token ids or chat messages): text chunks, then the Result."""
+        call = self._call([prompt_fields(prompt)], False, True, params, sampling, timeout)
+        return self._run(call)
+
+    def complete(
+        self, prompt: Prompt, *, params: SamplingParams | None = None, timeout: float | None = None
+    ) -> Any:
+        """One Result for a prompt of any kind (text, token ids or chat messages)."""
+        call = self._call([prompt_fields(prompt)], False, False, params, {}, timeout)
+        return self._run(call)
+
+    def stats(self, timeout: float | None = None) -> Any:
+        """The scheduler's counters and gauges (`Stats.hit_rate` = cached / prompt tokens)."""
+        return self._control(GetStatsRequest, self._timeout(timeout), _stats_of)
+
+    def flush_cache(self, timeout: float | None = None) -> Any:
+        """Empty the radix cache; raises RequestError while requests are in flight."""
+        return self._control(FlushCacheRequest, self._timeout(timeout), _flushed)
+
+    # ---- what the transports use --------------------------------------------------------------
+
+    def _call(
+        self,
+        prompts: list[dict[str, Any]],
+        batch: bool,
+        stream: bool,
+        params: SamplingParams | None,
+        sampling: dict[str, Any],
+        timeout: float | None,
+    ) -> Call:
+        return Call(prompts, make_sampling(params, sampling), batch, stream, self._timeout(timeout))
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def _requests(self, call: Call) -> list[tuple[str, bytes]]:
+        """(rid, frame) of every prompt, all encoded before any is sent: what the runtime would
+        refuse as too large is refused here, and then nothing of the call was sent."""
+        out = []
+        for fields in call.prompts:
+            rid = f"r{next(self._ids)}"
+            request = GenerateRequest(
+                rid=rid, sampling=call.sampling, stream=call.stream, api_key=self.api_key, **fields
+            )
+            frame = self._encoder.encode(request)
+            if len(frame) > MAX_FRAME_BYTES:
+                raise RequestError(
+                    f"the request is {len(frame)} bytes; the runtime accepts at most "
+                    f"{MAX_FRAME_BYTES}",
+                    "too_large",
+                    rid,
+                    "prompt",
+                )
+            out.append((rid, frame))
+        return out
+
+    def _control_request(self, kind: ControlRequest) -> tuple[str, bytes]:
+        rid = f"c{next(self._ids)}"
+        return rid, self._encoder.encode(kind(rid=rid, api_key=self.api_key))
+
+    def _abort_frame(self, rid: str) -> bytes:
+        return self._encoder.encode(AbortRequest(rid=rid, api_key=self.api_key))
+
+    def _decode(self, frame: bytes) -> Any:
+        """A reply, or None for a frame that does not decode (dropped)."""
+        try:
+            return self._codec.decode(frame)
+        except (msgspec.DecodeError, ValueError):
+            return None
+
+    def _failure(self, reply: Any, context: str = "") -> Exception:
+        return reply_error(reply, self.endpoint, context)
+
+    def _settled(self, rid: str, reply: Any) -> Any:
+        """`reply`, forgetting request `rid` if it ended it (a result or an error)."""
+        if is_final(reply):
+            self._pending.pop(rid, None)
+        return reply
+
+    def _result(self, reply: Any, call: Call, index: int) -> Result:
+        """The Result of prompt `index` from its final reply; raises the request's error."""
+        if not isinstance(reply, GenerateResult):
+            raise self._failure(reply, call.context(index))
+        return Result.from_reply(reply)
+
+    def _control_result(self, reply: Any, finish: Callable[[Any], Any]) -> Any:
+        if not isinstance(reply, (StatsReply, FlushReply)):
+            raise self._failure(reply)
+        return finish(reply)
+
+    def _no_reply(self, timeout: float | None) -> TimeoutError:
+        return TimeoutError(
+            f"no reply from the runtime at {self.endpoint} within {timeout} s; is it running? "
+            "(raise the client's timeout for long generations)"
+        )
+
+    @abc.abstractmethod
+    def _run(self, call: Call) -> Any:
+        """Send the call's requests at once; its Result(s) or Stream(s) (the async client: an
+        awaitable of them)."""
+
+    @abc.abstractmethod
+    def _control(
+        self, kind: ControlRequest, timeout: float | None, finish: Callable[[Any], Any]
+    ) -> Any:
+        """Send a control request; `finish(reply)` of its reply (or an awaitable of it)."""
+
+
+def is_final(reply: Any) -> bool:
+    """Whether `reply` ends its request (a result or an error, not a chunk)."""
+    return not isinstance(reply, TokenChunk)
+
+
+def _stats_of(reply: Any) -> Stats:
+    assert isinstance(reply, StatsReply)
+    return reply.stats
+
+
+def _flushed(reply: Any) -> None:
+    assert isinstance(reply, FlushReply)
+    if not reply.ok:
+        raise RequestError(f"cannot flush the cache: {reply.message}", "bad_request")

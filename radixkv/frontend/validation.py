@@ -1,0 +1,109 @@
+"""Every rule a generate request must pass, checked once, in the runtime process.
+
+A refusal is a `BadRequest` that says what was wrong and the limit, and names the field at fault
+(`param`, in `radixkv.protocol` names) so that it reaches the client as data, never parsed back
+out of the message. Past these checks the scheduler and the model trust the request; the
+scheduler checks only what it alone knows (whether the request can ever fit its KV cache).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from radixkv.protocol import MAX_SEED, ChatMessage, GenerateRequest, SamplingParams
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+class BadRequest(ValueError):
+    """A request that cannot be served as sent; `param` names the field at fault, if one is."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_prompt_kind(req: GenerateRequest) -> None:
+    """A generate request carries exactly one of text, messages or input_ids."""
+    given = [x is not None for x in (req.text, req.messages, req.input_ids)]
+    if sum(given) != 1:
+        raise BadRequest("give exactly one of text, messages or input_ids", "prompt")
+
+
+def check_text(text: str, max_chars: int, max_context_len: int) -> None:
+    """Before tokenizing: not empty, and not so long that it cannot fit the context."""
+    if not text:
+        raise BadRequest("the prompt is empty", "prompt")
+    if len(text) > max_chars:
+        raise BadRequest(
+            f"the prompt has {len(text)} characters, more than can fit the context length "
+            f"{max_context_len} tokens",
+            "prompt",
+        )
+
+
+def check_messages(messages: Sequence[ChatMessage], max_chars: int, max_context_len: int) -> None:
+    """Before templating: at least one message, known roles, not too long to fit the context."""
+    if not messages:
+        raise BadRequest("messages is empty; give at least one {role, content} message", "messages")
+    for m in messages:
+        if m.role not in CHAT_ROLES:
+            raise BadRequest(
+                f"unknown chat role {m.role!r}; use one of {', '.join(CHAT_ROLES)}", "messages"
+            )
+    chars = sum(len(m.content) for m in messages)
+    if chars > max_chars:
+        raise BadRequest(
+            f"the messages have {chars} characters, more than can fit the context length "
+            f"{max_context_len} tokens",
+            "messages",
+        )
+
+
+def check_token_ids(ids: Sequence[int], vocab_size: int, param: str = "input_ids") -> None:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        what = "stop token id" if param == "stop_token_ids" else "token id"
+        raise BadRequest(f"{what} {bad[0]} is outside the vocabulary [0, {vocab_size})", param)
+
+
+def check_sampling(sp: SamplingParams, vocab_size: int) -> None:
+    """Out-of-range sampling values (NaN included)."""
+    if not (sp.temperature >= 0 and math.isfinite(sp.temperature)):
+        raise BadRequest(
+            f"temperature must be a finite number >= 0 (0 = greedy), got {sp.temperature}",
+            "temperature",
+        )
+    if not 0 < sp.top_p <= 1:
+        raise BadRequest(f"top_p must be in (0, 1], got {sp.top_p}", "top_p")
+    if sp.top_k < -1:
+        raise BadRequest(
+            f"top_k must be -1 or 0 (off) or a positive count, got {sp.top_k}", "top_k"
+        )
+    if sp.seed is not None and not 0 <= sp.seed <= MAX_SEED:
+        raise BadRequest(f"seed must be in [0, 2**63 - 1], got {sp.seed}", "seed")
+    if sp.max_new_tokens < 1:
+        raise BadRequest(f"max_new_tokens must be >= 1, got {sp.max_new_tokens}", "max_new_tokens")
+    if any(not s for s in sp.stop):
+        raise BadRequest("stop strings must not be empty", "stop")
+    check_token_ids(sp.stop_token_ids, vocab_size, "stop_token_ids")
+
+
+def check_fits_context(prompt_tokens: int, max_new_tokens: int, max_context_len: int) -> None:
+    """The prompt and every token it may generate fit the context."""
+    if not prompt_tokens:
+        raise BadRequest("the prompt is empty", "prompt")
+    if prompt_tokens >= max_context_len:
+        raise BadRequest(
+            f"the prompt has {prompt_tokens} tokens; the context length is {max_context_len} "
+            "(prompt + max_new_tokens must fit it)",
+            "prompt",
+        )
+    if prompt_tokens + max_new_tokens > max_context_len:
+        raise BadRequest(
+            f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"context length {max_context_len}; shorten the prompt or lower max_new_tokens "
+            f"(at most {max(0, max_context_len - prompt_tokens)} here)",
+            "prompt",
+        )

@@ -1,0 +1,69 @@
+"""How the HTTP routes answer: JSON bodies, OpenAI-style errors, server-sent events, and the
+non-answer to a client that has gone."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from radixkv.client.results import Result
+from radixkv.http.gateway import ClientGone, Gateway
+from radixkv.http.openai_protocol import ApiError
+
+
+def error_response(exc: ApiError) -> Response:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return Response(exc.body(), exc.status, headers=headers, media_type="application/json")
+
+
+def closed() -> Response:
+    """The answer to a client that has gone (nobody reads it; 499 as in nginx's logs)."""
+    return Response(status_code=499)
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(obj), status, media_type="application/json")
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+async def event_stream(
+    gw: Gateway,
+    request: Request,
+    open_stream: Callable[[], Awaitable[AsyncIterator[str | Result]]],
+    render: Callable[[str | Result], list[bytes]],
+) -> Response:
+    """Stream as SSE. The first item is awaited before answering, so a refused request gets a
+    proper error status instead of a 200 whose stream carries the error."""
+    items = gw.relay(request, open_stream)
+    try:
+        first = await items.__anext__()
+    except (ClientGone, StopAsyncIteration):
+        await items.aclose()
+        return closed()
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            for event in render(first):
+                yield event
+            async for item in items:
+                for event in render(item):
+                    yield event
+        except ApiError as exc:  # after the headers: report it in the stream
+            yield sse(msgspec.json.decode(exc.body()))
+        except ClientGone:
+            return
+        finally:
+            await items.aclose()
+        yield SSE_DONE
+
+    return StreamingResponse(body(), media_type="text/event-stream")
