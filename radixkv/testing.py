@@ -55,7 +55,7 @@ class PoolDriver:
         K/V (a prefix hit; the tokens must be the same)."""
         params = params or SamplingParams()
         row = self.runner.req_pool.alloc()
-        gen = None if params.is_greedy else make_generator(params)
+        gen = None if params.is_greedy else make_generator(params, self.runner.device)
         req = DriverRequest(list(prompt), row, params, gen, len(prompt))
         if prefix_from is not None and prefix_len:
             if prefix_len >= len(prompt) or prefix_len > prefix_from.kv_len:
@@ -83,7 +83,8 @@ class PoolDriver:
             self.runner.req_pool.write(r.row, r.kv_len, own)
             r.owned_slots.append(own)
             offset += len(ids)
-        batch = ForwardBatch.extend(new, [r.kv_len for r in reqs], [r.row for r in reqs], slots)
+        rows = [r.row for r in reqs]
+        batch = ForwardBatch.extend(new, [r.kv_len for r in reqs], rows, slots, self.runner.device)
         for r in reqs:
             r.kv_len = len(r.tokens)
         return batch
@@ -99,7 +100,7 @@ class PoolDriver:
             r.kv_len += 1
         seq_lens = [len(r.tokens) for r in reqs]
         return ForwardBatch.decode(
-            [r.tokens[-1] for r in reqs], seq_lens, [r.row for r in reqs], slots
+            [r.tokens[-1] for r in reqs], seq_lens, [r.row for r in reqs], slots, self.runner.device
         )
 
     def step(self, reqs: Sequence[DriverRequest], decode: bool | None = None) -> torch.Tensor:

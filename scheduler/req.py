@@ -34,13 +34,19 @@ class Req:
         "wait_order",
     )
 
-    def __init__(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self,
+        rid: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.rid = rid
         self.prompt_ids = prompt_ids
         self.params = params
         self.output_ids: list[int] = []
         self.generator: torch.Generator | None = (
-            None if params.is_greedy else make_generator(params)
+            None if params.is_greedy else make_generator(params, device)
         )
         self.seq: SeqSlots | None = None
         self.extend_target = 0  # while prefilling: KV must cover fill_ids[:extend_target]

@@ -69,7 +69,7 @@ class Scheduler:
                 f"{self.mgr.token_pool.capacity}; raise --max-total-tokens / --kv-memory or "
                 "lower max_new_tokens"
             )
-        req = Req(rid, list(input_ids), params)
+        req = Req(rid, list(input_ids), params, self.runner.device)
         req.wait_order = next(self._order)
         self.waiting.append(req)
         self.stats.requests += 1
@@ -219,7 +219,7 @@ class Scheduler:
             prefix_lens.append(start)
             rows.append(req.seq.row)
             slots.append(self.mgr.req_pool.read(req.seq.row, start, req.seq.kv_len))
-        batch = ForwardBatch.extend(ids, prefix_lens, rows, torch.cat(slots))
+        batch = ForwardBatch.extend(ids, prefix_lens, rows, torch.cat(slots), self.runner.device)
         logits = self.runner.forward(batch)
         done = [i for i, (r, _) in enumerate(admitted) if not r.prefilling]
         outputs: list[ReqOutput] = []
@@ -251,6 +251,7 @@ class Scheduler:
             [s.kv_len for s in seqs],
             [s.row for s in seqs],
             slots,
+            self.runner.device,
         )
         logits = self.runner.forward(batch)
         next_ids = self._sample(logits, self.running)

@@ -156,6 +156,18 @@ def test_bf16_model_runs_and_uses_bf16_kv() -> None:
     torch.testing.assert_close(logits[0], hf_last_logits(hf, p), atol=0.1, rtol=0.05)
 
 
+def test_moving_the_model_moves_its_rotary_tables() -> None:
+    """`.to(dtype or device)` rebuilds the rotary tables where the weights went (a model moved to
+    CUDA after loading looked its positions up in CPU tables before)."""
+    hf = tiny_hf()
+    loaded_bf16 = ours_from(hf, torch.bfloat16)
+    moved = ours_from(hf).to(torch.bfloat16)
+    assert loaded_bf16.rotary is not None and moved.rotary is not None
+    assert moved.rotary.cos.dtype == torch.bfloat16 and moved.rotary.cos.device == moved.device
+    assert torch.equal(moved.rotary.cos, loaded_bf16.rotary.cos)
+    assert torch.equal(moved.rotary.sin, loaded_bf16.rotary.sin)
+
+
 def test_config_from_hf_dict_reads_everything() -> None:
     d = tiny_hf(rope={"rope_theta": 500000.0, **LLAMA3_ROPE}).config.to_dict()
     d.update(eos_token_id=[2, 7], bos_token_id=1)

@@ -102,11 +102,12 @@ class KVCacheManager:
         need = int((lens % self.page_size == 0).sum()) * self.page_size
         if not self.ensure_free(need):
             return None
-        table = self.req_pool.req_to_token
-        last = table[rows, (lens - 1).clamp(min=0)].to(torch.int64)
+        table = self.req_pool.req_to_token  # on the model's device; slot lists live on the CPU
+        at_rows, at_lens = rows.to(table.device), lens.to(table.device)
+        last = table[at_rows, (at_lens - 1).clamp(min=0)].to(device="cpu", dtype=torch.int64)
         slots = self.token_pool.alloc_decode(lens, last)
         assert slots is not None
-        table[rows, lens] = slots.to(torch.int32)
+        table[at_rows, at_lens] = slots.to(device=table.device, dtype=torch.int32)
         for seq in seqs:
             seq.kv_len += 1
         return slots

@@ -59,5 +59,6 @@ class ReqToTokenPool:
         self.req_to_token[row, start:end] = slots.to(torch.int32)
 
     def read(self, row: int, start: int, end: int) -> torch.Tensor:
-        """Slots (int64) of positions `[start, end)` of `row`."""
-        return self.req_to_token[row, start:end].to(torch.int64)
+        """Slots (int64, on the CPU, where the allocator and the radix tree keep slot lists) of
+        positions `[start, end)` of `row`."""
+        return self.req_to_token[row, start:end].to(device="cpu", dtype=torch.int64)

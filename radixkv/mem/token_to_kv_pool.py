@@ -172,12 +172,11 @@ class TokenToKVPool:
         callers only pass slots of pages they own entirely."""
         if slots.numel() == 0:
             return
-        if self.page_size == 1:
-            pages = slots.to(torch.int64)
-        else:
+        pages = slots.to(device="cpu", dtype=torch.int64)  # the allocator lives on the CPU
+        if self.page_size > 1:
             # A page's slots sit next to each other in every slot list (rows, tree values), so
             # a consecutive unique finds each page once without sorting.
-            pages = torch.unique_consecutive(slots.to(torch.int64) // self.page_size)
+            pages = torch.unique_consecutive(pages // self.page_size)
         self._released.append(pages)
         self._released_pages += len(pages)
 

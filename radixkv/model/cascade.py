@@ -54,10 +54,11 @@ def plan_shared_prefixes(
         return None
     num, lmax = len(groups), max(s for _, s in groups)
     mmax = max(len(m) for m, _ in groups)
-    prefix_index = torch.zeros((num, lmax), dtype=torch.int64)
-    members_t = torch.full((num, mmax), bs, dtype=torch.int64)
-    prefix_len = torch.zeros(num, dtype=torch.int64)
-    start = torch.zeros(bs, dtype=torch.int64)
+    device = kv_index.device
+    prefix_index = torch.zeros((num, lmax), dtype=torch.int64, device=device)
+    members_t = torch.full((num, mmax), bs, dtype=torch.int64, device=device)
+    prefix_len = torch.zeros(num, dtype=torch.int64, device=device)
+    start = torch.zeros(bs, dtype=torch.int64, device=device)
     for i, (members, shared) in enumerate(groups):
         prefix_index[i, :shared] = kv_index[members[0], :shared]
         members_t[i, : len(members)] = members
@@ -65,11 +66,11 @@ def plan_shared_prefixes(
         start[members] = shared
     suffix_len = seq_lens - start
     smax = int(suffix_len.max())
-    cols = torch.arange(smax)
+    cols = torch.arange(smax, device=device)
     src = (start[:, None] + cols).clamp(max=width - 1)
     suffix_valid = cols[None, :] < suffix_len[:, None]
     suffix_index = kv_index.gather(1, src).masked_fill_(~suffix_valid, 0)
-    prefix_valid = torch.arange(lmax)[None, :] < prefix_len[:, None]
+    prefix_valid = torch.arange(lmax, device=device)[None, :] < prefix_len[:, None]
     return CascadePlan(
         prefix_index=prefix_index,
         prefix_mask=_additive(prefix_valid, dtype)[:, None, None, :],
@@ -81,7 +82,8 @@ def plan_shared_prefixes(
 
 
 def _additive(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(valid.shape, dtype=dtype).masked_fill_(~valid, float("-inf"))
+    mask = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+    return mask.masked_fill_(~valid, float("-inf"))
 
 
 def _attend(

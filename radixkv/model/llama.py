@@ -7,6 +7,7 @@ Q/K/V and gate/up projections are fused into one matmul each.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +143,14 @@ class LlamaForCausalLM(nn.Module):
             return self.packed_head(x).float()
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> LlamaForCausalLM:
+        """`.to(device or dtype)` and friends move the rotary tables too (they are not
+        parameters): rebuilt for the weights' new device and dtype, as a load makes them."""
+        super()._apply(fn, recurse)
+        if self.rotary is not None:
+            self.rotary = RotaryEmbedding(self.config, self.dtype, self.device)
+        return self
 
     def prepack(self) -> bool:
         """On the CPU, hold every projection and the LM head in oneDNN's packed layout

@@ -113,6 +113,11 @@ class ModelRunner:
         req_pool = ReqToTokenPool(max_running_requests, context, device=model.device)
         return cls(model, token_pool, req_pool, backend)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model, the KV pool and a ForwardBatch's tensors live."""
+        return self.model.device
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """float32 logits `[bs, vocab]` of each request's last token; K/V written to the pool."""

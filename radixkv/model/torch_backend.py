@@ -136,8 +136,9 @@ class TorchNativeBackend(AttentionBackend):
             seq = prefix + ext
             mask = None
             if prefix:
-                q_pos = prefix + torch.arange(ext)[:, None]
-                mask = self._additive(torch.arange(seq)[None, :] <= q_pos)
+                device = kv_index.device
+                q_pos = prefix + torch.arange(ext, device=device)[:, None]
+                mask = self._additive(torch.arange(seq, device=device)[None, :] <= q_pos)
             reqs.append(_RaggedReq(start, start + ext, kv_index[b, :seq], mask))
             start += ext
         return _Metadata(None, None, None, False, ragged=reqs)
