@@ -28,16 +28,3 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         """`q` `[num_tokens, heads, head_dim]`, `k`/`v` `[num_tokens, kv_heads, head_dim]`
         -> attention output `[num_tokens, heads * head_dim]`."""
-
-
-def create_backend(name: str, **kwargs: object) -> AttentionBackend:
-    """Instantiate an attention backend by name (`torch`, `triton`)."""
-    if name == "torch":
-        from radixkv.model.torch_backend import TorchNativeBackend
-
-        return TorchNativeBackend(**kwargs)  # type: ignore[arg-type]
-    if name == "triton":
-        from radixkv.model.triton_backend import TritonAttentionBackend
-
-        return TritonAttentionBackend(**kwargs)  # type: ignore[arg-type]
-    raise ValueError(f"unknown attention backend {name!r}; available: torch, triton")

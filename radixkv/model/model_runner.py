@@ -9,7 +9,7 @@ import torch
 
 from radixkv.mem.req_to_token_pool import ReqToTokenPool
 from radixkv.mem.token_to_kv_pool import KVLayout, TokenToKVPool
-from radixkv.model.attention import AttentionBackend, create_backend
+from radixkv.model.attention import AttentionBackend
 from radixkv.model.config import ModelConfig
 from radixkv.model.dtype import resolve_dtype
 from radixkv.model.forward_batch import ForwardBatch
@@ -27,6 +27,19 @@ def kv_layout(
     """The KV pool layout of `config`; its dtype follows the model's unless `dtype` is given."""
     kv_dtype = model_dtype if dtype is None else resolve_dtype(dtype)
     return KVLayout(config.num_layers, config.num_kv_heads, config.head_dim, kv_dtype)
+
+
+def create_backend(name: str, **kwargs: object) -> AttentionBackend:
+    """Instantiate an attention backend by name (`torch`, `triton`)."""
+    if name == "torch":
+        from radixkv.model.torch_backend import TorchNativeBackend
+
+        return TorchNativeBackend(**kwargs)  # type: ignore[arg-type]
+    if name == "triton":
+        from radixkv.model.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend(**kwargs)  # type: ignore[arg-type]
+    raise ValueError(f"unknown attention backend {name!r}; available: torch, triton")
 
 
 class ModelRunner:
