@@ -21,7 +21,9 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024  # a larger frame is refused before it is dec
 MAX_SEED = 2**63 - 1  # seeds are in [0, MAX_SEED]
 
 
-class SamplingParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class SamplingParams(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
+):
     """How to sample and when to stop, as a client sends it (`radixkv.SamplingParams`).
 
     The runtime checks every field once (`radixkv.frontend.validation`); past it, the scheduler
@@ -51,8 +53,9 @@ class ChatMessage(msgspec.Struct, frozen=True):
 # ---- client → runtime ---------------------------------------------------------------------------
 
 
-class GenerateRequest(msgspec.Struct, tag="generate", kw_only=True):
-    """Exactly one of `text`, `messages` (chat, templated by the runtime) or `input_ids`."""
+class GenerateRequest(msgspec.Struct, tag="generate", kw_only=True, forbid_unknown_fields=True):
+    """Exactly one of `text`, `messages` (chat, templated by the runtime) or `input_ids`; a field
+    this runtime does not know is refused, never ignored."""
 
     rid: str
     text: str | None = None

@@ -29,6 +29,8 @@ from radixkv.protocol import (
     TokenChunk,
 )
 
+ROLE_NAMES = {"developer": "system"}  # OpenAI's newer name; chat templates know "system"
+
 
 @dataclass(slots=True)
 class ReqState:
@@ -91,7 +93,7 @@ class TokenizerManager:
     def _encode_chat(self, messages: list[ChatMessage]) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in messages],
+                [{"role": ROLE_NAMES.get(m.role, m.role), "content": m.content} for m in messages],
                 tokenize=False,
                 add_generation_prompt=True,
             )

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from radixkv.protocol import MAX_SEED, ChatMessage, GenerateRequest, SamplingParams
 
-CHAT_ROLES = ("system", "user", "assistant", "tool")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's system
 
 
 class BadRequest(ValueError):

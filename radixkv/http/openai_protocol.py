@@ -4,14 +4,15 @@ Bodies are decoded with msgspec, which checks the types declared below (and Open
 such as temperature <= 2) and names the offending field (`$.temperature`), so every refusal
 becomes a 400 with `param` set. The rules of the request itself (context length, vocabulary,
 sampling ranges) are checked once, by the runtime (`radixkv.frontend.validation`), whose error
-names the field as data. Unknown fields are ignored (clients send many optional ones); fields we
-cannot honour are refused, not ignored.
+names the field as data. No field is silently ignored: a body field we do not declare is refused
+with a 400 naming it, and every declared field is honoured or, at values we cannot honour, refused
+(`_Body.unsupported`); docs/api.md lists them all.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import msgspec
 from msgspec import Meta
@@ -31,12 +32,31 @@ Penalty = Annotated[float, Meta(ge=-2, le=2)]
 Stop = str | list[str] | None
 
 
-class StreamOptions(msgspec.Struct, kw_only=True):
+class StreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     include_usage: bool = False
 
 
-class _Sampling(msgspec.Struct, kw_only=True):
-    """The sampling fields both OpenAI endpoints share."""
+class _Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A request body: a field it does not declare is refused (400 naming it), and every field it
+    declares is honoured or, for values we cannot honour, refused by `unsupported()`. `LIMITS`
+    names the fields honoured only at some values (null is always the default)."""
+
+    LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, message) for a value we cannot honour, or None."""
+        for name, allowed in self.LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                if not allowed:
+                    return name, f"{name} is not supported; leave it out"
+                shown = " or ".join(msgspec.json.encode(v).decode() for v in allowed)
+                return name, f"{name} is not supported except as {shown}; got {value!r}"
+        return None
+
+
+class _Sampling(_Body, kw_only=True):
+    """The fields both OpenAI endpoints share (docs/api.md lists each one, honoured or refused)."""
 
     # OpenAI's API takes an explicit null for every optional field (some clients send them):
     # null means the default, which `sampling()` fills in.
@@ -47,21 +67,37 @@ class _Sampling(msgspec.Struct, kw_only=True):
     top_k: TopK | None = None  # 0 (off); an extension, as in vLLM and SGLang
     seed: Seed | None = None
     stop: Stop = None
+    stop_token_ids: list[int] | None = None  # an extension, as in vLLM and SGLang
     n: Annotated[int, Meta(ge=1)] | None = None  # 1
     stream: bool | None = None  # False
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty | None = None  # 0
     frequency_penalty: Penalty | None = None  # 0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # an end-user id for the caller's records: no effect on the output
     ignore_eos: bool | None = None  # False; an extension, for benchmarks
+    # vLLM's and SGLang's extensions, honoured at their defaults only (for now)
+    min_tokens: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
-    def unsupported(self) -> tuple[str, str] | None:
-        """(param, message) for a value we cannot honour, or None."""
-        if self.n is not None and self.n != 1:
-            return "n", f"n must be 1 (one choice per request), got {self.n}"
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                return name, f"{name} is not supported; leave it at 0"
-        return None
+    LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "n": (1,),
+        "presence_penalty": (0, 0.0),
+        "frequency_penalty": (0, 0.0),
+        "logit_bias": ({},),
+        "min_tokens": (0,),
+        "min_p": (0, 0.0),
+        "repetition_penalty": (1, 1.0),
+        "skip_special_tokens": (True,),
+        "include_stop_str_in_output": (False,),
+        "regex": (),
+        "ebnf": (),
+    }
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -72,6 +108,7 @@ class _Sampling(msgspec.Struct, kw_only=True):
             seed=self.seed,
             max_new_tokens=self.max_tokens or default_max_tokens,
             stop=stop,
+            stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=bool(self.ignore_eos),
         )
 
@@ -84,14 +121,16 @@ class CompletionRequest(_Sampling, kw_only=True):
     """`POST /v1/completions`: `prompt` is a string, token ids, or a list of either (a batch)."""
 
     prompt: str | list[Any]  # msgspec allows one array type per union: checked by prompts()
+    best_of: Annotated[int, Meta(ge=1)] | None = None  # 1
     echo: bool | None = None
-    logprobs: int | None = None
+    logprobs: Annotated[int, Meta(ge=0)] | None = None
     suffix: str | None = None
 
+    LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **_Sampling.LIMITS, "best_of": (1,), "echo": (False,), "logprobs": (), "suffix": ("",),
+    }  # fmt: skip
+
     def unsupported(self) -> tuple[str, str] | None:
-        for name in ("echo", "logprobs", "suffix"):
-            if getattr(self, name):
-                return name, f"{name} is not supported"
         if self.stream and len(self.prompts()) > 1:
             return "prompt", "streaming takes one prompt; send a batch without stream"
         return super().unsupported()
@@ -117,16 +156,29 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-class TextPart(msgspec.Struct, kw_only=True):
+class TextPart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     type: str
     text: str = ""
 
 
-class OpenAIMessage(msgspec.Struct, kw_only=True):
+class OpenAIMessage(_Body, kw_only=True):
+    """A chat message (roles: `radixkv.frontend.validation.CHAT_ROLES`)."""
+
     role: str
     content: str | list[TextPart] | None = None
+    name: str | None = None
+    refusal: str | None = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+
+    LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "name": (), "refusal": (), "tool_calls": ([],), "tool_call_id": (),
+    }  # fmt: skip
 
     def to_chat(self) -> ChatMessage:
+        refused = self.unsupported()
+        if refused is not None:
+            raise ValueError(f"messages: {refused[1]}")
         content = self.content
         if isinstance(content, list):
             if any(part.type != "text" for part in content):
@@ -136,11 +188,16 @@ class OpenAIMessage(msgspec.Struct, kw_only=True):
 
 
 def chat_messages(messages: list[OpenAIMessage]) -> list[Message]:
-    """The runtime's chat messages; raises a 400 ApiError on non-text content."""
+    """The runtime's chat messages; raises a 400 ApiError on what we cannot honour."""
     try:
         return [m.to_chat() for m in messages]
     except ValueError as exc:
         raise ApiError(400, str(exc), "messages", "invalid_value") from None
+
+
+class ResponseFormat(msgspec.Struct, kw_only=True):
+    type: str
+    json_schema: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(_Sampling, kw_only=True):
@@ -149,13 +206,49 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: list[OpenAIMessage]
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0)] | None = None
+    response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # without tools: no effect
+    functions: list[Any] | None = None  # deprecated by OpenAI
+    function_call: str | dict[str, Any] | None = None  # deprecated by OpenAI
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    store: bool | None = None  # OpenAI keeps completions for evals; we keep none
+    metadata: dict[str, str] | None = None  # for stored completions: no effect on the output
+    service_tier: str | None = None
+    safety_identifier: str | None = None  # an end-user id: no effect on the output
+    prompt_cache_key: str | None = None  # a caching hint: the radix cache finds prefixes itself
+
+    LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **_Sampling.LIMITS,
+        "logprobs": (False,),
+        "top_logprobs": (0,),
+        "tools": ([],),
+        "tool_choice": ("none",),
+        "functions": ([],),
+        "function_call": ("none",),
+        "modalities": (["text"],),
+        "audio": (),
+        "prediction": (),
+        "reasoning_effort": (),
+        "verbosity": (),
+        "web_search_options": (),
+        "store": (False,),
+        "service_tier": ("auto", "default"),
+    }
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs:
-            return "logprobs", "logprobs is not supported"
-        if self.tools:
-            return "tools", "tools (function calling) are not supported"
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format", (
+                f"response_format {self.response_format.type!r} is not supported yet (structured "
+                "output); only 'text'"
+            )
         return super().unsupported()
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
@@ -165,8 +258,9 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
         return sp
 
 
-class GenerateBody(msgspec.Struct, kw_only=True):
-    """`POST /generate`, the native endpoint: exactly one of text, input_ids or messages."""
+class GenerateBody(_Body, kw_only=True):
+    """`POST /generate`, the native endpoint: exactly one of text, input_ids or messages; our
+    `SamplingParams` (an unknown sampling field is refused, as on the ZMQ endpoint)."""
 
     text: str | None = None
     input_ids: list[int] | None = None
@@ -215,6 +309,7 @@ class ApiError(Exception):
 
 _PATH = re.compile(r" - at `\$\.([A-Za-z_]+)")  # the top-level field an error is in
 _MISSING = re.compile(r"^Object missing required field `([A-Za-z_]+)`$")
+_UNKNOWN = re.compile(r"^Object contains unknown field `([^`]+)`(?: - at `\$\.([^`]+)`)?$")
 
 
 def decode_body(body: bytes, type_: type[Any]) -> Any:
@@ -222,6 +317,17 @@ def decode_body(body: bytes, type_: type[Any]) -> Any:
     try:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
+        unknown = _UNKNOWN.match(str(exc))
+        if unknown is not None:
+            field, at = unknown.groups()
+            param = f"{at}.{field}" if at else field
+            raise ApiError(
+                400,
+                f"unknown field {param!r}: radixkv does not support it (docs/api.md lists every "
+                "field it honours)",
+                param,
+                "unsupported",
+            ) from None
         match = _PATH.search(str(exc)) or _MISSING.match(str(exc))
         message = str(exc).replace("`$.", "`")
         param = match.group(1) if match else None
