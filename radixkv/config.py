@@ -29,7 +29,8 @@ def parse_size(text: str) -> int:
 
 def option(default: Any, help: str, **cli: Any) -> Any:
     """A ServerArgs field: its default, its help text and how the command line reads it
-    (`choices`, `parse`, `exclusive`: the name of a group of which one may be given)."""
+    (`choices`, `parse`, `aliases`: other flags for it, `exclusive`: the name of a group of
+    which one may be given)."""
     return field(default=default, metadata={"help": help, **cli})
 
 
@@ -56,7 +57,7 @@ class ServerArgs:
                                           exclusive="kv_size")  # fmt: skip
     page_size: int = option(1, "tokens per KV page (radix-tree keys are whole pages)")
     max_context_len: int | None = option(None, "context length (default: the model's, capped at "
-                                         "8192)")  # fmt: skip
+                                         "8192)", aliases=("--context-length",))  # fmt: skip
     # scheduling
     max_running_requests: int = option(64, "requests decoding at once")
     max_prefill_tokens: int = option(4096, "new prompt tokens in one prefill batch")
@@ -79,7 +80,8 @@ class ServerArgs:
                                      "cache)")  # fmt: skip
     # serving
     host: str = option("127.0.0.1", "interface to listen on")
-    port: int = option(0, "client (ZMQ) port; 0 picks a free one")
+    port: int = option(0, "the ZMQ port of radixkv.Client (0 picks a free one). NOT HTTP: "
+                       "SGLang's and vLLM's --port is HTTP, ours is --http-port")  # fmt: skip
     http_port: int | None = option(None, "also serve the OpenAI-compatible HTTP API and /metrics "
                                    "on this port (0 picks a free one)")  # fmt: skip
     api_key: str | None = option(None, "clients must send this key (HTTP: Authorization: Bearer "

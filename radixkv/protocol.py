@@ -81,7 +81,31 @@ class GetStatsRequest(msgspec.Struct, tag="get_stats", kw_only=True):
     api_key: str | None = None
 
 
-ClientMessage = GenerateRequest | AbortRequest | FlushCacheRequest | GetStatsRequest
+class TokenizeRequest(msgspec.Struct, tag="tokenize", kw_only=True, forbid_unknown_fields=True):
+    """Token ids of a text, or of chat messages templated as a generate request would be."""
+
+    rid: str = ""
+    text: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # for text (a chat template places its own)
+    api_key: str | None = None
+
+
+class DetokenizeRequest(msgspec.Struct, tag="detokenize", kw_only=True, forbid_unknown_fields=True):
+    rid: str = ""
+    token_ids: list[int]
+    skip_special_tokens: bool = False
+    api_key: str | None = None
+
+
+ClientMessage = (
+    GenerateRequest
+    | AbortRequest
+    | FlushCacheRequest
+    | GetStatsRequest
+    | TokenizeRequest
+    | DetokenizeRequest
+)
 
 
 # ---- runtime → client ---------------------------------------------------------------------------
@@ -98,11 +122,14 @@ class RequestMeta(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class TokenChunk(msgspec.Struct, tag="chunk", kw_only=True):
-    """A streamed piece of output: new text (never a broken UTF-8 sequence) and its token ids."""
+    """A streamed piece of output: new text (never a broken UTF-8 sequence) and its token ids,
+    with the request's prompt and cached token counts (known once it was admitted)."""
 
     rid: str
     text: str
     token_ids: list[int]
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
 
 
 class GenerateResult(msgspec.Struct, tag="result", kw_only=True):
@@ -159,7 +186,26 @@ class FlushReply(msgspec.Struct, tag="flushed", kw_only=True):
     message: str = ""
 
 
-RuntimeReply = TokenChunk | GenerateResult | ErrorReply | StatsReply | FlushReply
+class TokenizeReply(msgspec.Struct, tag="tokens", kw_only=True):
+    rid: str
+    token_ids: list[int]
+    max_context_len: int
+
+
+class DetokenizeReply(msgspec.Struct, tag="text", kw_only=True):
+    rid: str
+    text: str
+
+
+RuntimeReply = (
+    TokenChunk
+    | GenerateResult
+    | ErrorReply
+    | StatsReply
+    | FlushReply
+    | TokenizeReply
+    | DetokenizeReply
+)
 
 
 # ---- runtime → scheduler ------------------------------------------------------------------------

@@ -220,7 +220,8 @@ def test_native_generate(http):
     out = r.json()
     assert out["text"] == "ababab" and len(out["output_ids"]) == 3
     meta = out["meta_info"]
-    assert meta["finish_reason"] == "length" and meta["completion_tokens"] == 3
+    assert meta["finish_reason"] == {"type": "length", "length": 3}
+    assert meta["completion_tokens"] == 3
     assert meta["cached_tokens"] == meta["prompt_tokens"] // 2
     assert 0 <= meta["ttft"] <= meta["e2e_latency"]
     ids = http.post(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -14,7 +13,7 @@ from radixkv.client.core import (
     DEFAULT_TIMEOUT,
     Call,
     ClientAPI,
-    ControlRequest,
+    Control,
 )
 from radixkv.client.results import LOST, Result
 from radixkv.client.streams import AsyncStream
@@ -102,18 +101,16 @@ class AsyncClient(ClientAPI):
         finally:
             self.abort(rid)  # a no-op once it finished
 
-    async def _control(
-        self, kind: ControlRequest, timeout: float | None, finish: Callable[[Any], Any]
-    ) -> Any:
+    async def _control(self, control: Control, timeout: float | None) -> Any:
         self._start_reader()
-        rid, frame = self._control_request(kind)
+        rid, frame = self._control_request(control)
         self._pending[rid] = asyncio.Queue()
         try:
             await self._sock.send(frame)
             reply = await self._next(rid, timeout)
         finally:
             self._pending.pop(rid, None)
-        return self._control_result(reply, finish)
+        return self._control_result(control, reply)
 
     async def _next(self, rid: str, timeout: float | None) -> Any:
         try:

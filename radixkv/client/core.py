@@ -17,11 +17,14 @@ from typing import Any, TypeAlias
 import msgspec
 import zmq
 
-from radixkv.client.results import RequestError, Result, reply_error
+from radixkv.client.results import LOST, RequestError, Result, reply_error
 from radixkv.protocol import (
     MAX_FRAME_BYTES,
     AbortRequest,
     ChatMessage,
+    DetokenizeReply,
+    DetokenizeRequest,
+    ErrorReply,
     FlushCacheRequest,
     FlushReply,
     GenerateRequest,
@@ -31,6 +34,8 @@ from radixkv.protocol import (
     Stats,
     StatsReply,
     TokenChunk,
+    TokenizeReply,
+    TokenizeRequest,
     reply_codec,
 )
 
@@ -38,7 +43,6 @@ SAMPLING_FIELDS = tuple(SamplingParams.__struct_fields__)
 DEFAULT_TIMEOUT = 600.0
 Message: TypeAlias = "ChatMessage | Mapping[str, str]"
 Prompt: TypeAlias = "str | list[int] | list[Message]"  # text, token ids or chat messages
-ControlRequest: TypeAlias = "type[GetStatsRequest] | type[FlushCacheRequest]"
 
 
 def make_sampling(params: SamplingParams | None, kwargs: dict[str, Any]) -> SamplingParams:
@@ -218,11 +222,37 @@ class ClientAPI(abc.ABC):
 
     def stats(self, timeout: float | None = None) -> Any:
         """The scheduler's counters and gauges (`Stats.hit_rate` = cached / prompt tokens)."""
-        return self._control(GetStatsRequest, self._timeout(timeout), _stats_of)
+        return self._control(Control(GetStatsRequest, {}, _stats_of), self._timeout(timeout))
 
     def flush_cache(self, timeout: float | None = None) -> Any:
         """Empty the radix cache; raises RequestError while requests are in flight."""
-        return self._control(FlushCacheRequest, self._timeout(timeout), _flushed)
+        return self._control(Control(FlushCacheRequest, {}, _flushed), self._timeout(timeout))
+
+    def tokenize(
+        self,
+        prompt: str | Sequence[Message],
+        *,
+        add_special_tokens: bool = True,
+        timeout: float | None = None,
+    ) -> Any:
+        """The token ids the runtime makes of a text, or of chat messages templated as for
+        `chat` (with the generation prompt)."""
+        if isinstance(prompt, str):
+            fields = {"text": prompt, "add_special_tokens": add_special_tokens}
+        else:
+            fields = {"messages": to_messages(prompt)}
+        return self._control(Control(TokenizeRequest, fields, _token_ids), self._timeout(timeout))
+
+    def detokenize(
+        self,
+        token_ids: Sequence[int],
+        *,
+        skip_special_tokens: bool = False,
+        timeout: float | None = None,
+    ) -> Any:
+        """The text of token ids."""
+        fields = {"token_ids": list(token_ids), "skip_special_tokens": skip_special_tokens}
+        return self._control(Control(DetokenizeRequest, fields, _text), self._timeout(timeout))
 
     # ---- what the transports use --------------------------------------------------------------
 
@@ -261,9 +291,11 @@ class ClientAPI(abc.ABC):
             out.append((rid, frame))
         return out
 
-    def _control_request(self, kind: ControlRequest) -> tuple[str, bytes]:
+    def _control_request(self, control: Control) -> tuple[str, bytes]:
         rid = f"c{next(self._ids)}"
-        return rid, self._encoder.encode(kind(rid=rid, api_key=self.api_key))
+        return rid, self._encoder.encode(
+            control.kind(rid=rid, api_key=self.api_key, **control.fields)
+        )
 
     def _abort_frame(self, rid: str) -> bytes:
         return self._encoder.encode(AbortRequest(rid=rid, api_key=self.api_key))
@@ -290,10 +322,10 @@ class ClientAPI(abc.ABC):
             raise self._failure(reply, call.context(index))
         return Result.from_reply(reply)
 
-    def _control_result(self, reply: Any, finish: Callable[[Any], Any]) -> Any:
-        if not isinstance(reply, (StatsReply, FlushReply)):
+    def _control_result(self, control: Control, reply: Any) -> Any:
+        if isinstance(reply, ErrorReply) or reply is LOST:
             raise self._failure(reply)
-        return finish(reply)
+        return control.finish(reply)
 
     def _no_reply(self, timeout: float | None) -> TimeoutError:
         return TimeoutError(
@@ -307,10 +339,9 @@ class ClientAPI(abc.ABC):
         awaitable of them)."""
 
     @abc.abstractmethod
-    def _control(
-        self, kind: ControlRequest, timeout: float | None, finish: Callable[[Any], Any]
-    ) -> Any:
-        """Send a control request; `finish(reply)` of its reply (or an awaitable of it)."""
+    def _control(self, control: Control, timeout: float | None) -> Any:
+        """Send a control request; `control.finish(reply)` of its reply (the async client: an
+        awaitable of it)."""
 
 
 def is_final(reply: Any) -> bool:
@@ -318,12 +349,36 @@ def is_final(reply: Any) -> bool:
     return not isinstance(reply, TokenChunk)
 
 
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A request answered by the runtime at once (no generation): what to send, and how its
+    reply becomes the call's value (`finish` raises on a reply of the wrong kind)."""
+
+    kind: type[msgspec.Struct]
+    fields: dict[str, Any]
+    finish: Callable[[Any], Any]
+
+
+def _expect(reply: Any, kind: type) -> Any:
+    if not isinstance(reply, kind):
+        raise RequestError(f"unexpected reply {type(reply).__name__}", "internal")
+    return reply
+
+
 def _stats_of(reply: Any) -> Stats:
-    assert isinstance(reply, StatsReply)
-    return reply.stats
+    return _expect(reply, StatsReply).stats
+
+
+def _token_ids(reply: Any) -> list[int]:
+    ids: list[int] = _expect(reply, TokenizeReply).token_ids
+    return ids
+
+
+def _text(reply: Any) -> str:
+    text: str = _expect(reply, DetokenizeReply).text
+    return text
 
 
 def _flushed(reply: Any) -> None:
-    assert isinstance(reply, FlushReply)
-    if not reply.ok:
+    if not _expect(reply, FlushReply).ok:
         raise RequestError(f"cannot flush the cache: {reply.message}", "bad_request")

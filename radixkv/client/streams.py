@@ -33,6 +33,10 @@ class _StreamState:
         self._timeout = timeout
         self.result: Result | None = None
         self._done = False
+        # progress so far (the Result has the final counts)
+        self.completion_tokens = 0
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
 
     @contextlib.contextmanager
     def _ending_on_error(self) -> Iterator[None]:
@@ -47,6 +51,8 @@ class _StreamState:
         """Text for a non-empty chunk, None for an empty one, the Result at the end; raises the
         request's error."""
         if isinstance(reply, TokenChunk):
+            self.completion_tokens += len(reply.token_ids)
+            self.prompt_tokens, self.cached_tokens = reply.prompt_tokens, reply.cached_tokens
             return reply.text or None
         self._done = True
         if isinstance(reply, GenerateResult):

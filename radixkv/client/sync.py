@@ -6,7 +6,7 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import zmq
@@ -15,7 +15,7 @@ from radixkv.client.core import (
     DEFAULT_TIMEOUT,
     Call,
     ClientAPI,
-    ControlRequest,
+    Control,
 )
 from radixkv.client.results import LOST, Result
 from radixkv.client.streams import Stream
@@ -108,18 +108,16 @@ class Client(ClientAPI):
                     self._abort_now(rid)
         return [results[r] for r in rids]
 
-    def _control(
-        self, kind: ControlRequest, timeout: float | None, finish: Callable[[Any], Any]
-    ) -> Any:
+    def _control(self, control: Control, timeout: float | None) -> Any:
         with self._use():
-            rid, frame = self._control_request(kind)
+            rid, frame = self._control_request(control)
             self._pending[rid] = deque()
             self._sock.send(frame)
             try:
                 _, reply = self._wait([rid], timeout)
             finally:
                 self._pending.pop(rid, None)
-        return self._control_result(reply, finish)
+        return self._control_result(control, reply)
 
     def _abort_now(self, rid: str) -> None:
         self._pending.pop(rid, None)

@@ -28,6 +28,8 @@ from radixkv.protocol import (
     MAX_FRAME_BYTES,
     AbortRequest,
     BatchOutput,
+    DetokenizeReply,
+    DetokenizeRequest,
     ErrorReply,
     Fatal,
     FlushCacheRequest,
@@ -40,6 +42,8 @@ from radixkv.protocol import (
     ReqError,
     StatsReply,
     TokenizedRequest,
+    TokenizeReply,
+    TokenizeRequest,
     client_codec,
 )
 
@@ -240,6 +244,8 @@ class RuntimeServer:
             return
         if isinstance(msg, GenerateRequest):
             self._on_generate(identity, msg)
+        elif isinstance(msg, (TokenizeRequest, DetokenizeRequest)):
+            self._on_tokenize(identity, msg)
         elif isinstance(msg, AbortRequest):
             rid = self.by_client.get((identity, msg.rid))
             if rid is not None:
@@ -255,6 +261,21 @@ class RuntimeServer:
                 else GetStatsRequest(rid=rid)
             )
             self.child.send(forward)
+
+    def _on_tokenize(self, identity: bytes, msg: TokenizeRequest | DetokenizeRequest) -> None:
+        """Answered here: the tokenizer is the runtime process's, the scheduler is not needed."""
+        assert self.tm is not None
+        try:
+            if isinstance(msg, TokenizeRequest):
+                ids = self.tm.tokenize_only(msg)
+                context = self.tm.max_context_len
+                self._reply(
+                    identity, TokenizeReply(rid=msg.rid, token_ids=ids, max_context_len=context)
+                )
+            else:
+                self._reply(identity, DetokenizeReply(rid=msg.rid, text=self.tm.detokenize(msg)))
+        except BadRequest as exc:
+            self._error(identity, msg.rid, str(exc), param=exc.param)
 
     def _on_generate(self, identity: bytes, msg: GenerateRequest) -> None:
         assert self.tm is not None

@@ -20,6 +20,7 @@ from radixkv.frontend.validation import (
 )
 from radixkv.protocol import (
     ChatMessage,
+    DetokenizeRequest,
     GenerateRequest,
     GenerateResult,
     Ready,
@@ -27,6 +28,7 @@ from radixkv.protocol import (
     RequestMeta,
     RuntimeReply,
     TokenChunk,
+    TokenizeRequest,
 )
 
 ROLE_NAMES = {"developer": "system"}  # OpenAI's newer name; chat templates know "system"
@@ -90,6 +92,25 @@ class TokenizerManager:
         check_fits_context(len(ids), req.sampling.max_new_tokens, self.max_context_len)
         return ids
 
+    def tokenize_only(self, req: TokenizeRequest) -> list[int]:
+        """The token ids of a text or of chat messages (as `tokenize` would make them for a
+        generate request), without a generation's checks; raises BadRequest."""
+        if (req.text is None) == (req.messages is None):
+            raise BadRequest("give exactly one of text or messages", "prompt")
+        if req.messages is not None:
+            check_messages(req.messages, self.max_prompt_chars, self.max_context_len)
+            return self._encode_chat(req.messages)
+        check_text(req.text or " ", self.max_prompt_chars, self.max_context_len)
+        return list(self.tokenizer.encode(req.text, add_special_tokens=req.add_special_tokens))
+
+    def detokenize(self, req: DetokenizeRequest) -> str:
+        """The text of token ids; raises BadRequest on ids outside the vocabulary."""
+        check_token_ids(req.token_ids, self.vocab_size)
+        text: str = self.tokenizer.decode(
+            req.token_ids, skip_special_tokens=req.skip_special_tokens
+        )
+        return text
+
     def _encode_chat(self, messages: list[ChatMessage]) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(
@@ -135,7 +156,11 @@ class TokenizerManager:
             if safe > state.sent or out.token_ids:
                 replies.append(
                     TokenChunk(
-                        rid=state.rid, text=state.text[state.sent : safe], token_ids=out.token_ids
+                        rid=state.rid,
+                        text=state.text[state.sent : safe],
+                        token_ids=out.token_ids,
+                        prompt_tokens=out.prompt_tokens,
+                        cached_tokens=out.cached_tokens,
                     )
                 )
                 state.sent = max(state.sent, safe)

@@ -44,6 +44,7 @@ class GatewayConfig:
     max_context_len: int
     metrics: RuntimeMetrics
     dead: Callable[[], str | None]  # why the scheduler is gone, or None while it serves
+    server_info: dict[str, Any]  # the launch options and the scheduler's handshake (no API key)
     max_body_bytes: int = MAX_BODY_BYTES
     timeout: float = DEFAULT_TIMEOUT  # seconds to wait for a result or the next chunk
 

@@ -1,8 +1,12 @@
-"""The native routes, as SGLang names them: `/generate` (text, token ids or chat messages with
-our sampling parameters, meta info per request), `/flush_cache` and Prometheus `/metrics`."""
+"""The native routes, in SGLang's formats: `/generate` (text, token ids or chat messages with our
+sampling parameters; `meta_info` per request, and in every event of a stream, whose `text` is
+cumulative), `/flush_cache` and vLLM's `/reset_prefix_cache`, `/get_server_info`,
+`/get_model_info`, `/health_generate`, `/tokenize`, `/detokenize`, and Prometheus `/metrics`."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends
@@ -14,19 +18,42 @@ from radixkv.client.core import Prompt
 from radixkv.client.results import Result
 from radixkv.client.streams import AsyncStream
 from radixkv.http.gateway import ClientGone, Gateway
-from radixkv.http.openai_protocol import ApiError, GenerateBody, chat_messages
+from radixkv.http.openai_protocol import (
+    ApiError,
+    DetokenizeBody,
+    GenerateBody,
+    TokenizeBody,
+    chat_messages,
+)
 from radixkv.http.responses import closed, event_stream, json_response, sse
+from radixkv.protocol import SamplingParams
+
+HEALTH_PROBE = SamplingParams(max_new_tokens=1, ignore_eos=True)
 
 
-def native_result(r: Result) -> dict[str, Any]:
-    meta = {
-        "finish_reason": r.finish_reason,
-        "prompt_tokens": r.prompt_tokens,
-        "cached_tokens": r.cached_tokens,
-        "completion_tokens": r.completion_tokens,
-        "ttft": r.ttft,
-        "e2e_latency": r.latency,
+def finish_reason(r: Result) -> dict[str, Any]:
+    """SGLang's form: {"type": "length", "length": n} or {"type": "stop"} (or "abort")."""
+    if r.finish_reason == "length":
+        return {"type": "length", "length": r.completion_tokens}
+    return {"type": r.finish_reason}
+
+
+def meta_info(
+    rid: str, prompt_tokens: int, cached_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "finish_reason": None,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "cached_tokens": cached_tokens,
+        "cached_tokens_details": {"device": cached_tokens, "host": 0},
     }
+
+
+def native_result(rid: str, r: Result) -> dict[str, Any]:
+    meta = meta_info(rid, r.prompt_tokens, r.cached_tokens, r.completion_tokens)
+    meta.update(finish_reason=finish_reason(r), ttft=r.ttft, e2e_latency=r.latency)
     return {"text": r.text, "output_ids": r.token_ids, "meta_info": meta}
 
 
@@ -37,37 +64,83 @@ def native_router(gw: Gateway) -> APIRouter:
     async def generate(request: Request) -> Response:
         """Text, token ids or chat messages with our sampling parameters; meta info per request."""
         req = await gw.body(request, GenerateBody)
-        prompt = native_prompt(req)
-        sp = req.sampling_params
+        refused = req.unsupported()
+        if refused is not None:
+            raise ApiError(400, refused[1], refused[0], "unsupported")
+        prompt, sp, rid = native_prompt(req), req.sampling_params, uuid.uuid4().hex
         if req.stream:
-
-            def render(item: str | Result) -> list[bytes]:
-                if isinstance(item, str):
-                    return [sse({"text": item})]
-                return [sse(native_result(item))]
-
-            async def open_stream() -> AsyncStream:
-                return await gw.client.stream(prompt, params=sp)
-
-            return await event_stream(gw, request, open_stream, render)
+            return await stream_generate(gw, request, prompt, sp, rid)
         try:
             r = await gw.call(request, lambda: gw.client.complete(prompt, params=sp))
         except ClientGone:
             return closed()
-        return json_response(native_result(r))
+        return json_response(native_result(rid, r))
 
     @router.post("/flush_cache")
     async def flush_cache(request: Request) -> Response:
         """Empty the radix cache; 409 while requests are in flight."""
+        return await flush(gw, request)
+
+    @router.post("/reset_prefix_cache")
+    async def reset_prefix_cache(request: Request) -> Response:
+        """vLLM's name for `/flush_cache`."""
+        return await flush(gw, request)
+
+    @router.get("/get_server_info")
+    @router.get("/server_info")
+    async def get_server_info(request: Request) -> Response:
+        """The launch options and the scheduler's handshake; `internal_states` the live counters."""
         try:
-            await gw.call(request, lambda: gw.client.flush_cache())
-        except ApiError as exc:
-            if exc.code == "bad_request":
-                raise ApiError(409, exc.message, None, "busy") from None
-            raise
+            stats = await gw.call(request, lambda: gw.client.stats())
         except ClientGone:
             return closed()
-        return json_response({"ok": True})
+        live = {
+            "running": stats.running, "waiting": stats.waiting, "kv_used": stats.kv_used,
+            "kv_capacity": stats.kv_capacity, "hit_rate": stats.hit_rate,
+        }  # fmt: skip
+        return json_response({**gw.config.server_info, "internal_states": [live]})
+
+    @router.get("/get_model_info")
+    @router.get("/model_info")
+    async def get_model_info() -> Response:
+        info = gw.config.server_info
+        return json_response({"model_path": info["model_path"], "tokenizer_path": info["model"],
+                              "is_generation": True})  # fmt: skip
+
+    @router.get("/health_generate")
+    async def health_generate(request: Request) -> Response:
+        """200 once a one-token generation went through the whole stack; 503 otherwise."""
+        try:
+            await gw.call(request, lambda: gw.client.complete([0], params=HEALTH_PROBE))
+        except ClientGone:
+            return closed()
+        except ApiError as exc:
+            raise ApiError(503, f"generation failed: {exc.message}", None, "unavailable") from None
+        return json_response({"status": "ok"})
+
+    @router.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        """vLLM's and SGLang's: `prompt` (a text) or `messages` -> `tokens`, `count`."""
+        req = await gw.body(request, TokenizeBody)
+        refused = req.unsupported()
+        if refused is not None:
+            raise ApiError(400, refused[1], refused[0], "unsupported")
+        gw.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise ApiError(400, "give exactly one of prompt or messages", "prompt", "invalid")
+        what = req.prompt if req.prompt is not None else chat_messages(req.messages or [])
+        add = req.add_special_tokens
+        ids = await gw.call(request, lambda: gw.client.tokenize(what, add_special_tokens=add))
+        context = gw.config.max_context_len
+        return json_response({"tokens": ids, "count": len(ids), "max_model_len": context})
+
+    @router.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        """`tokens` -> `text` (SGLang's name) and `prompt` (vLLM's)."""
+        req = await gw.body(request, DetokenizeBody)
+        gw.check_model(req.model)
+        text = await gw.call(request, lambda: gw.client.detokenize(req.tokens))
+        return json_response({"text": text, "prompt": text})
 
     @router.get("/metrics")
     async def metrics(request: Request) -> Response:
@@ -81,6 +154,45 @@ def native_router(gw: Gateway) -> APIRouter:
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     return router
+
+
+async def flush(gw: Gateway, request: Request) -> Response:
+    try:
+        await gw.call(request, lambda: gw.client.flush_cache())
+    except ApiError as exc:
+        if exc.code == "bad_request":
+            raise ApiError(409, exc.message, None, "busy") from None
+        raise
+    except ClientGone:
+        return closed()
+    return json_response({"ok": True})
+
+
+async def stream_generate(
+    gw: Gateway, request: Request, prompt: Prompt, sp: SamplingParams, rid: str
+) -> Response:
+    """SGLang's stream: every event carries the text so far and `meta_info` (the token counts
+    so far; `finish_reason` set in the last, which also has `output_ids`)."""
+    text = ""
+
+    async def open_stream() -> AsyncIterator[tuple[str | Result, tuple[int, int, int]]]:
+        stream: AsyncStream = await gw.client.stream(prompt, params=sp)
+
+        async def items() -> AsyncIterator[tuple[str | Result, tuple[int, int, int]]]:
+            async for item in stream:  # the counts as they were when the item came
+                yield item, (stream.prompt_tokens, stream.cached_tokens, stream.completion_tokens)
+
+        return items()
+
+    def render(event: tuple[str | Result, tuple[int, int, int]]) -> list[bytes]:
+        nonlocal text
+        item, counts = event
+        if isinstance(item, Result):
+            return [sse(native_result(rid, item))]
+        text += item
+        return [sse({"text": text, "meta_info": meta_info(rid, *counts)})]
+
+    return await event_stream(gw, request, open_stream, render)
 
 
 def native_prompt(req: GenerateBody) -> Prompt:

@@ -2,7 +2,8 @@
 
 `usage.prompt_tokens_details.cached_tokens` is the prefix the radix cache served. Streams are
 server-sent events, one JSON chunk per `data:` line, ending with `data: [DONE]`; with
-`stream_options.include_usage` a last chunk with empty `choices` carries the usage.
+`stream_options.include_usage` a last chunk with empty `choices` carries the usage. SGLang's
+`sglext.cached_tokens_details` stands beside every `usage`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,18 @@ from radixkv.http.openai_protocol import (
 )
 from radixkv.http.responses import closed, event_stream, json_response, sse
 from radixkv.protocol import SamplingParams
+
+
+def sglext(results: list[Result]) -> dict[str, Any]:
+    """SGLang's extension object, beside `usage`: where the cached tokens came from (all from
+    the KV pool on the device here; a host tier would add to `host`)."""
+    cached = sum(r.cached_tokens for r in results)
+    return {"cached_tokens_details": {"device": cached, "host": 0}}
+
+
+def usage_chunk(head: dict[str, Any], result: Result) -> bytes:
+    """The last event of a stream that asked for usage: no choices."""
+    return sse({**head, "choices": [], "usage": usage([result]), "sglext": sglext([result])})
 
 
 def usage(results: list[Result]) -> dict[str, Any]:
@@ -83,7 +96,16 @@ def openai_router(gw: Gateway) -> APIRouter:
                     return [sse({**head, "choices": [choice(0, item, None)]})]
                 events = [sse({**head, "choices": [choice(0, "", item.finish_reason)]})]
                 if req.include_usage:
-                    events.append(sse({**head, "choices": [], "usage": usage([item])}))
+                    events.append(
+                        sse(
+                            {
+                                **head,
+                                "choices": [],
+                                "usage": usage([item]),
+                                "sglext": sglext([item]),
+                            }
+                        )
+                    )
                 return events
 
             return await event_stream(
@@ -105,7 +127,8 @@ def openai_router(gw: Gateway) -> APIRouter:
         except ClientGone:
             return closed()
         choices = [choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
-        return json_response({**head, "choices": choices, "usage": usage(results)})
+        body = {**head, "choices": choices, "usage": usage(results), "sglext": sglext(results)}
+        return json_response(body)
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -123,7 +146,8 @@ def openai_router(gw: Gateway) -> APIRouter:
             return closed()
         message = {"role": "assistant", "content": r.text}
         choice = {"index": 0, "message": message, "finish_reason": r.finish_reason}
-        body = {**head, "object": "chat.completion", "choices": [choice], "usage": usage([r])}
+        body = {**head, "object": "chat.completion", "choices": [choice], "usage": usage([r]),
+                "sglext": sglext([r])}  # fmt: skip
         return json_response(body)
 
     return router
@@ -152,7 +176,9 @@ async def stream_chat(
             return [*events, chunk({"content": item}, None)]
         events.append(chunk({}, item.finish_reason))
         if req.include_usage:
-            events.append(sse({**head, "choices": [], "usage": usage([item])}))
+            events.append(
+                sse({**head, "choices": [], "usage": usage([item]), "sglext": sglext([item])})
+            )
         return events
 
     return await event_stream(gw, request, lambda: gw.client.stream(messages, params=sp), render)

@@ -260,13 +260,46 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 
 class GenerateBody(_Body, kw_only=True):
     """`POST /generate`, the native endpoint: exactly one of text, input_ids or messages; our
-    `SamplingParams` (an unknown sampling field is refused, as on the ZMQ endpoint)."""
+    `SamplingParams` (an unknown sampling field is refused, as on the ZMQ endpoint). SGLang's
+    other fields are honoured at their defaults only (its benchmark sends them)."""
 
     text: str | None = None
     input_ids: list[int] | None = None
     messages: list[OpenAIMessage] | None = None
     sampling_params: SamplingParams = SamplingParams()
     stream: bool = False
+    return_logprob: bool | None = None
+    logprob_start_len: int | None = None
+    top_logprobs_num: int | None = None
+    return_text_in_logprobs: bool | None = None  # without return_logprob: no effect
+    lora_path: str | None = None
+    image_data: Any = None
+    rid: str | None = None
+
+    LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "return_logprob": (False,), "logprob_start_len": (-1,), "top_logprobs_num": (0,),
+        "lora_path": (), "image_data": (), "rid": (),
+    }  # fmt: skip
+
+
+class TokenizeBody(_Body, kw_only=True):
+    """`POST /tokenize` (vLLM's and SGLang's): a text, or chat messages templated with the
+    generation prompt as `/v1/chat/completions` would."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[OpenAIMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool | None = None
+
+    LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {"add_generation_prompt": (True,)}
+
+
+class DetokenizeBody(_Body, kw_only=True):
+    """`POST /detokenize`: token ids -> text."""
+
+    model: str | None = None
+    tokens: list[int]
 
 
 # ---- errors -------------------------------------------------------------------------------------

@@ -4,15 +4,16 @@ non-answer to a client that has gone."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from radixkv.client.results import Result
 from radixkv.http.gateway import ClientGone, Gateway
 from radixkv.http.openai_protocol import ApiError
+
+T = TypeVar("T")  # what a stream yields (text and the Result, or richer items)
 
 
 def error_response(exc: ApiError) -> Response:
@@ -39,8 +40,8 @@ SSE_DONE = b"data: [DONE]\n\n"
 async def event_stream(
     gw: Gateway,
     request: Request,
-    open_stream: Callable[[], Awaitable[AsyncIterator[str | Result]]],
-    render: Callable[[str | Result], list[bytes]],
+    open_stream: Callable[[], Awaitable[AsyncIterator[T]]],
+    render: Callable[[T], list[bytes]],
 ) -> Response:
     """Stream as SSE. The first item is awaited before answering, so a refused request gets a
     proper error status instead of a 200 whose stream carries the error."""

@@ -14,14 +14,16 @@ once with a clear message, before any model is loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from radixkv import __version__
 from radixkv.config import ServerArgs
 from radixkv.http.gateway import GatewayConfig
 from radixkv.http.metrics import RuntimeMetrics
@@ -86,7 +88,25 @@ def gateway_config(
         max_context_len=ready.max_context_len,
         metrics=metrics,
         dead=dead,
+        server_info=server_info(args, ready),
     )
+
+
+def server_info(args: ServerArgs, ready: Ready) -> dict[str, Any]:
+    """`/get_server_info`: the launch options (not the API key) and what the scheduler reported,
+    under SGLang's names where it has them."""
+    options = {k: v for k, v in dataclasses.asdict(args).items() if k != "api_key"}
+    return {
+        **options,
+        "model_path": ready.model,
+        "context_length": ready.max_context_len,
+        "max_total_num_tokens": ready.kv_capacity,
+        "page_size": ready.page_size,
+        "max_running_requests": ready.max_running_requests,
+        "dtype": ready.dtype,
+        "eos_token_ids": ready.eos_token_ids,
+        "version": __version__,
+    }
 
 
 class HttpServer:

@@ -44,7 +44,7 @@ def add_server_args(parser: argparse.ArgumentParser | Any, skip: Sequence[str] =
             if meta["exclusive"] not in groups:
                 groups[meta["exclusive"]] = parser.add_mutually_exclusive_group()
             target = groups[meta["exclusive"]]
-        target.add_argument(flag, **kwargs)
+        target.add_argument(flag, *meta.get("aliases", ()), **kwargs)
 
 
 def server_args(ns: argparse.Namespace, skip: Sequence[str] = ()) -> ServerArgs:

@@ -1,0 +1,115 @@
+"""What SGLang's and vLLM's clients and benchmarks read: `/generate` streams in SGLang's format,
+`sglext` beside usage, the server-info, model-info, health, tokenize and cache-reset endpoints,
+and `--context-length`. Fake scheduler (tests/fake_scheduler.py): the output echoes the prompt."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import httpx2 as httpx
+import pytest
+
+import radixkv
+from radixkv.tools.cli import build_parser
+from radixkv.tools.flags import server_args
+
+KEY = "s3cret-key"
+FAKE = "fake_scheduler:run_fake_scheduler"
+
+
+@pytest.fixture(scope="module")
+def rt():
+    with radixkv.Runtime(scheduler=FAKE, api_key=KEY, http_port=0, start_timeout=60) as rt:
+        yield rt
+
+
+@pytest.fixture
+def http(rt):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=rt.http_url, headers=headers, timeout=20) as client:
+        yield client
+
+
+def events(r: httpx.Response) -> list[dict]:
+    lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def test_generate_streams_cumulative_text_and_meta_info_in_every_event(http):
+    body = {"text": "abc", "sampling_params": {"max_new_tokens": 6}, "stream": True}
+    with http.stream("POST", "/generate", json=body) as r:
+        evs = events(r)
+    texts = [e["text"] for e in evs]
+    assert texts[-1] == "abc" * 6  # "abc" is one token: the fake echoes it
+    assert all(b.startswith(a) for a, b in itertools.pairwise(texts))
+    counts = [e["meta_info"]["completion_tokens"] for e in evs]
+    assert counts == sorted(counts) and counts[-1] == 6 and counts[0] >= 1
+    assert {e["meta_info"]["id"] for e in evs} == {evs[0]["meta_info"]["id"]}
+    assert all(e["meta_info"]["finish_reason"] is None for e in evs[:-1])
+    last = evs[-1]["meta_info"]
+    assert last["finish_reason"] == {"type": "length", "length": 6}
+    assert last["prompt_tokens"] == evs[0]["meta_info"]["prompt_tokens"] > 0
+    assert last["cached_tokens_details"] == {"device": last["cached_tokens"], "host": 0}
+
+
+def test_sglang_benchmark_request_is_accepted(http):
+    """The body `python -m sglang.bench_serving --backend sglang` sends."""
+    body = {"text": "hi there", "sampling_params": {"temperature": 0.0, "max_new_tokens": 4,
+            "ignore_eos": True}, "stream": True, "lora_path": None, "return_logprob": False,
+            "logprob_start_len": -1}  # fmt: skip
+    with http.stream("POST", "/generate", json=body) as r:
+        assert r.status_code == 200
+        assert events(r)[-1]["meta_info"]["completion_tokens"] == 4
+
+
+def test_sglext_beside_usage(http):
+    r = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2}).json()
+    cached = r["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert r["sglext"] == {"cached_tokens_details": {"device": cached, "host": 0}}
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    with http.stream("POST", "/v1/chat/completions", json=body) as s:
+        last = events(s)[-1]
+    assert last["choices"] == [] and "cached_tokens_details" in last["sglext"]
+
+
+def test_server_and_model_info(http):
+    info = http.get("/get_server_info").json()
+    assert info == http.get("/server_info").json() | {"internal_states": info["internal_states"]}
+    assert info["context_length"] == 4096 and info["model_path"] == "smollm2-135m"
+    assert "api_key" not in info and KEY not in json.dumps(info)
+    assert info["internal_states"][0]["kv_capacity"] > 0
+    model = http.get("/get_model_info").json()
+    assert model["model_path"] == "smollm2-135m" and model["is_generation"] is True
+
+
+def test_reset_prefix_cache_and_health_generate(http):
+    assert http.post("/reset_prefix_cache").json() == {"ok": True}
+    assert http.get("/health_generate").json() == {"status": "ok"}
+
+
+def test_tokenize_and_detokenize(rt, http):
+    r = http.post("/tokenize", json={"prompt": "Hello world"}).json()
+    assert r["tokens"] == rt.client.tokenize("Hello world") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == 4096
+    assert http.post("/detokenize", json={"tokens": r["tokens"]}).json()["text"] == "Hello world"
+    chat = [{"role": "user", "content": "hi"}]
+    ids = http.post("/tokenize", json={"messages": chat}).json()["tokens"]
+    assert ids == rt.client.tokenize(chat)
+    assert rt.client.detokenize(ids).endswith("<|im_start|>assistant\n")
+    done = rt.client.generate_ids(ids, max_new_tokens=1)
+    assert done.prompt_tokens == len(ids)  # the same tokens a chat request is made of
+    bad = http.post("/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and "vocabulary" in bad.json()["error"]["message"]
+    both = http.post("/tokenize", json={"prompt": "a", "messages": chat})
+    assert both.status_code == 400
+
+
+def test_context_length_is_an_alias_and_port_says_it_is_not_http():
+    ns = build_parser().parse_args(["launch", "--context-length", "1024"])
+    assert server_args(ns).max_context_len == 1024
+    assert (
+        "NOT HTTP" in build_parser()._subparsers._group_actions[0].choices["launch"].format_help()
+    )
