@@ -39,10 +39,30 @@ class SamplingParams(
     stop: list[str] = msgspec.field(default_factory=list)
     stop_token_ids: list[int] = msgspec.field(default_factory=list)
     ignore_eos: bool = False
+    # vLLM's definitions (docs/api.md): penalties on the tokens generated so far (repetition: on
+    # the prompt's too), EOS and stop ids barred until min_new_tokens, min_p relative to the top
+    # token's probability, logit_bias added to the logits.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether a penalty, a bias or min_new_tokens changes this request's logits."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.min_new_tokens
+            or self.logit_bias
+        )
 
 
 class ChatMessage(msgspec.Struct, frozen=True):

@@ -111,7 +111,11 @@ class PoolDriver:
         batch = self.build_decode(reqs) if decode else self.build_extend(reqs)
         logits = self.runner.forward(batch)
         next_ids = self.runner.sample(
-            logits, [r.params for r in reqs], [r.generator for r in reqs]
+            logits,
+            [r.params for r in reqs],
+            [r.generator for r in reqs],
+            [r.output for r in reqs],
+            [r.tokens[: r.prompt_len] for r in reqs],
         ).tolist()
         for r, t in zip(reqs, next_ids, strict=True):
             r.tokens.append(t)

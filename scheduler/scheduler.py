@@ -290,7 +290,13 @@ class Scheduler:
         log.info("retracted %s (%d tokens generated) to free KV", req.rid, len(req.output_ids))
 
     def _sample(self, logits: torch.Tensor, reqs: list[Req]) -> list[int]:
-        ids = self.runner.sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        ids = self.runner.sample(
+            logits,
+            [r.params for r in reqs],
+            [r.generator for r in reqs],
+            [r.output_ids for r in reqs],
+            [r.prompt_ids for r in reqs],
+        )
         return ids.tolist()
 
     def _append(self, req: Req, token: int) -> list[ReqOutput]:

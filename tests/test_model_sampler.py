@@ -105,3 +105,60 @@ def test_sampling_params_are_validated_once_at_the_front_end() -> None:
             check_sampling(bad, vocab_size=100)
         assert err.value.param == param
     check_sampling(SamplingParams(stop_token_ids=[1, 2]), vocab_size=100)
+
+
+def reference_adjust(logits, p: SamplingParams, output, prompt, eos):
+    """vLLM's definitions, one request at a time, in plain Python."""
+    out = logits.clone()
+    for t in range(out.shape[0]):
+        count = output.count(t)
+        if t in output or t in prompt:
+            r = p.repetition_penalty
+            out[t] = out[t] / r if out[t] > 0 else out[t] * r
+        out[t] -= p.frequency_penalty * count + p.presence_penalty * (count > 0)
+        out[t] += p.logit_bias.get(t, 0.0)
+    if len(output) < p.min_new_tokens:
+        for t in {*p.stop_token_ids, *(() if p.ignore_eos else eos)}:
+            out[t] = float("-inf")
+    return out
+
+
+def test_penalties_bias_and_min_tokens_follow_their_definitions() -> None:
+    from radixkv.model.penalties import adjust_logits
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, VOCAB, generator=g) * 3
+    params = [
+        SamplingParams(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.7),
+        SamplingParams(),  # untouched beside the others
+        SamplingParams(logit_bias={3: -100.0, 7: 5.5}, repetition_penalty=0.8),
+        SamplingParams(min_new_tokens=4, stop_token_ids=[9], max_new_tokens=8),
+        SamplingParams(min_new_tokens=2, ignore_eos=True, stop_token_ids=[11], max_new_tokens=8),
+    ]
+    outputs = [[1, 1, 2, 40], [5], [3, 3, 3], [0, 4], [6]]
+    prompts = [[2, 9, 30], [1], [7, 8], [1], [2]]
+    eos = frozenset({2})
+    got = adjust_logits(logits, params, outputs, prompts, eos)
+    for i, p in enumerate(params):
+        want = reference_adjust(logits[i], p, outputs[i], prompts[i], eos)
+        torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[1], logits[1])
+    assert got[3, 9] == got[3, 2] == float("-inf") and got[4, 11] == float("-inf")
+    assert got[4, 2] != float("-inf")  # ignore_eos: EOS is no stop, so it is not barred
+
+
+def test_min_p_drops_unlikely_tokens() -> None:
+    probs = [0.5, 0.3, 0.15, 0.05]
+    seen = set(
+        draws(SamplingParams(temperature=1.0, min_p=0.25, seed=2), logits_for(probs)).tolist()
+    )
+    assert seen == {0, 1, 2}  # 0.05 < 0.25 * 0.5: dropped; 0.15 >= 0.125: kept
+
+
+def test_greedy_requests_see_their_penalties_and_others_do_not() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0], [1.0, 3.0, 2.0]])
+    params = [SamplingParams(logit_bias={1: -10.0}), SamplingParams()]
+    out = Sampler()(logits, params, outputs=[[], []], prompts=[[0], [0]])
+    assert out.tolist() == [2, 1]
+    with pytest.raises(ValueError, match="history"):
+        Sampler()(logits, params)

@@ -143,3 +143,34 @@ def test_shared_prefix_decode_reads_the_prefix_once_with_the_same_tokens(model, 
     results = run(make(model), prompts())
     assert {rid: r[0] for rid, r in results.items()} == alone
     assert any(p is not None and p.prefix_index.shape[1] >= 150 for p in plans)
+
+
+def generate(s: Scheduler, ids: list[int], params: SamplingParams) -> tuple[list[int], str]:
+    s.add_request("p", ids, params)
+    tokens, reason = [], ""
+    while s.has_work():
+        for out in s.step():
+            tokens.extend(out.token_ids)
+            reason = out.finish_reason or reason
+    s.check_idle()
+    return tokens, reason
+
+
+def test_logit_bias_and_min_new_tokens_steer_real_generation(model, alone):
+    """A ban of the greedy first token changes it; a stop id equal to the greedy first token
+    ends the request at once, unless min_new_tokens holds it back; penalties change repeats."""
+    s = make(model)
+    ids, greedy = prompts()[0], alone["r0"]
+    first = greedy[0]
+    banned, _ = generate(s, ids, SamplingParams(max_new_tokens=3, logit_bias={first: -100.0}))
+    assert banned[0] != first
+    stopped, reason = generate(s, ids, SamplingParams(max_new_tokens=6, stop_token_ids=[first]))
+    assert stopped == [first] and reason == "stop"
+    held = SamplingParams(max_new_tokens=6, stop_token_ids=[first], min_new_tokens=4)
+    tokens, _ = generate(s, ids, held)
+    assert len(tokens) >= 4 and first not in tokens[:3]
+    plain, _ = generate(s, ids, SamplingParams(max_new_tokens=NEW, ignore_eos=True))
+    assert plain == greedy
+    strict = SamplingParams(max_new_tokens=NEW, ignore_eos=True, frequency_penalty=2.0)
+    penalized, _ = generate(s, ids, strict)
+    assert len(set(penalized)) >= len(set(plain)) and penalized != plain

@@ -64,7 +64,9 @@ def check_messages(messages: Sequence[ChatMessage], max_chars: int, max_context_
 def check_token_ids(ids: Sequence[int], vocab_size: int, param: str = "input_ids") -> None:
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
-        what = "stop token id" if param == "stop_token_ids" else "token id"
+        what = {"stop_token_ids": "stop token id", "logit_bias": "logit_bias token id"}.get(
+            param, "token id"
+        )
         raise BadRequest(f"{what} {bad[0]} is outside the vocabulary [0, {vocab_size})", param)
 
 
@@ -88,6 +90,32 @@ def check_sampling(sp: SamplingParams, vocab_size: int) -> None:
     if any(not s for s in sp.stop):
         raise BadRequest("stop strings must not be empty", "stop")
     check_token_ids(sp.stop_token_ids, vocab_size, "stop_token_ids")
+    check_penalties(sp, vocab_size)
+
+
+def check_penalties(sp: SamplingParams, vocab_size: int) -> None:
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(sp, name)
+        if not -2 <= value <= 2:
+            raise BadRequest(f"{name} must be in [-2, 2], got {value}", name)
+    if not (sp.repetition_penalty > 0 and math.isfinite(sp.repetition_penalty)):
+        raise BadRequest(
+            f"repetition_penalty must be a finite number > 0 (1 = off), got "
+            f"{sp.repetition_penalty}",
+            "repetition_penalty",
+        )
+    if not 0 <= sp.min_p <= 1:
+        raise BadRequest(f"min_p must be in [0, 1], got {sp.min_p}", "min_p")
+    if not 0 <= sp.min_new_tokens <= sp.max_new_tokens:
+        raise BadRequest(
+            f"min_new_tokens must be in [0, max_new_tokens = {sp.max_new_tokens}], got "
+            f"{sp.min_new_tokens}",
+            "min_new_tokens",
+        )
+    check_token_ids(list(sp.logit_bias), vocab_size, "logit_bias")
+    bad = [b for b in sp.logit_bias.values() if not -100 <= b <= 100]
+    if bad:
+        raise BadRequest(f"logit_bias values must be in [-100, 100], got {bad[0]}", "logit_bias")
 
 
 def check_fits_context(prompt_tokens: int, max_new_tokens: int, max_context_len: int) -> None:

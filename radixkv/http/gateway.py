@@ -30,7 +30,12 @@ T = TypeVar("T")
 MAX_BODY_BYTES = 8 * 1024 * 1024
 STATUS_OF_CODE = {"bad_request": 400, "unauthorized": 401, "too_large": 413, "aborted": 400}
 # The runtime names fields as `radixkv.protocol` does; these few have other names over HTTP.
-HTTP_PARAM = {"max_new_tokens": "max_tokens", "text": "prompt", "input_ids": "prompt"}
+HTTP_PARAM = {
+    "max_new_tokens": "max_tokens",
+    "min_new_tokens": "min_tokens",
+    "text": "prompt",
+    "input_ids": "prompt",
+}
 
 
 @dataclass(frozen=True)

@@ -73,13 +73,13 @@ class _Sampling(_Body, kw_only=True):
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty | None = None  # 0
     frequency_penalty: Penalty | None = None  # 0
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[int, float] | None = None  # OpenAI's keys are token ids as strings
     user: str | None = None  # an end-user id for the caller's records: no effect on the output
     ignore_eos: bool | None = None  # False; an extension, for benchmarks
+    min_tokens: int | None = None  # 0; vLLM's extension (SGLang: min_new_tokens)
+    min_p: float | None = None  # 0; an extension, as in vLLM and SGLang
+    repetition_penalty: float | None = None  # 1; an extension, as in vLLM and SGLang
     # vLLM's and SGLang's extensions, honoured at their defaults only (for now)
-    min_tokens: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     regex: str | None = None
@@ -87,12 +87,6 @@ class _Sampling(_Body, kw_only=True):
 
     LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
         "n": (1,),
-        "presence_penalty": (0, 0.0),
-        "frequency_penalty": (0, 0.0),
-        "logit_bias": ({},),
-        "min_tokens": (0,),
-        "min_p": (0, 0.0),
-        "repetition_penalty": (1, 1.0),
         "skip_special_tokens": (True,),
         "include_stop_str_in_output": (False,),
         "regex": (),
@@ -110,6 +104,12 @@ class _Sampling(_Body, kw_only=True):
             stop=stop,
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=bool(self.ignore_eos),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            min_new_tokens=self.min_tokens or 0,
+            min_p=self.min_p or 0.0,
+            logit_bias=dict(self.logit_bias or {}),
         )
 
     @property

@@ -83,7 +83,7 @@ class ModelRunner:
                 dtype=model.dtype,
             )
         self.backend = backend
-        self.sampler = Sampler()
+        self.sampler = Sampler(config.eos_token_ids)
 
     @classmethod
     def from_pretrained(
@@ -143,7 +143,10 @@ class ModelRunner:
         logits: torch.Tensor,
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None] | None = None,
+        outputs: Sequence[Sequence[int]] | None = None,
+        prompts: Sequence[Sequence[int]] | None = None,
     ) -> torch.Tensor:
         """Next token ids `[bs]` (int64); `generators` (one per request, see `make_generator`)
-        make seeded requests reproducible."""
-        return self.sampler(logits, params, generators)
+        make seeded requests reproducible; `outputs` and `prompts` (each request's tokens so
+        far) feed the penalties."""
+        return self.sampler(logits, params, generators, outputs, prompts)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
+from radixkv.model.penalties import adjust_logits
 from radixkv.protocol import SamplingParams
 
 
@@ -24,16 +25,28 @@ def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -
 
 
 class Sampler:
-    """Turns a batch of float32 logits `[bs, vocab]` into next token ids `[bs]`."""
+    """Turns a batch of float32 logits `[bs, vocab]` into next token ids `[bs]`.
+
+    `outputs` and `prompts` (each request's tokens so far) feed the penalties, `logit_bias` and
+    `min_new_tokens` (`penalties.py`); without them, requests asking for those are refused."""
+
+    def __init__(self, eos_token_ids: Iterable[int] = ()) -> None:
+        self.eos_token_ids = frozenset(eos_token_ids)
 
     def __call__(
         self,
         logits: torch.Tensor,
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator | None] | None = None,
+        outputs: Sequence[Sequence[int]] | None = None,
+        prompts: Sequence[Sequence[int]] | None = None,
     ) -> torch.Tensor:
         if len(params) != logits.shape[0]:
             raise ValueError(f"{len(params)} sampling params for {logits.shape[0]} logit rows")
+        if any(p.adjusts_logits for p in params):
+            if outputs is None or prompts is None:
+                raise ValueError("penalties, logit_bias and min_new_tokens need the token history")
+            logits = adjust_logits(logits, params, outputs, prompts, self.eos_token_ids)
         greedy_ids = logits.argmax(dim=-1)
         if all(p.is_greedy for p in params):
             return greedy_ids
@@ -55,6 +68,10 @@ class Sampler:
         probs = torch.softmax(logits / temps[:, None], dim=-1)
         top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
         top_p = [p.top_p for p in params]
+        min_p = [p.min_p for p in params]
+        if max(min_p) > 0:  # drop tokens under min_p times the most likely token's probability
+            floor = torch.tensor(min_p, device=device)[:, None] * probs.amax(-1, keepdim=True)
+            probs = probs.masked_fill(probs < floor, 0.0)
         if min(top_k) == vocab and min(top_p) >= 1.0:
             return probs
         sorted_probs, order = probs.sort(dim=-1, descending=True)
