@@ -60,6 +60,10 @@ class ServerArgs:
                                          "8192)", aliases=("--context-length",))  # fmt: skip
     # scheduling
     max_running_requests: int = option(64, "requests decoding at once")
+    max_queued_requests: int | None = option(
+        None, "refuse new requests (HTTP 429, RequestError code 'overloaded') while this many "
+        "wait for admission; default: no limit",
+    )  # fmt: skip
     max_prefill_tokens: int = option(4096, "new prompt tokens in one prefill batch")
     chunked_prefill_size: int = option(2048, "a longer uncached prompt is prefilled in chunks of "
                                        "this many tokens")  # fmt: skip

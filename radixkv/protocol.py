@@ -139,6 +139,7 @@ class RequestMeta(msgspec.Struct, frozen=True, kw_only=True):
     completion_tokens: int
     ttft: float  # seconds from arrival at the runtime to the first token
     latency: float  # seconds from arrival to the final token
+    queue_time: float = 0.0  # seconds it waited in the scheduler for its first admission
 
 
 class TokenChunk(msgspec.Struct, tag="chunk", kw_only=True):
@@ -169,7 +170,7 @@ class ErrorReply(msgspec.Struct, tag="error", kw_only=True):
 
     rid: str
     message: str
-    code: str = "bad_request"  # bad_request | unauthorized | too_large | aborted | internal
+    code: str = "bad_request"  # bad_request | unauthorized | too_large | overloaded | internal
     param: str | None = None
 
 
@@ -259,6 +260,7 @@ class ReqOutput(msgspec.Struct, array_like=True):
     finish_reason: str | None
     prompt_tokens: int
     cached_tokens: int
+    queue_time: float = 0.0  # seconds the request waited for its first admission
 
 
 class BatchOutput(msgspec.Struct, tag="batch_out"):
@@ -266,10 +268,12 @@ class BatchOutput(msgspec.Struct, tag="batch_out"):
 
 
 class ReqError(msgspec.Struct, tag="req_error", kw_only=True):
-    """The scheduler refused or aborted a request (e.g. it can never fit in the KV cache)."""
+    """The scheduler refused or aborted a request (e.g. it can never fit in the KV cache, or
+    the waiting queue is full: code "overloaded")."""
 
     rid: str
     message: str
+    code: str = "bad_request"
 
 
 class Ready(msgspec.Struct, tag="ready", kw_only=True):

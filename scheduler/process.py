@@ -115,7 +115,8 @@ class SchedulerLoop:
             try:
                 sched.add_request(msg.rid, msg.input_ids, msg.sampling)
             except RequestRejected as exc:
-                self.send.send(self.encoder.encode(ReqError(rid=msg.rid, message=str(exc))))
+                error = ReqError(rid=msg.rid, message=str(exc), code=exc.code)
+                self.send.send(self.encoder.encode(error))
         elif isinstance(msg, AbortRequest):
             outputs = sched.abort(msg.rid)
             if outputs:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from radixkv.mem import SeqSlots
@@ -22,6 +24,8 @@ class Req:
         "extend_target",
         "finish_reason",
         "first_admitted",
+        "queued_at",
+        "queue_time",
         "generator",
         "match_len",
         "match_node",
@@ -53,6 +57,8 @@ class Req:
         self.finish_reason: str | None = None
         self.cached_tokens = 0  # prompt tokens served by the radix cache at first admission
         self.first_admitted = False
+        self.queued_at = time.monotonic()
+        self.queue_time = 0.0  # seconds from queueing to the first admission
         self.skips = 0  # admission rounds this request was passed over (aging)
         self.wait_order = 0  # arrival order in the waiting queue (fcfs tie-break)
         self.match_len = 0  # scheduling estimate of the cached prefix (peek, no side effects)

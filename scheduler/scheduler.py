@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import time
 
 import torch
 
@@ -25,7 +26,12 @@ log = logging.getLogger("radixkv.scheduler")
 
 
 class RequestRejected(ValueError):
-    """A request the scheduler can never serve (the message says why and what limit)."""
+    """A request the scheduler cannot serve (the message says why and what limit); `code`
+    "overloaded" when it could be served later (the waiting queue is full)."""
+
+    def __init__(self, message: str, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class Scheduler:
@@ -62,6 +68,13 @@ class Scheduler:
         KV cache, which only the scheduler knows."""
         if any(self.find(rid)):
             raise RequestRejected(f"request id {rid!r} is already in use")
+        limit = self.args.max_queued_requests
+        if limit is not None and len(self.waiting) >= limit:
+            raise RequestRejected(
+                f"{len(self.waiting)} requests are waiting, the limit (--max-queued-requests) is "
+                f"{limit}; retry later",
+                "overloaded",
+            )
         need = math.ceil((len(input_ids) + params.max_new_tokens) / self.page) * self.page
         if need > self.mgr.token_pool.capacity:
             raise RequestRejected(
@@ -204,6 +217,7 @@ class Scheduler:
         if not req.first_admitted:
             req.first_admitted = True
             req.cached_tokens = seq.cached_len
+            req.queue_time = time.monotonic() - req.queued_at
             self.stats.prompt_tokens += len(req.prompt_ids)
             self.stats.cached_tokens += seq.cached_len
         return n
@@ -306,7 +320,7 @@ class Scheduler:
         if reason is None:
             if req not in self.running:
                 self.running.append(req)
-            return [ReqOutput(req.rid, [token], None, len(req.prompt_ids), req.cached_tokens)]
+            return [self._output(req, [token], None)]
         if req in self.running:
             self.running.remove(req)
         assert req.seq is not None
@@ -318,7 +332,13 @@ class Scheduler:
         req.finish_reason = reason
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         self._checked_idle = False
-        return ReqOutput(req.rid, tokens, reason, len(req.prompt_ids), req.cached_tokens)
+        return self._output(req, tokens, reason)
+
+    @staticmethod
+    def _output(req: Req, tokens: list[int], reason: str | None) -> ReqOutput:
+        return ReqOutput(
+            req.rid, tokens, reason, len(req.prompt_ids), req.cached_tokens, req.queue_time
+        )
 
     def _log_batch(self, kind: str, batch: list[tuple[Req, int]], cached: int) -> None:
         if not log.isEnabledFor(logging.INFO):

@@ -113,3 +113,41 @@ def test_context_length_is_an_alias_and_port_says_it_is_not_http():
     assert (
         "NOT HTTP" in build_parser()._subparsers._group_actions[0].choices["launch"].format_help()
     )
+
+
+def test_an_overloaded_runtime_answers_429():
+    from radixkv.client.results import RequestError
+    from radixkv.http.gateway import map_error
+
+    error = map_error(RequestError("3 requests are waiting [overloaded]", "overloaded"))
+    assert error.status == 429 and error.code == "overloaded"
+
+
+def test_metrics_under_sglang_and_vllm_names(rt, http):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    rt.client.generate("hello world", max_new_tokens=5)
+    text = http.get("/metrics").text
+    samples = {
+        s.name: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if not s.labels
+    }
+    stats = rt.client.stats()
+    assert samples["vllm:prefix_cache_queries_total"] == stats.prompt_tokens
+    assert samples["vllm:prefix_cache_hits_total"] == stats.cached_tokens
+    assert samples["sglang:cached_tokens_total"] == stats.cached_tokens
+    assert samples["sglang:prompt_tokens_total"] == samples["vllm:prompt_tokens_total"]
+    assert samples["sglang:generation_tokens_total"] == stats.generated_tokens
+    assert "vllm:num_requests_waiting" in samples and "sglang:num_running_reqs" in samples
+    assert samples["sglang:cache_hit_rate"] == pytest.approx(stats.hit_rate)
+    for name in (
+        "radixkv_inter_token_latency_seconds",
+        "vllm:inter_token_latency_seconds",
+        "sglang:queue_time_seconds",
+        "vllm:request_queue_time_seconds",
+        "vllm:time_to_first_token_seconds",
+        "sglang:e2e_request_latency_seconds",
+    ):
+        assert samples[f"{name}_count"] > 0, name  # fmt: skip

@@ -174,3 +174,20 @@ def test_logit_bias_and_min_new_tokens_steer_real_generation(model, alone):
     strict = SamplingParams(max_new_tokens=NEW, ignore_eos=True, frequency_penalty=2.0)
     penalized, _ = generate(s, ids, strict)
     assert len(set(penalized)) >= len(set(plain)) and penalized != plain
+
+
+def test_a_full_waiting_queue_refuses_new_requests_and_keeps_the_queued(model):
+    s = make(model, max_queued_requests=2)
+    params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+    s.add_request("a", [5, 6, 7], params)
+    s.add_request("b", [5, 6, 8], params)
+    with pytest.raises(RequestRejected, match="max-queued-requests") as err:
+        s.add_request("c", [5, 6, 9], params)
+    assert err.value.code == "overloaded"
+    s.step()  # admits the queued: room again
+    s.add_request("c", [5, 6, 9], params)
+    done = set()
+    while s.has_work():
+        done |= {o.rid for o in s.step() if o.finish_reason}
+    assert done == {"a", "b", "c"}
+    s.check_idle()

@@ -38,7 +38,7 @@ class Result:
 
 class RequestError(RuntimeError):
     """The runtime refused or could not finish a request. `code` is the ErrorReply code
-    (bad_request | unauthorized | too_large | aborted | internal); `param` names the request
+    (bad_request | unauthorized | too_large | overloaded | internal); `param` names the request
     field at fault (e.g. "temperature", "max_new_tokens", "prompt"), when one is."""
 
     def __init__(

@@ -340,6 +340,8 @@ class RuntimeServer:
                 if state is None:
                     continue  # aborted, stopped by a stop string, or its client left
                 step = self.tm.on_output(state, out)
+                if step.token_gap is not None and self.metrics is not None:
+                    self.metrics.observe_token_gap(step.token_gap)
                 for reply in step.replies:
                     self._reply(state.identity, reply)
                 if step.finished:
@@ -352,7 +354,7 @@ class RuntimeServer:
         elif isinstance(msg, ReqError):
             state = self._forget(msg.rid)
             if state is not None:
-                self._error(state.identity, state.rid, msg.message)
+                self._error(state.identity, state.rid, msg.message, msg.code)
                 if self.metrics is not None:
                     self.metrics.observe_end("error")
         elif isinstance(msg, (StatsReply, FlushReply)):

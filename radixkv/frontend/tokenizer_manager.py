@@ -48,8 +48,10 @@ class ReqState:
     sent: int = 0  # characters of `text` already streamed
     token_ids: list[int] = field(default_factory=list)
     first_token_at: float | None = None
+    last_token_at: float | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    queue_time: float = 0.0
     stopped: bool = False  # a stop string matched; the scheduler was told to abort
 
 
@@ -60,6 +62,7 @@ class OutputStep:
     replies: list[RuntimeReply]
     finished: bool
     abort_scheduler: bool  # a stop string ended the request before the scheduler did
+    token_gap: float | None = None  # seconds per token since the previous tokens (after the first)
 
 
 class TokenizerManager:
@@ -142,9 +145,15 @@ class TokenizerManager:
     def on_output(self, state: ReqState, out: ReqOutput) -> OutputStep:
         """Fold one step's tokens into the request; returns chunks and, at the end, the result."""
         now = time.perf_counter()
-        if out.token_ids and state.first_token_at is None:
-            state.first_token_at = now
+        gap = None
+        if out.token_ids:
+            if state.first_token_at is None:
+                state.first_token_at = now
+            elif state.last_token_at is not None:
+                gap = (now - state.last_token_at) / len(out.token_ids)
+            state.last_token_at = now
         state.prompt_tokens, state.cached_tokens = out.prompt_tokens, out.cached_tokens
+        state.queue_time = out.queue_time
         state.token_ids.extend(out.token_ids)
         delta = state.detok.push(out.token_ids)
         if out.finish_reason is not None:
@@ -165,9 +174,9 @@ class TokenizerManager:
                 )
                 state.sent = max(state.sent, safe)
         if finish is None:
-            return OutputStep(replies, finished=False, abort_scheduler=False)
+            return OutputStep(replies, finished=False, abort_scheduler=False, token_gap=gap)
         replies.append(self.result(state, finish, now))
-        return OutputStep(replies, finished=True, abort_scheduler=state.stopped)
+        return OutputStep(replies, finished=True, abort_scheduler=state.stopped, token_gap=gap)
 
     def _append_text(self, state: ReqState, delta: str, reason: str | None) -> str | None:
         """Add decoded text, cutting at a stop string; returns the finish reason, if finished."""
@@ -191,6 +200,7 @@ class TokenizerManager:
             completion_tokens=len(state.token_ids),
             ttft=first - state.arrival,
             latency=now - state.arrival,
+            queue_time=state.queue_time,
         )
         return GenerateResult(
             rid=state.rid,

@@ -28,7 +28,13 @@ from radixkv.http.openai_protocol import ApiError, decode_body
 log = logging.getLogger("radixkv.http")
 T = TypeVar("T")
 MAX_BODY_BYTES = 8 * 1024 * 1024
-STATUS_OF_CODE = {"bad_request": 400, "unauthorized": 401, "too_large": 413, "aborted": 400}
+STATUS_OF_CODE = {
+    "bad_request": 400,
+    "unauthorized": 401,
+    "too_large": 413,
+    "aborted": 400,
+    "overloaded": 429,
+}
 # The runtime names fields as `radixkv.protocol` does; these few have other names over HTTP.
 HTTP_PARAM = {
     "max_new_tokens": "max_tokens",

@@ -27,28 +27,58 @@ from radixkv.protocol import GenerateResult, Stats
 PREFIX = "radixkv"
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
-# (Stats field, metric name without the prefix, help)
+# (Stats field, our name without the prefix, SGLang's name, vLLM's name, help); None: no such
+# name there. Counters get prometheus' `_total` suffix.
 COUNTERS = (
-    ("requests", "scheduler_requests", "Requests the scheduler accepted."),
-    ("prompt_tokens", "prompt_tokens", "Prompt tokens of admitted requests."),
-    ("cached_tokens", "cached_prompt_tokens", "Prompt tokens served by the radix cache (hits)."),
-    ("generated_tokens", "generated_tokens", "Tokens generated."),
-    ("evicted_tokens", "evicted_tokens", "KV slots freed by evicting radix-tree leaves."),
-    ("retractions", "retractions", "Running requests retracted under memory pressure."),
-)
+    ("requests", "scheduler_requests", None, None, "Requests the scheduler accepted."),
+    ("prompt_tokens", "prompt_tokens", "sglang:prompt_tokens", "vllm:prompt_tokens",
+     "Prompt tokens of admitted requests."),
+    ("cached_tokens", "cached_prompt_tokens", "sglang:cached_tokens", "vllm:prefix_cache_hits",
+     "Prompt tokens served by the radix cache (hits)."),
+    ("prompt_tokens", None, None, "vllm:prefix_cache_queries",
+     "Prompt tokens looked up in the prefix cache (every prompt token)."),
+    ("generated_tokens", "generated_tokens", "sglang:generation_tokens",
+     "vllm:generation_tokens", "Tokens generated."),
+    ("evicted_tokens", "evicted_tokens", None, None,
+     "KV slots freed by evicting radix-tree leaves."),
+    ("retractions", "retractions", None, None, "Running requests retracted under memory pressure."),
+)  # fmt: skip
 GAUGES = (
-    ("kv_capacity", "kv_capacity_tokens", "KV cache capacity in tokens."),
-    ("kv_used", "kv_used_tokens", "KV slots in use and not evictable (running requests)."),
-    ("evictable", "evictable_tokens", "Tokens in the radix tree that no request holds."),
-    ("protected", "protected_tokens", "Tokens in the radix tree locked by running requests."),
-    ("running", "running_requests", "Requests running (in the batch)."),
-    ("waiting", "waiting_requests", "Requests waiting for admission."),
-)
+    ("kv_capacity", "kv_capacity_tokens", "sglang:max_total_num_tokens", None,
+     "KV cache capacity in tokens."),
+    ("kv_used", "kv_used_tokens", None, None,
+     "KV slots in use and not evictable (running requests)."),
+    ("evictable", "evictable_tokens", None, None,
+     "Tokens in the radix tree that no request holds."),
+    ("protected", "protected_tokens", None, None,
+     "Tokens in the radix tree locked by running requests."),
+    ("running", "running_requests", "sglang:num_running_reqs", "vllm:num_requests_running",
+     "Requests running (in the batch)."),
+    ("waiting", "waiting_requests", "sglang:num_queue_reqs", "vllm:num_requests_waiting",
+     "Requests waiting for admission."),
+)  # fmt: skip
+# (our name, SGLang's, vLLM's, help, buckets)
+HISTOGRAMS = {
+    "ttft": ("time_to_first_token_seconds", "sglang:time_to_first_token_seconds",
+             "vllm:time_to_first_token_seconds",
+             "Seconds from a request's arrival at the runtime to its first token.", TTFT_BUCKETS),
+    "latency": ("e2e_request_latency_seconds", "sglang:e2e_request_latency_seconds",
+                "vllm:e2e_request_latency_seconds",
+                "Seconds from a request's arrival at the runtime to its last token.",
+                LATENCY_BUCKETS),
+    "itl": ("inter_token_latency_seconds", "sglang:inter_token_latency_seconds",
+            "vllm:inter_token_latency_seconds",
+            "Seconds between a request's consecutive tokens (per token).", ITL_BUCKETS),
+    "queue": ("queue_time_seconds", "sglang:queue_time_seconds", "vllm:request_queue_time_seconds",
+              "Seconds a request waited in the scheduler for its first admission.", TTFT_BUCKETS),
+}  # fmt: skip
 
 
 class StatsCollector(Collector):
-    """Exposes the `Stats` of the current scrape (nothing before the first one)."""
+    """Exposes the `Stats` of the current scrape (nothing before the first one), under our names
+    and those SGLang's and vLLM's dashboards read."""
 
     def __init__(self) -> None:
         self.stats: Stats | None = None
@@ -57,37 +87,36 @@ class StatsCollector(Collector):
         s = self.stats
         if s is None:
             return
-        for field, name, doc in COUNTERS:
-            yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=getattr(s, field))
-        for field, name, doc in GAUGES:
-            yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=getattr(s, field))
-        yield GaugeMetricFamily(
-            f"{PREFIX}_kv_usage_ratio",
-            "kv_used / kv_capacity: the share of the KV cache that cannot be freed now.",
-            value=s.kv_used / s.kv_capacity if s.kv_capacity else 0.0,
-        )
+        for table, family in ((COUNTERS, CounterMetricFamily), (GAUGES, GaugeMetricFamily)):
+            for field, ours, sglang, vllm, doc in table:
+                value = getattr(s, field)
+                for name in (f"{PREFIX}_{ours}" if ours else None, sglang, vllm):
+                    if name is not None:
+                        yield family(name, doc, value=value)
+        usage = s.kv_used / s.kv_capacity if s.kv_capacity else 0.0
+        doc = "kv_used / kv_capacity: the share of the KV cache that cannot be freed now."
+        for name in (f"{PREFIX}_kv_usage_ratio", "sglang:token_usage", "vllm:kv_cache_usage_perc"):
+            yield GaugeMetricFamily(name, doc, value=usage)
+        doc = "cached_tokens / prompt_tokens since start."
+        yield GaugeMetricFamily("sglang:cache_hit_rate", doc, value=s.hit_rate)
 
 
 class RuntimeMetrics:
-    """The runtime's metrics: `observe_*` from the runtime loop, `render(stats)` per scrape."""
+    """The runtime's metrics: `observe_*` from the runtime loop, `render(stats)` per scrape.
+    Each histogram is kept under our name, SGLang's and vLLM's (the same observations)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._stats = StatsCollector()
         self._lock = threading.Lock()
         self.registry.register(self._stats)
-        self.ttft = Histogram(
-            f"{PREFIX}_time_to_first_token_seconds",
-            "Seconds from a request's arrival at the runtime to its first token.",
-            buckets=TTFT_BUCKETS,
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            f"{PREFIX}_e2e_request_latency_seconds",
-            "Seconds from a request's arrival at the runtime to its last token.",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        self._histograms = {
+            key: [
+                Histogram(name, doc, buckets=buckets, registry=self.registry)
+                for name in (f"{PREFIX}_{ours}", sglang, vllm)
+            ]
+            for key, (ours, sglang, vllm, doc, buckets) in HISTOGRAMS.items()
+        }
         self.finished = Counter(
             f"{PREFIX}_requests_finished",
             "Generate requests finished, by the finish reason their client got "
@@ -95,6 +124,10 @@ class RuntimeMetrics:
             ["reason"],
             registry=self.registry,
         )
+
+    def _observe(self, key: str, value: float) -> None:
+        for histogram in self._histograms[key]:
+            histogram.observe(value)
 
     def observe_result(self, result: GenerateResult) -> None:
         """A request finished with a result (any finish reason). Aborted requests count by
@@ -104,8 +137,13 @@ class RuntimeMetrics:
         if result.finish_reason == "abort":
             return
         if result.meta.completion_tokens:
-            self.ttft.observe(result.meta.ttft)
-        self.latency.observe(result.meta.latency)
+            self._observe("ttft", result.meta.ttft)
+        self._observe("latency", result.meta.latency)
+        self._observe("queue", result.meta.queue_time)
+
+    def observe_token_gap(self, seconds: float) -> None:
+        """The time per token between a request's consecutive outputs."""
+        self._observe("itl", seconds)
 
     def observe_end(self, reason: str) -> None:
         """A request ended without a result: "abort" (its client left) or "error" (refused)."""
