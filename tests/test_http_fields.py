@@ -25,7 +25,7 @@ SHARED = {  # both endpoints: a value other than the default, and what happens t
     "stream": (True, OK),
     "stream_options": ({"include_usage": True}, OK),
     "user": ("someone", OK),
-    "n": (2, REFUSED),
+    "n": (2, OK),
     "presence_penalty": (0.5, OK),
     "frequency_penalty": (0.5, OK),
     "logit_bias": ({"50": -100}, OK),

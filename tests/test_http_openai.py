@@ -147,3 +147,22 @@ def test_a_client_that_leaves_mid_stream_frees_its_kv_slots(rt, oai):
     # no slot is held any more: everything in use is either free or evictable cache
     assert s.protected == 0 and s.kv_used == 0
     assert s.finished.get("abort", 0) >= 1
+
+
+def test_n_copies_share_one_prefill(rt, oai):
+    """n=4: the first copy computes the prompt, the other three find it in the radix cache."""
+    messages = [{"role": "system", "content": SYSTEM + " Be playful."},
+                {"role": "user", "content": "Name a river in Egypt."}]  # fmt: skip
+    r = chat(oai, messages, n=4)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert len({c.message.content for c in r.choices}) == 1  # greedy: identical copies
+    per_choice = r.model_extra["sglext"]["cached_tokens_per_choice"]
+    prompt = r.usage.prompt_tokens  # counted once, as OpenAI does
+    assert per_choice[0] < prompt - 1 and all(c >= prompt - 1 for c in per_choice[1:])
+    assert r.usage.completion_tokens % 4 == 0 and 0 < r.usage.completion_tokens <= 4 * NEW
+    seeded = oai.completions.create(model="smollm2-135m", prompt="Once upon a time", n=3,
+                                    max_tokens=8, temperature=1.0, seed=5)  # fmt: skip
+    again = oai.completions.create(model="smollm2-135m", prompt="Once upon a time", n=3,
+                                   max_tokens=8, temperature=1.0, seed=5)  # fmt: skip
+    assert [c.text for c in seeded.choices] == [c.text for c in again.choices]
+    assert len({c.text for c in seeded.choices}) > 1  # copy i samples with seed + i

@@ -67,7 +67,8 @@ def test_sglang_benchmark_request_is_accepted(http):
 def test_sglext_beside_usage(http):
     r = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 2}).json()
     cached = r["usage"]["prompt_tokens_details"]["cached_tokens"]
-    assert r["sglext"] == {"cached_tokens_details": {"device": cached, "host": 0}}
+    assert r["sglext"]["cached_tokens_details"] == {"device": cached, "host": 0}
+    assert r["sglext"]["cached_tokens_per_choice"] == [cached]
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
     with http.stream("POST", "/v1/chat/completions", json=body) as s:

@@ -17,13 +17,15 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import msgspec
 from starlette.requests import ClientDisconnect, Request
 
 from radixkv.client.aio import AsyncClient
-from radixkv.client.core import DEFAULT_TIMEOUT
-from radixkv.client.results import ConnectionLost, RequestError
+from radixkv.client.core import DEFAULT_TIMEOUT, Prompt
+from radixkv.client.results import ConnectionLost, RequestError, Result
 from radixkv.http.metrics import RuntimeMetrics
 from radixkv.http.openai_protocol import ApiError, decode_body
+from radixkv.protocol import MAX_SEED, SamplingParams
 
 log = logging.getLogger("radixkv.http")
 T = TypeVar("T")
@@ -193,11 +195,43 @@ class Gateway:
             watching.cancel()
             pumping.cancel()
 
+    async def complete_n(self, prompt: Prompt, sp: SamplingParams, n: int) -> list[Result]:
+        """`n` generations of one prompt that compute its prefill once: the first copy runs alone
+        until its first token (its prompt is then in the radix cache), then the others fork from
+        it and find the prompt cached. With a seed, copy i samples with seed + i."""
+        if n == 1:
+            return [await self.client.complete(prompt, params=sp)]
+        first = await self.client.stream(prompt, params=copy_params(sp, 0))
+        try:
+            async for _ in first:
+                break  # a token exists: the prompt's KV is in the tree
+            forks = [
+                asyncio.ensure_future(self.client.complete(prompt, params=copy_params(sp, i)))
+                for i in range(1, n)
+            ]
+            try:
+                async for _ in first:
+                    pass
+                assert first.result is not None
+                return [first.result, *await asyncio.gather(*forks)]
+            finally:
+                for fork in forks:
+                    fork.cancel()  # after a failure, the others abort their requests
+        finally:
+            await first.aclose()
+
     async def _mapped(self, make: Callable[[], Awaitable[T]]) -> T:
         try:
             return await make()
         except (RequestError, ConnectionLost, TimeoutError) as exc:
             raise map_error(exc) from None
+
+
+def copy_params(sp: SamplingParams, i: int) -> SamplingParams:
+    """The sampling parameters of copy `i` of n: another seed, when one is set."""
+    if sp.seed is None or i == 0:
+        return sp
+    return msgspec.structs.replace(sp, seed=(sp.seed + i) % (MAX_SEED + 1))
 
 
 async def wait_disconnect(request: Request) -> None:

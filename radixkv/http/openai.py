@@ -33,25 +33,31 @@ from radixkv.protocol import SamplingParams
 
 
 def sglext(results: list[Result]) -> dict[str, Any]:
-    """SGLang's extension object, beside `usage`: where the cached tokens came from (all from
-    the KV pool on the device here; a host tier would add to `host`)."""
+    """SGLang's extension object, beside `usage`: where the cached tokens of every choice came
+    from (all from the KV pool on the device here; a host tier would add to `host`), and each
+    choice's own cached tokens (with n > 1, copies 2..n find the first copy's prompt cached)."""
     cached = sum(r.cached_tokens for r in results)
-    return {"cached_tokens_details": {"device": cached, "host": 0}}
+    return {
+        "cached_tokens_details": {"device": cached, "host": 0},
+        "cached_tokens_per_choice": [r.cached_tokens for r in results],
+    }
 
 
 def usage_chunk(head: dict[str, Any], result: Result) -> bytes:
     """The last event of a stream that asked for usage: no choices."""
-    return sse({**head, "choices": [], "usage": usage([result]), "sglext": sglext([result])})
+    return sse({**head, "choices": [], "usage": usage([[result]]), "sglext": sglext([result])})
 
 
-def usage(results: list[Result]) -> dict[str, Any]:
-    prompt = sum(r.prompt_tokens for r in results)
-    completion = sum(r.completion_tokens for r in results)
+def usage(groups: list[list[Result]]) -> dict[str, Any]:
+    """OpenAI's usage: each prompt counted once (with its first copy's cached tokens), the
+    completions of every copy (`groups`: per prompt, its n results)."""
+    prompt = sum(g[0].prompt_tokens for g in groups)
+    completion = sum(r.completion_tokens for g in groups for r in g)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": sum(r.cached_tokens for r in results)},
+        "prompt_tokens_details": {"cached_tokens": sum(g[0].cached_tokens for g in groups)},
     }
 
 
@@ -96,26 +102,17 @@ def openai_router(gw: Gateway) -> APIRouter:
                     return [sse({**head, "choices": [choice(0, item, None)]})]
                 events = [sse({**head, "choices": [choice(0, "", item.finish_reason)]})]
                 if req.include_usage:
-                    events.append(
-                        sse(
-                            {
-                                **head,
-                                "choices": [],
-                                "usage": usage([item]),
-                                "sglext": sglext([item]),
-                            }
-                        )
-                    )
+                    events.append(usage_chunk(head, item))
                 return events
 
             return await event_stream(
                 gw, request, lambda: gw.client.stream(prompts[0], params=sp), render
             )
 
-        async def run() -> list[Result]:
-            tasks = [
-                asyncio.ensure_future(gw.client.complete(p, params=sp)) for p in prompts
-            ]  # they batch
+        n = req.n or 1
+
+        async def run() -> list[list[Result]]:
+            tasks = [asyncio.ensure_future(gw.complete_n(p, sp, n)) for p in prompts]  # they batch
             try:
                 return list(await asyncio.gather(*tasks))
             finally:
@@ -123,11 +120,12 @@ def openai_router(gw: Gateway) -> APIRouter:
                     task.cancel()  # after a failure, the others abort their requests
 
         try:
-            results = await gw.call(request, run)
+            groups = await gw.call(request, run)
         except ClientGone:
             return closed()
+        results = [r for group in groups for r in group]  # choice index: prompt * n + copy
         choices = [choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
-        body = {**head, "choices": choices, "usage": usage(results), "sglext": sglext(results)}
+        body = {**head, "choices": choices, "usage": usage(groups), "sglext": sglext(results)}
         return json_response(body)
 
     @router.post("/v1/chat/completions")
@@ -141,13 +139,16 @@ def openai_router(gw: Gateway) -> APIRouter:
         if req.stream:
             return await stream_chat(gw, request, req, messages, sp, head)
         try:
-            r = await gw.call(request, lambda: gw.client.chat(messages, params=sp))
+            results = await gw.call(request, lambda: gw.complete_n(messages, sp, req.n or 1))
         except ClientGone:
             return closed()
-        message = {"role": "assistant", "content": r.text}
-        choice = {"index": 0, "message": message, "finish_reason": r.finish_reason}
-        body = {**head, "object": "chat.completion", "choices": [choice], "usage": usage([r]),
-                "sglext": sglext([r])}  # fmt: skip
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": r.text},
+             "finish_reason": r.finish_reason}
+            for i, r in enumerate(results)
+        ]  # fmt: skip
+        body = {**head, "object": "chat.completion", "choices": choices,
+                "usage": usage([results]), "sglext": sglext(results)}  # fmt: skip
         return json_response(body)
 
     return router
@@ -176,9 +177,7 @@ async def stream_chat(
             return [*events, chunk({"content": item}, None)]
         events.append(chunk({}, item.finish_reason))
         if req.include_usage:
-            events.append(
-                sse({**head, "choices": [], "usage": usage([item]), "sglext": sglext([item])})
-            )
+            events.append(usage_chunk(head, item))
         return events
 
     return await event_stream(gw, request, lambda: gw.client.stream(messages, params=sp), render)

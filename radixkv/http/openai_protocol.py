@@ -86,12 +86,16 @@ class _Sampling(_Body, kw_only=True):
     ebnf: str | None = None
 
     LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "n": (1,),
         "skip_special_tokens": (True,),
         "include_stop_str_in_output": (False,),
         "regex": (),
         "ebnf": (),
     }
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.stream and (self.n or 1) > 1:
+            return "n", "streaming takes n = 1; send n > 1 without stream"
+        return super().unsupported()
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -127,12 +131,17 @@ class CompletionRequest(_Sampling, kw_only=True):
     suffix: str | None = None
 
     LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
-        **_Sampling.LIMITS, "best_of": (1,), "echo": (False,), "logprobs": (), "suffix": ("",),
+        **_Sampling.LIMITS, "echo": (False,), "logprobs": (), "suffix": ("",),
     }  # fmt: skip
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.stream and len(self.prompts()) > 1:
             return "prompt", "streaming takes one prompt; send a batch without stream"
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            return "best_of", (
+                "best_of other than n needs log probabilities to rank the candidates, which are "
+                "not supported yet; leave it out or equal to n"
+            )
         return super().unsupported()
 
     def prompts(self) -> list[str | list[int]]:
