@@ -48,6 +48,9 @@ class SamplingParams(
     min_new_tokens: int = 0
     min_p: float = 0.0
     logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
+    # the log probability of every generated token (and of the `top_logprobs` most likely ones)
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     @property
     def is_greedy(self) -> bool:
@@ -63,6 +66,19 @@ class SamplingParams(
             or self.min_new_tokens
             or self.logit_bias
         )
+
+
+class TokenLogprob(msgspec.Struct, array_like=True, frozen=True):
+    """A generated token's log probability: a float32 log-softmax of the model's logits at that
+    step (before temperature, penalties or any other sampling adjustment), and the same of the
+    most likely tokens. The runtime fills in the tokens' texts for clients."""
+
+    token_id: int
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+    text: str = ""
+    top_texts: list[str] = msgspec.field(default_factory=list)
 
 
 class ChatMessage(msgspec.Struct, frozen=True):
@@ -151,6 +167,7 @@ class TokenChunk(msgspec.Struct, tag="chunk", kw_only=True):
     token_ids: list[int]
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # of token_ids, when the request asked
 
 
 class GenerateResult(msgspec.Struct, tag="result", kw_only=True):
@@ -159,6 +176,7 @@ class GenerateResult(msgspec.Struct, tag="result", kw_only=True):
     token_ids: list[int]
     finish_reason: str  # "stop" | "length" | "abort"
     meta: RequestMeta
+    logprobs: list[TokenLogprob] | None = None  # of token_ids, when the request asked
 
 
 class ErrorReply(msgspec.Struct, tag="error", kw_only=True):
@@ -261,6 +279,7 @@ class ReqOutput(msgspec.Struct, array_like=True):
     prompt_tokens: int
     cached_tokens: int
     queue_time: float = 0.0  # seconds the request waited for its first admission
+    logprobs: list[TokenLogprob] | None = None  # of token_ids, when the request asked
 
 
 class BatchOutput(msgspec.Struct, tag="batch_out"):

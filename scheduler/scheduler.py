@@ -18,7 +18,7 @@ from radixkv.mem import KVCacheManager
 from radixkv.model.forward_batch import ForwardBatch
 from radixkv.model.model_runner import ModelRunner
 from radixkv.model.stop_checker import StopChecker
-from radixkv.protocol import ReqOutput, SamplingParams, Stats
+from radixkv.protocol import ReqOutput, SamplingParams, Stats, TokenLogprob
 from radixkv.scheduler.policy import SchedulePolicy
 from radixkv.scheduler.req import Req
 
@@ -244,10 +244,10 @@ class Scheduler:
                 assert req.seq is not None
                 self.mgr.cache_unfinished(req.seq, req.fill_ids)
                 self.chunked = req
-        for i, token in zip(done, next_ids if done else [], strict=True):
+        for i, (token, logprob) in zip(done, next_ids if done else [], strict=True):
             req = admitted[i][0]
             req.extend_target = 0
-            outputs.extend(self._append(req, token))
+            outputs.extend(self._append(req, token, logprob))
             if req.seq is not None:  # still running: share its prompt with later arrivals now
                 self.mgr.cache_unfinished(req.seq, req.fill_ids)
         self._log_batch("prefill", admitted, sum(prefix_lens))
@@ -270,8 +270,8 @@ class Scheduler:
         logits = self.runner.forward(batch)
         next_ids = self._sample(logits, self.running)
         outputs: list[ReqOutput] = []
-        for req, token in zip(list(self.running), next_ids, strict=True):
-            outputs.extend(self._append(req, token))
+        for req, (token, logprob) in zip(list(self.running), next_ids, strict=True):
+            outputs.extend(self._append(req, token, logprob))
         self.new_token_ratio = max(
             self.args.min_new_token_ratio, self.new_token_ratio - self.args.new_token_ratio_decay
         )
@@ -303,41 +303,50 @@ class Scheduler:
         self.new_token_ratio = self.args.new_token_ratio
         log.info("retracted %s (%d tokens generated) to free KV", req.rid, len(req.output_ids))
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Req]) -> list[int]:
+    def _sample(
+        self, logits: torch.Tensor, reqs: list[Req]
+    ) -> list[tuple[int, TokenLogprob | None]]:
+        """Each request's next token, with its log probabilities if it asked for them."""
+        params = [r.params for r in reqs]
         ids = self.runner.sample(
             logits,
-            [r.params for r in reqs],
+            params,
             [r.generator for r in reqs],
             [r.output_ids for r in reqs],
             [r.prompt_ids for r in reqs],
         )
-        return ids.tolist()
+        return list(zip(ids.tolist(), self.runner.logprobs(logits, ids, params), strict=True))
 
-    def _append(self, req: Req, token: int) -> list[ReqOutput]:
+    def _append(self, req: Req, token: int, logprob: TokenLogprob | None) -> list[ReqOutput]:
+        lps = None if logprob is None else [logprob]
         req.output_ids.append(token)
         self.stats.generated_tokens += 1
         reason = self.stop.check(req.params, token, len(req.output_ids))
         if reason is None:
             if req not in self.running:
                 self.running.append(req)
-            return [self._output(req, [token], None)]
+            return [self._output(req, [token], None, lps)]
         if req in self.running:
             self.running.remove(req)
         assert req.seq is not None
         self.mgr.cache_finished(req.seq, req.fill_ids)
         req.seq = None
-        return [self._finish(req, reason.value, [token])]
+        return [self._finish(req, reason.value, [token], lps)]
 
-    def _finish(self, req: Req, reason: str, tokens: list[int]) -> ReqOutput:
+    def _finish(
+        self, req: Req, reason: str, tokens: list[int], lps: list[TokenLogprob] | None = None
+    ) -> ReqOutput:
         req.finish_reason = reason
         self.stats.finished[reason] = self.stats.finished.get(reason, 0) + 1
         self._checked_idle = False
-        return self._output(req, tokens, reason)
+        return self._output(req, tokens, reason, lps)
 
     @staticmethod
-    def _output(req: Req, tokens: list[int], reason: str | None) -> ReqOutput:
+    def _output(
+        req: Req, tokens: list[int], reason: str | None, lps: list[TokenLogprob] | None = None
+    ) -> ReqOutput:
         return ReqOutput(
-            req.rid, tokens, reason, len(req.prompt_ids), req.cached_tokens, req.queue_time
+            req.rid, tokens, reason, len(req.prompt_ids), req.cached_tokens, req.queue_time, lps
         )
 
     def _log_batch(self, kind: str, batch: list[tuple[Req, int]], cached: int) -> None:

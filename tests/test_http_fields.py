@@ -46,7 +46,7 @@ COMPLETIONS = {
     **SHARED,
     "best_of": (2, REFUSED),
     "echo": (True, REFUSED),
-    "logprobs": (0, REFUSED),
+    "logprobs": (0, OK),
     "suffix": ("end", REFUSED),
 }
 CHAT = {
@@ -58,7 +58,7 @@ CHAT = {
     "safety_identifier": ("someone", OK),
     "modalities": (["text", "audio"], REFUSED),
     "audio": ({"voice": "alloy", "format": "wav"}, REFUSED),
-    "logprobs": (True, REFUSED),
+    "logprobs": (True, OK),
     "top_logprobs": (2, REFUSED),
     "response_format": ({"type": "json_object"}, REFUSED),
     "tools": ([TOOL], REFUSED),
@@ -88,7 +88,7 @@ MESSAGE = {
 }
 GENERATE = {
     "stream": (True, OK),
-    "return_logprob": (True, REFUSED),
+    "return_logprob": (True, OK),
     "logprob_start_len": (0, REFUSED),
     "top_logprobs_num": (2, REFUSED),
     "rid": ("abc", REFUSED),

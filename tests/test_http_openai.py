@@ -166,3 +166,35 @@ def test_n_copies_share_one_prefill(rt, oai):
                                    max_tokens=8, temperature=1.0, seed=5)  # fmt: skip
     assert [c.text for c in seeded.choices] == [c.text for c in again.choices]
     assert len({c.text for c in seeded.choices}) > 1  # copy i samples with seed + i
+
+
+def test_logprobs_in_openai_and_sglang_shapes(rt, oai):
+    messages = [{"role": "user", "content": "Name a color."}]
+    r = chat(oai, messages, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(c.token for c in content) == r.choices[0].message.content
+    for c in content:
+        assert len(c.top_logprobs) == 3 and c.logprob <= 0
+        assert c.top_logprobs[0].logprob >= c.logprob - 1e-6  # greedy: the top token
+        assert bytes(c.bytes).decode() == c.token
+    streamed = chat(oai, messages, logprobs=True, stream=True)
+    entries = [e for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+               for e in chunk.choices[0].logprobs.content]  # fmt: skip
+    assert [e.logprob for e in entries] == pytest.approx([c.logprob for c in content], abs=1e-5)
+    done = oai.completions.create(model="smollm2-135m", prompt="Hello", max_tokens=4,
+                                  temperature=0, logprobs=2)  # fmt: skip
+    lp = done.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(4)]
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    body = {"text": "Hello", "sampling_params": {"max_new_tokens": 3}, "return_logprob": True,
+            "top_logprobs_num": 2, "return_text_in_logprobs": True}  # fmt: skip
+    meta = httpx.post(f"{rt.http_url}/generate", json=body,
+                      headers={"Authorization": "Bearer k"}).json()["meta_info"]  # fmt: skip
+    out = meta["output_token_logprobs"]
+    assert len(out) == 3 and all(isinstance(t[2], str) for t in out)
+    assert [len(top) for top in meta["output_top_logprobs"]] == [2, 2, 2]
+    assert rt.client.generate("Hello", max_new_tokens=3, logprobs=True).logprobs[0].logprob == (
+        pytest.approx(out[0][0], abs=1e-6)
+    )

@@ -170,3 +170,46 @@ def test_bf16_logits_close_to_fp32(fp32_model, chat_prompts) -> None:
     assert (err < 0.05 * spread).all(), (err, spread)
     top3 = ref.topk(3, dim=-1).indices
     assert (top3 == got.argmax(-1, keepdim=True)).any(-1).all()
+
+
+def test_logprobs_equal_transformers_log_softmax(fp32_model, hf_model, chat_prompts) -> None:
+    """The scheduler's logprobs (greedy and sampled requests, beside one that asks for none) are
+    a float32 log-softmax of the model's logits: transformers' within 1e-4, top-5 included."""
+    from radixkv.config import ServerArgs
+    from radixkv.scheduler.process import build_scheduler
+
+    s = build_scheduler(ServerArgs(dtype="float32", max_total_tokens=8192), fp32_model)
+    asks = {
+        "greedy": SamplingParams(max_new_tokens=8, logprobs=True, top_logprobs=5),
+        "sampled": SamplingParams(
+            max_new_tokens=8,
+            temperature=0.9,
+            seed=3,
+            logprobs=True,
+            top_logprobs=5,
+            repetition_penalty=1.3,
+        ),
+        "plain": SamplingParams(max_new_tokens=8),
+    }
+    prompts = dict(zip(asks, chat_prompts, strict=False))
+    for rid, params in asks.items():
+        s.add_request(rid, prompts[rid], params)
+    tokens: dict[str, list[int]] = {rid: [] for rid in asks}
+    lps: dict[str, list] = {rid: [] for rid in asks}
+    while s.has_work():
+        for out in s.step():
+            tokens[out.rid] += out.token_ids
+            lps[out.rid] += out.logprobs or []
+    assert lps["plain"] == []
+    for rid in ("greedy", "sampled"):
+        ids = prompts[rid] + tokens[rid]
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([ids[:-1]])).logits[0, len(prompts[rid]) - 1 :]
+        ref = torch.log_softmax(logits.float(), dim=-1)
+        assert [lp.token_id for lp in lps[rid]] == tokens[rid]
+        for step, lp in enumerate(lps[rid]):
+            row = ref[step]
+            assert abs(lp.logprob - row[lp.token_id].item()) < 1e-4
+            top = row.topk(5)
+            assert lp.top_ids == top.indices.tolist()
+            torch.testing.assert_close(torch.tensor(lp.top_logprobs), top.values, atol=1e-4, rtol=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from radixkv.protocol import ErrorReply, GenerateResult
+from radixkv.protocol import ErrorReply, GenerateResult, TokenLogprob
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +20,9 @@ class Result:
     completion_tokens: int
     ttft: float  # seconds from arrival at the runtime to the first token
     latency: float  # seconds from arrival at the runtime to the last token
+    queue_time: float = 0.0  # seconds it waited in the scheduler for its first admission
+    # per token of token_ids, with `logprobs=True` (TokenLogprob: logprob, top_ids, texts, ...)
+    logprobs: list[TokenLogprob] | None = None
 
     @classmethod
     def from_reply(cls, reply: GenerateResult) -> Result:
@@ -33,6 +36,8 @@ class Result:
             completion_tokens=m.completion_tokens,
             ttft=m.ttft,
             latency=m.latency,
+            queue_time=m.queue_time,
+            logprobs=reply.logprobs,
         )
 
 

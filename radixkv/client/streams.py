@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 from radixkv.client.results import Result, reply_error
-from radixkv.protocol import GenerateResult, TokenChunk
+from radixkv.protocol import GenerateResult, TokenChunk, TokenLogprob
 
 
 class ReplySource(Protocol):
@@ -37,6 +37,7 @@ class _StreamState:
         self.completion_tokens = 0
         self.prompt_tokens = 0
         self.cached_tokens = 0
+        self._logprobs: list[TokenLogprob] = []  # of tokens whose text was not taken yet
 
     @contextlib.contextmanager
     def _ending_on_error(self) -> Iterator[None]:
@@ -53,12 +54,19 @@ class _StreamState:
         if isinstance(reply, TokenChunk):
             self.completion_tokens += len(reply.token_ids)
             self.prompt_tokens, self.cached_tokens = reply.prompt_tokens, reply.cached_tokens
+            self._logprobs.extend(reply.logprobs or ())
             return reply.text or None
         self._done = True
         if isinstance(reply, GenerateResult):
             self.result = Result.from_reply(reply)
             return self.result
         raise reply_error(reply, self._source.endpoint)
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The log probabilities of the tokens received since the last call (with
+        `logprobs=True`): call after each text chunk to pair them with it."""
+        taken, self._logprobs = self._logprobs, []
+        return taken
 
     def close(self) -> None:
         """Stop reading; aborts the request at the runtime if it has not finished."""

@@ -8,6 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from radixkv.frontend.detokenizer import IncrementalDetokenizer, StopStrings
 from radixkv.frontend.validation import (
     BadRequest,
@@ -29,6 +31,7 @@ from radixkv.protocol import (
     RuntimeReply,
     TokenChunk,
     TokenizeRequest,
+    TokenLogprob,
 )
 
 ROLE_NAMES = {"developer": "system"}  # OpenAI's newer name; chat templates know "system"
@@ -53,6 +56,7 @@ class ReqState:
     cached_tokens: int = 0
     queue_time: float = 0.0
     stopped: bool = False  # a stop string matched; the scheduler was told to abort
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asked
 
 
 @dataclass(slots=True)
@@ -76,6 +80,7 @@ class TokenizerManager:
         # than this cannot fit the context: refuse it without spending time tokenizing it.
         longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
         self.max_prompt_chars = self.max_context_len * max(1, longest)
+        self._token_texts: dict[int, str] = {}  # a token's text decoded alone (for logprobs)
 
     # ---- requests in --------------------------------------------------------------------------
 
@@ -155,6 +160,9 @@ class TokenizerManager:
         state.prompt_tokens, state.cached_tokens = out.prompt_tokens, out.cached_tokens
         state.queue_time = out.queue_time
         state.token_ids.extend(out.token_ids)
+        logprobs = self._with_texts(out.logprobs) if out.logprobs else None
+        if logprobs:
+            state.logprobs.extend(logprobs)
         delta = state.detok.push(out.token_ids)
         if out.finish_reason is not None:
             delta += state.detok.flush()
@@ -170,6 +178,7 @@ class TokenizerManager:
                         token_ids=out.token_ids,
                         prompt_tokens=out.prompt_tokens,
                         cached_tokens=out.cached_tokens,
+                        logprobs=logprobs,
                     )
                 )
                 state.sent = max(state.sent, safe)
@@ -177,6 +186,23 @@ class TokenizerManager:
             return OutputStep(replies, finished=False, abort_scheduler=False, token_gap=gap)
         replies.append(self.result(state, finish, now))
         return OutputStep(replies, finished=True, abort_scheduler=state.stopped, token_gap=gap)
+
+    def _with_texts(self, logprobs: list[TokenLogprob]) -> list[TokenLogprob]:
+        """The entries with each token's own text (a token decoded alone)."""
+        return [
+            msgspec.structs.replace(
+                lp,
+                text=self._text_of(lp.token_id),
+                top_texts=[self._text_of(t) for t in lp.top_ids],
+            )
+            for lp in logprobs
+        ]
+
+    def _text_of(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def _append_text(self, state: ReqState, delta: str, reason: str | None) -> str | None:
         """Add decoded text, cutting at a stop string; returns the finish reason, if finished."""
@@ -208,4 +234,5 @@ class TokenizerManager:
             token_ids=list(state.token_ids),
             finish_reason=finish_reason,
             meta=meta,
+            logprobs=list(state.logprobs) if state.logprobs else None,
         )

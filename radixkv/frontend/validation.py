@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from radixkv.protocol import MAX_SEED, ChatMessage, GenerateRequest, SamplingParams
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's system
 
 
@@ -91,6 +92,13 @@ def check_sampling(sp: SamplingParams, vocab_size: int) -> None:
         raise BadRequest("stop strings must not be empty", "stop")
     check_token_ids(sp.stop_token_ids, vocab_size, "stop_token_ids")
     check_penalties(sp, vocab_size)
+    if not 0 <= sp.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise BadRequest(
+            f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {sp.top_logprobs}",
+            "top_logprobs",
+        )
+    if sp.top_logprobs and not sp.logprobs:
+        raise BadRequest("top_logprobs needs logprobs", "top_logprobs")
 
 
 def check_penalties(sp: SamplingParams, vocab_size: int) -> None:

@@ -18,6 +18,7 @@ from radixkv.client.core import Prompt
 from radixkv.client.results import Result
 from radixkv.client.streams import AsyncStream
 from radixkv.http.gateway import ClientGone, Gateway
+from radixkv.http.logprobs import native_logprobs
 from radixkv.http.openai_protocol import (
     ApiError,
     DetokenizeBody,
@@ -51,9 +52,11 @@ def meta_info(
     }
 
 
-def native_result(rid: str, r: Result) -> dict[str, Any]:
+def native_result(rid: str, r: Result, with_text: bool = False) -> dict[str, Any]:
     meta = meta_info(rid, r.prompt_tokens, r.cached_tokens, r.completion_tokens)
     meta.update(finish_reason=finish_reason(r), ttft=r.ttft, e2e_latency=r.latency)
+    if r.logprobs is not None:
+        meta.update(native_logprobs(r.logprobs, with_text))
     return {"text": r.text, "output_ids": r.token_ids, "meta_info": meta}
 
 
@@ -67,14 +70,15 @@ def native_router(gw: Gateway) -> APIRouter:
         refused = req.unsupported()
         if refused is not None:
             raise ApiError(400, refused[1], refused[0], "unsupported")
-        prompt, sp, rid = native_prompt(req), req.sampling_params, uuid.uuid4().hex
+        prompt, sp, rid = native_prompt(req), req.sampling, uuid.uuid4().hex
+        with_text = bool(req.return_text_in_logprobs)
         if req.stream:
-            return await stream_generate(gw, request, prompt, sp, rid)
+            return await stream_generate(gw, request, prompt, sp, rid, with_text)
         try:
             r = await gw.call(request, lambda: gw.client.complete(prompt, params=sp))
         except ClientGone:
             return closed()
-        return json_response(native_result(rid, r))
+        return json_response(native_result(rid, r, with_text))
 
     @router.post("/flush_cache")
     async def flush_cache(request: Request) -> Response:
@@ -169,7 +173,7 @@ async def flush(gw: Gateway, request: Request) -> Response:
 
 
 async def stream_generate(
-    gw: Gateway, request: Request, prompt: Prompt, sp: SamplingParams, rid: str
+    gw: Gateway, request: Request, prompt: Prompt, sp: SamplingParams, rid: str, with_text: bool
 ) -> Response:
     """SGLang's stream: every event carries the text so far and `meta_info` (the token counts
     so far; `finish_reason` set in the last, which also has `output_ids`)."""
@@ -188,7 +192,7 @@ async def stream_generate(
         nonlocal text
         item, counts = event
         if isinstance(item, Result):
-            return [sse(native_result(rid, item))]
+            return [sse(native_result(rid, item, with_text))]
         text += item
         return [sse({"text": text, "meta_info": meta_info(rid, *counts)})]
 

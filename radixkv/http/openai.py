@@ -20,6 +20,7 @@ from starlette.responses import Response
 from radixkv.client.core import Message
 from radixkv.client.results import Result
 from radixkv.http.gateway import ClientGone, Gateway
+from radixkv.http.logprobs import chat_logprobs, completion_logprobs, with_logprobs
 from radixkv.http.openai_protocol import (
     DEFAULT_CHAT_TOKENS,
     DEFAULT_COMPLETION_TOKENS,
@@ -29,7 +30,7 @@ from radixkv.http.openai_protocol import (
     chat_messages,
 )
 from radixkv.http.responses import closed, event_stream, json_response, sse
-from radixkv.protocol import SamplingParams
+from radixkv.protocol import SamplingParams, TokenLogprob
 
 
 def sglext(results: list[Result]) -> dict[str, Any]:
@@ -92,22 +93,31 @@ def openai_router(gw: Gateway) -> APIRouter:
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": gw.config.model}  # fmt: skip
 
-        def choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
-            return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        def choice(
+            index: int, text: str, finish: str | None, lps: list[TokenLogprob] | None, start: int
+        ) -> dict[str, Any]:
+            logprobs = None if req.logprobs is None else completion_logprobs(lps, start)
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
         if req.stream:
+            sent = 0
 
-            def render(item: str | Result) -> list[bytes]:
+            def render(event: tuple[str | Result, list[TokenLogprob]]) -> list[bytes]:
+                nonlocal sent
+                item, lps = event
                 if isinstance(item, str):
-                    return [sse({**head, "choices": [choice(0, item, None)]})]
-                events = [sse({**head, "choices": [choice(0, "", item.finish_reason)]})]
+                    start, sent = sent, sent + len(item)
+                    return [sse({**head, "choices": [choice(0, item, None, lps, start)]})]
+                last = choice(0, "", item.finish_reason, lps, sent)
+                events = [sse({**head, "choices": [last]})]
                 if req.include_usage:
                     events.append(usage_chunk(head, item))
                 return events
 
-            return await event_stream(
-                gw, request, lambda: gw.client.stream(prompts[0], params=sp), render
-            )
+            def opening() -> Any:
+                return with_logprobs(gw.client.stream(prompts[0], params=sp))
+
+            return await event_stream(gw, request, opening, render)
 
         n = req.n or 1
 
@@ -124,7 +134,7 @@ def openai_router(gw: Gateway) -> APIRouter:
         except ClientGone:
             return closed()
         results = [r for group in groups for r in group]  # choice index: prompt * n + copy
-        choices = [choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
+        choices = [choice(i, r.text, r.finish_reason, r.logprobs, 0) for i, r in enumerate(results)]
         body = {**head, "choices": choices, "usage": usage(groups), "sglext": sglext(results)}
         return json_response(body)
 
@@ -144,6 +154,7 @@ def openai_router(gw: Gateway) -> APIRouter:
             return closed()
         choices = [
             {"index": i, "message": {"role": "assistant", "content": r.text},
+             "logprobs": chat_logprobs(r.logprobs) if req.logprobs else None,
              "finish_reason": r.finish_reason}
             for i, r in enumerate(results)
         ]  # fmt: skip
@@ -165,19 +176,24 @@ async def stream_chat(
     """A chat completion as SSE: the role first, then content deltas, then the finish reason."""
     started = False
 
-    def chunk(delta: dict[str, str], finish: str | None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def chunk(delta: dict[str, str], finish: str | None, lps: list[TokenLogprob]) -> bytes:
+        logprobs = chat_logprobs(lps) if req.logprobs else None
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return sse({**head, "choices": [choice]})
 
-    def render(item: str | Result) -> list[bytes]:
+    def render(event: tuple[str | Result, list[TokenLogprob]]) -> list[bytes]:
         nonlocal started
-        events = [] if started else [chunk({"role": "assistant", "content": ""}, None)]
+        item, lps = event
+        events = [] if started else [chunk({"role": "assistant", "content": ""}, None, [])]
         started = True
         if isinstance(item, str):
-            return [*events, chunk({"content": item}, None)]
-        events.append(chunk({}, item.finish_reason))
+            return [*events, chunk({"content": item}, None, lps)]
+        events.append(chunk({}, item.finish_reason, lps))
         if req.include_usage:
             events.append(usage_chunk(head, item))
         return events
 
-    return await event_stream(gw, request, lambda: gw.client.stream(messages, params=sp), render)
+    def opening() -> Any:
+        return with_logprobs(gw.client.stream(messages, params=sp))
+
+    return await event_stream(gw, request, opening, render)

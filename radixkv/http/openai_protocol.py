@@ -114,7 +114,17 @@ class _Sampling(_Body, kw_only=True):
             min_new_tokens=self.min_tokens or 0,
             min_p=self.min_p or 0.0,
             logit_bias=dict(self.logit_bias or {}),
+            logprobs=self.wants_logprobs,
+            top_logprobs=self.top_logprobs_num,
         )
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return False
+
+    @property
+    def top_logprobs_num(self) -> int:
+        return 0
 
     @property
     def include_usage(self) -> bool:
@@ -131,8 +141,16 @@ class CompletionRequest(_Sampling, kw_only=True):
     suffix: str | None = None
 
     LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
-        **_Sampling.LIMITS, "echo": (False,), "logprobs": (), "suffix": ("",),
+        **_Sampling.LIMITS, "echo": (False,), "suffix": ("",),
     }  # fmt: skip
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
+
+    @property
+    def top_logprobs_num(self) -> int:
+        return self.logprobs or 0
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.stream and len(self.prompts()) > 1:
@@ -212,7 +230,7 @@ class ResponseFormat(msgspec.Struct, kw_only=True):
 class ChatCompletionRequest(_Sampling, kw_only=True):
     """`POST /v1/chat/completions`."""
 
-    messages: list[OpenAIMessage]
+    messages: Annotated[list[OpenAIMessage], Meta(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Meta(ge=0)] | None = None
@@ -236,8 +254,6 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 
     LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
         **_Sampling.LIMITS,
-        "logprobs": (False,),
-        "top_logprobs": (0,),
         "tools": ([],),
         "tool_choice": ("none",),
         "functions": ([],),
@@ -259,6 +275,14 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
                 "output); only 'text'"
             )
         return super().unsupported()
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return bool(self.logprobs)
+
+    @property
+    def top_logprobs_num(self) -> int:
+        return self.top_logprobs or 0
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         sp = super().sampling(default_max_tokens)
@@ -286,9 +310,21 @@ class GenerateBody(_Body, kw_only=True):
     rid: str | None = None
 
     LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "return_logprob": (False,), "logprob_start_len": (-1,), "top_logprobs_num": (0,),
-        "lora_path": (), "image_data": (), "rid": (),
+        "logprob_start_len": (-1,), "lora_path": (), "image_data": (), "rid": (),
     }  # fmt: skip
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.top_logprobs_num and not self.return_logprob:
+            return "top_logprobs_num", "top_logprobs_num needs return_logprob"
+        return super().unsupported()
+
+    @property
+    def sampling(self) -> SamplingParams:
+        """`sampling_params`, with SGLang's top-level logprob fields folded in."""
+        if not self.return_logprob:
+            return self.sampling_params
+        top = self.top_logprobs_num or 0
+        return msgspec.structs.replace(self.sampling_params, logprobs=True, top_logprobs=top)
 
 
 class TokenizeBody(_Body, kw_only=True):

@@ -16,7 +16,7 @@ from radixkv.model.forward_batch import ForwardBatch
 from radixkv.model.llama import LlamaForCausalLM
 from radixkv.model.loader import load_model
 from radixkv.model.sampler import Sampler
-from radixkv.protocol import SamplingParams
+from radixkv.protocol import SamplingParams, TokenLogprob
 
 
 def kv_layout(
@@ -150,3 +150,25 @@ class ModelRunner:
         make seeded requests reproducible; `outputs` and `prompts` (each request's tokens so
         far) feed the penalties."""
         return self.sampler(logits, params, generators, outputs, prompts)
+
+    @staticmethod
+    def logprobs(
+        logits: torch.Tensor, token_ids: torch.Tensor, params: Sequence[SamplingParams]
+    ) -> list[TokenLogprob | None]:
+        """Each asking request's token log probability and its top ones: a float32 log-softmax
+        of the model's logits (before any sampling adjustment); None for the others."""
+        rows = [i for i, p in enumerate(params) if p.logprobs]
+        out: list[TokenLogprob | None] = [None] * len(params)
+        if not rows:
+            return out
+        lp = torch.log_softmax(logits[rows].float(), dim=-1)
+        chosen = lp.gather(1, token_ids[rows][:, None]).squeeze(1).tolist()
+        k = max(params[i].top_logprobs for i in rows)
+        top_lp, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        top_lp_rows, top_id_rows = top_lp.tolist(), top_ids.tolist()
+        for j, i in enumerate(rows):
+            n = params[i].top_logprobs
+            out[i] = TokenLogprob(
+                int(token_ids[i]), chosen[j], top_id_rows[j][:n], top_lp_rows[j][:n]
+            )
+        return out
