@@ -51,10 +51,24 @@ class SamplingParams(
     # the log probability of every generated token (and of the `top_logprobs` most likely ones)
     logprobs: bool = False
     top_logprobs: int = 0
+    # structured output (SGLang's names), at most one: the output follows a JSON schema (a JSON
+    # text), a regular expression or an EBNF grammar, and ends when it is complete
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def grammar(self) -> tuple[str, str] | None:
+        """("json_schema" | "regex" | "ebnf", its text), or None without a constraint."""
+        for kind in ("json_schema", "regex", "ebnf"):
+            text = getattr(self, kind)
+            if text is not None:
+                return kind, text
+        return None
 
     @property
     def adjusts_logits(self) -> bool:
@@ -288,11 +302,12 @@ class BatchOutput(msgspec.Struct, tag="batch_out"):
 
 class ReqError(msgspec.Struct, tag="req_error", kw_only=True):
     """The scheduler refused or aborted a request (e.g. it can never fit in the KV cache, or
-    the waiting queue is full: code "overloaded")."""
+    the waiting queue is full: code "overloaded"; `param`: a grammar that does not compile)."""
 
     rid: str
     message: str
     code: str = "bad_request"
+    param: str | None = None
 
 
 class Ready(msgspec.Struct, tag="ready", kw_only=True):

@@ -115,7 +115,7 @@ class SchedulerLoop:
             try:
                 sched.add_request(msg.rid, msg.input_ids, msg.sampling)
             except RequestRejected as exc:
-                error = ReqError(rid=msg.rid, message=str(exc), code=exc.code)
+                error = ReqError(rid=msg.rid, message=str(exc), code=exc.code, param=exc.param)
                 self.send.send(self.encoder.encode(error))
         elif isinstance(msg, AbortRequest):
             outputs = sched.abort(msg.rid)

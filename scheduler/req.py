@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
@@ -27,6 +28,7 @@ class Req:
         "generator",
         "match_len",
         "match_node",
+        "matcher",
         "output_ids",
         "params",
         "prompt_ids",
@@ -59,6 +61,7 @@ class Req:
         self.first_admitted = False
         self.queued_at = time.monotonic()
         self.queue_time = 0.0  # seconds from queueing to the first admission
+        self.matcher: Any = None  # the grammar's state, for structured output (grammar.py)
         self.skips = 0  # admission rounds this request was passed over (aging)
         self.wait_order = 0  # arrival order in the waiting queue (fcfs tie-break)
         self.match_len = 0  # scheduling estimate of the cached prefix (peek, no side effects)

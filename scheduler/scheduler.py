@@ -17,8 +17,9 @@ from radixkv.config import ServerArgs
 from radixkv.mem import KVCacheManager
 from radixkv.model.forward_batch import ForwardBatch
 from radixkv.model.model_runner import ModelRunner
-from radixkv.model.stop_checker import StopChecker
+from radixkv.model.stop_checker import FinishReason, StopChecker
 from radixkv.protocol import ReqOutput, SamplingParams, Stats, TokenLogprob
+from radixkv.scheduler.grammar import GrammarBackend, GrammarError
 from radixkv.scheduler.policy import SchedulePolicy
 from radixkv.scheduler.req import Req
 
@@ -27,11 +28,13 @@ log = logging.getLogger("radixkv.scheduler")
 
 class RequestRejected(ValueError):
     """A request the scheduler cannot serve (the message says why and what limit); `code`
-    "overloaded" when it could be served later (the waiting queue is full)."""
+    "overloaded" when it could be served later (the waiting queue is full); `param` the field
+    at fault, if one is."""
 
-    def __init__(self, message: str, code: str = "bad_request") -> None:
+    def __init__(self, message: str, code: str = "bad_request", param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.param = param
 
 
 class Scheduler:
@@ -43,6 +46,7 @@ class Scheduler:
         self.mgr = mgr
         self.page = mgr.page_size
         self.stop = StopChecker.for_model(runner.config.eos_token_ids)
+        self.grammar = GrammarBackend(args.model, runner.config.vocab_size)
         self.policy = SchedulePolicy(
             args.effective_policy,
             mgr.tree,
@@ -83,6 +87,11 @@ class Scheduler:
                 "lower max_new_tokens"
             )
         req = Req(rid, list(input_ids), params, self.runner.device)
+        if params.grammar is not None:
+            try:
+                req.matcher = self.grammar.matcher(params)
+            except GrammarError as exc:
+                raise RequestRejected(str(exc), param=exc.param) from None
         req.wait_order = next(self._order)
         self.waiting.append(req)
         self.stats.requests += 1
@@ -309,7 +318,7 @@ class Scheduler:
         """Each request's next token, with its log probabilities if it asked for them."""
         params = [r.params for r in reqs]
         ids = self.runner.sample(
-            logits,
+            self.grammar.mask(logits, [r.matcher for r in reqs]),
             params,
             [r.generator for r in reqs],
             [r.output_ids for r in reqs],
@@ -322,6 +331,10 @@ class Scheduler:
         req.output_ids.append(token)
         self.stats.generated_tokens += 1
         reason = self.stop.check(req.params, token, len(req.output_ids))
+        if req.matcher is not None:
+            accepted = req.matcher.accept_token(token)
+            if reason is None and (req.matcher.is_terminated() or not accepted):
+                reason = FinishReason.STOP  # the grammar is complete
         if reason is None:
             if req not in self.running:
                 self.running.append(req)

@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radixkv.frontend.detokenizer import IncrementalDetokenizer, StopStrings
-from radixkv.frontend.tokenizer import load_tokenizer
 from radixkv.frontend.tokenizer_manager import TokenizerManager
 from radixkv.frontend.validation import BadRequest
 from radixkv.protocol import (
@@ -20,6 +19,7 @@ from radixkv.protocol import (
     SamplingParams,
     TokenChunk,
 )
+from radixkv.tokenizer import load_tokenizer
 
 CONTEXT = 256
 TEXTS = [

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from radixkv.frontend import tokenizer as frontend_tokenizer
-from radixkv.frontend.tokenizer import load_tokenizer
+from radixkv import tokenizer as frontend_tokenizer
 from radixkv.model_source import resolve_model
+from radixkv.tokenizer import load_tokenizer
 
 FRONT_END = ("radixkv.client", "radixkv.frontend", "radixkv.http")
 
@@ -66,7 +66,7 @@ def test_the_front_end_never_imports_torch_or_the_model():
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"
-        "from radixkv.frontend.tokenizer import load_tokenizer\n"
+        "from radixkv.tokenizer import load_tokenizer\n"
         "load_tokenizer('smollm2-135m')\n"
         "bad = [m for m in sys.modules if m in ('torch', 'radixkv.model')\n"
         "       or m.startswith(('torch.', 'radixkv.model.'))]\n"

@@ -38,8 +38,8 @@ SHARED = {  # both endpoints: a value other than the default, and what happens t
     "repetition_penalty": (1.2, OK),
     "skip_special_tokens": (False, REFUSED),
     "include_stop_str_in_output": (True, REFUSED),
-    "regex": ("[a-z]+", REFUSED),
-    "ebnf": ('root ::= "a"', REFUSED),
+    "regex": ("[a-z]+", OK),
+    "ebnf": ('root ::= "a"', OK),
     "guided_json": ({"type": "object"}, REFUSED),  # not declared at all
 }
 COMPLETIONS = {
@@ -60,7 +60,7 @@ CHAT = {
     "audio": ({"voice": "alloy", "format": "wav"}, REFUSED),
     "logprobs": (True, OK),
     "top_logprobs": (2, REFUSED),
-    "response_format": ({"type": "json_object"}, REFUSED),
+    "response_format": ({"type": "json_object"}, OK),
     "tools": ([TOOL], REFUSED),
     "tool_choice": ("required", REFUSED),
     "functions": ([TOOL["function"]], REFUSED),
@@ -109,9 +109,9 @@ SAMPLING_PARAMS = {
     "frequency_penalty": (0.5, OK),
     "presence_penalty": (0.5, OK),
     "logit_bias": ({"50": -100}, OK),
-    "regex": ("[a-z]+", REFUSED),
-    "ebnf": ('root ::= "a"', REFUSED),
-    "json_schema": ('{"type": "object"}', REFUSED),
+    "regex": ("[a-z]+", OK),
+    "ebnf": ('root ::= "a"', OK),
+    "json_schema": ('{"type": "object"}', OK),
     "n": (2, REFUSED),
     "skip_special_tokens": (False, REFUSED),
 }

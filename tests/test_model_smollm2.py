@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from radixkv.frontend.tokenizer import load_tokenizer
 from radixkv.model.llama import LlamaForCausalLM
 from radixkv.model.loader import (
     load_config,
@@ -16,6 +15,7 @@ from radixkv.model.loader import (
 from radixkv.model.model_runner import ModelRunner
 from radixkv.protocol import SamplingParams
 from radixkv.testing import DriverRequest, PoolDriver
+from radixkv.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,6 @@ import zmq
 from radixkv.config import ServerArgs
 from radixkv.frontend.peer_tracker import PeerTracker
 from radixkv.frontend.scheduler_child import DEFAULT_SCHEDULER, SchedulerChild
-from radixkv.frontend.tokenizer import load_tokenizer
 from radixkv.frontend.tokenizer_manager import ReqState, TokenizerManager
 from radixkv.frontend.validation import BadRequest
 from radixkv.protocol import (
@@ -46,6 +45,7 @@ from radixkv.protocol import (
     TokenizeRequest,
     client_codec,
 )
+from radixkv.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     from radixkv.http.server import HttpServer
@@ -354,7 +354,7 @@ class RuntimeServer:
         elif isinstance(msg, ReqError):
             state = self._forget(msg.rid)
             if state is not None:
-                self._error(state.identity, state.rid, msg.message, msg.code)
+                self._error(state.identity, state.rid, msg.message, msg.code, msg.param)
                 if self.metrics is not None:
                     self.metrics.observe_end("error")
         elif isinstance(msg, (StatsReply, FlushReply)):

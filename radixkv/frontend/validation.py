@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import msgspec
+
 from radixkv.protocol import MAX_SEED, ChatMessage, GenerateRequest, SamplingParams
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
@@ -99,6 +101,20 @@ def check_sampling(sp: SamplingParams, vocab_size: int) -> None:
         )
     if sp.top_logprobs and not sp.logprobs:
         raise BadRequest("top_logprobs needs logprobs", "top_logprobs")
+    check_grammar(sp)
+
+
+def check_grammar(sp: SamplingParams) -> None:
+    """At most one constraint; a JSON schema that is JSON. (Whether it compiles is the
+    scheduler's to say: the grammar engine lives there.)"""
+    given = [k for k in ("json_schema", "regex", "ebnf") if getattr(sp, k) is not None]
+    if len(given) > 1:
+        raise BadRequest(f"give at most one of json_schema, regex or ebnf, not {given}", given[1])
+    if sp.json_schema is not None:
+        try:
+            msgspec.json.decode(sp.json_schema)
+        except msgspec.DecodeError as exc:
+            raise BadRequest(f"json_schema is not JSON: {exc}", "json_schema") from None
 
 
 def check_penalties(sp: SamplingParams, vocab_size: int) -> None:

@@ -88,8 +88,6 @@ class _Sampling(_Body, kw_only=True):
     LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
         "skip_special_tokens": (True,),
         "include_stop_str_in_output": (False,),
-        "regex": (),
-        "ebnf": (),
     }
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -116,6 +114,8 @@ class _Sampling(_Body, kw_only=True):
             logit_bias=dict(self.logit_bias or {}),
             logprobs=self.wants_logprobs,
             top_logprobs=self.top_logprobs_num,
+            regex=self.regex,
+            ebnf=self.ebnf,
         )
 
     @property
@@ -269,12 +269,24 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     }
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.response_format is not None and self.response_format.type != "text":
+        rf = self.response_format
+        if rf is not None and rf.type not in ("text", "json_object", "json_schema"):
             return "response_format", (
-                f"response_format {self.response_format.type!r} is not supported yet (structured "
-                "output); only 'text'"
+                f"response_format {rf.type!r} is not supported; use text, json_object or "
+                "json_schema"
             )
+        if rf is not None and rf.type == "json_schema" and "schema" not in (rf.json_schema or {}):
+            return "response_format", "response_format json_schema needs json_schema.schema"
         return super().unsupported()
+
+    def schema(self) -> str | None:
+        """The JSON schema the output must follow (json_object: any object), as JSON text."""
+        rf = self.response_format
+        if rf is None or rf.type == "text":
+            return None
+        if rf.type == "json_object":
+            return '{"type": "object"}'
+        return msgspec.json.encode((rf.json_schema or {})["schema"]).decode()
 
     @property
     def wants_logprobs(self) -> bool:
@@ -286,6 +298,8 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         sp = super().sampling(default_max_tokens)
+        if (schema := self.schema()) is not None:
+            sp = msgspec.structs.replace(sp, json_schema=schema)
         if self.max_tokens is None and self.max_completion_tokens is not None:
             return msgspec.structs.replace(sp, max_new_tokens=self.max_completion_tokens)
         return sp

@@ -1,7 +1,7 @@
 """Load a model's config and weights from the files `radixkv.model_source` resolved.
 
 The tokenizer is not loaded here (it belongs to the runtime process, which never imports torch:
-see `radixkv.frontend.tokenizer`).
+see `radixkv.tokenizer`).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
     import radixkv
-    from radixkv.frontend.tokenizer import load_tokenizer
+    from radixkv.tokenizer import load_tokenizer
 
     requests = assistant_chats(args.assistants, args.questions, args.output_len, args.seed)
     print(f"starting a runtime on {args.model} ...", flush=True)

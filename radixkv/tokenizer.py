@@ -22,10 +22,7 @@ from radixkv.model_source import ModelSource, cache_dir, resolve_model, source_k
 
 log = logging.getLogger("radixkv.tokenizer")
 
-_EXPORT = (
-    "import sys; from radixkv.frontend.tokenizer import export_gguf_tokenizer as e; "
-    "e(*sys.argv[1:])"
-)
+_EXPORT = "import sys; from radixkv.tokenizer import export_gguf_tokenizer as e; e(*sys.argv[1:])"
 
 
 def load_tokenizer(model: str | Path | ModelSource) -> Any:
