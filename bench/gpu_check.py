@@ -50,7 +50,6 @@ import torch
 
 import radixkv
 from radixkv.config import ServerArgs
-from radixkv.frontend.tokenizer import load_tokenizer
 from radixkv.model.dtype import resolve_dtype
 from radixkv.model.llama import LlamaForCausalLM
 from radixkv.model.loader import load_config, load_model, load_weights, resolve_model
@@ -59,6 +58,7 @@ from radixkv.model_source import ModelSource
 from radixkv.protocol import SamplingParams
 from radixkv.scheduler.process import build_scheduler
 from radixkv.testing import DriverRequest, PoolDriver
+from radixkv.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]

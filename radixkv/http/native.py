@@ -67,9 +67,7 @@ def native_router(gw: Gateway) -> APIRouter:
     async def generate(request: Request) -> Response:
         """Text, token ids or chat messages with our sampling parameters; meta info per request."""
         req = await gw.body(request, GenerateBody)
-        refused = req.unsupported()
-        if refused is not None:
-            raise ApiError(400, refused[1], refused[0], "unsupported")
+        req.check_supported()
         prompt, sp, rid = native_prompt(req), req.sampling, uuid.uuid4().hex
         with_text = bool(req.return_text_in_logprobs)
         if req.stream:
@@ -126,9 +124,7 @@ def native_router(gw: Gateway) -> APIRouter:
     async def tokenize(request: Request) -> Response:
         """vLLM's and SGLang's: `prompt` (a text) or `messages` -> `tokens`, `count`."""
         req = await gw.body(request, TokenizeBody)
-        refused = req.unsupported()
-        if refused is not None:
-            raise ApiError(400, refused[1], refused[0], "unsupported")
+        req.check_supported()
         gw.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise ApiError(400, "give exactly one of prompt or messages", "prompt", "invalid")

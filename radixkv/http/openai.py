@@ -24,7 +24,6 @@ from radixkv.http.logprobs import chat_logprobs, completion_logprobs, with_logpr
 from radixkv.http.openai_protocol import (
     DEFAULT_CHAT_TOKENS,
     DEFAULT_COMPLETION_TOKENS,
-    ApiError,
     ChatCompletionRequest,
     CompletionRequest,
     chat_messages,
@@ -64,9 +63,7 @@ def usage(groups: list[list[Result]]) -> dict[str, Any]:
 
 def check(gw: Gateway, req: CompletionRequest | ChatCompletionRequest) -> None:
     gw.check_model(req.model)
-    refused = req.unsupported()
-    if refused is not None:
-        raise ApiError(400, refused[1], refused[0], "unsupported")
+    req.check_supported()
 
 
 def openai_router(gw: Gateway) -> APIRouter:

@@ -43,6 +43,12 @@ class _Body(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
+    def check_supported(self) -> None:
+        """Raise the 400 (naming the field) for a value we cannot honour."""
+        refused = self.unsupported()
+        if refused is not None:
+            raise ApiError(400, refused[1], refused[0], "unsupported")
+
     def unsupported(self) -> tuple[str, str] | None:
         """(param, message) for a value we cannot honour, or None."""
         for name, allowed in self.LIMITS.items():
