@@ -44,7 +44,7 @@ class GrammarBackend:
         kind, text = params.grammar or ("", "")
         try:
             compiled = self._compile(kind, text)
-        except (RuntimeError, ValueError) as exc:
+        except Exception as exc:  # a client's grammar must never stop the scheduler
             raise GrammarError(f"the {kind} does not compile: {exc}", kind) from None
         return xgr.GrammarMatcher(compiled)
 

@@ -152,3 +152,29 @@ def test_metrics_under_sglang_and_vllm_names(rt, http):
         "sglang:e2e_request_latency_seconds",
     ):
         assert samples[f"{name}_count"] > 0, name  # fmt: skip
+
+
+def test_deeply_nested_input_is_a_clear_error_and_the_runtime_serves_on(rt, http):
+    """(Issue 12) 100,000 levels of nesting, over HTTP and raw ZMQ, in a field and at the top."""
+    import zmq
+
+    deep = "[" * 100_000 + "]" * 100_000
+    for path, body in (
+        ("/v1/completions", f'{{"prompt": "hi", "stop": {deep}}}'),
+        ("/generate", f'{{"text": "hi", "image_data": {deep}}}'),
+    ):  # an Any field
+        r = http.post(path, content=body.encode())
+        assert r.status_code == 400, r.text  # fmt: skip
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(rt.endpoint)
+    try:
+        nested = b"\x91" * 100_000 + b"\xc0"
+        for frame in (nested, b"\x82\xa4type\xa8generate\xa3rid" + nested):
+            sock.send(frame)
+            assert b"malformed" in sock.recv()
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+    assert rt.client.generate("still here", max_new_tokens=1).completion_tokens == 1

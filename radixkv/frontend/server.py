@@ -234,7 +234,7 @@ class RuntimeServer:
         except FrameTooLarge as exc:
             self._error(identity, "", str(exc), "too_large")
             return
-        except msgspec.DecodeError as exc:  # ValidationError (unknown type, bad field) included
+        except (msgspec.DecodeError, RecursionError) as exc:  # ValidationError included
             self._error(identity, _salvage_rid(payload), f"malformed or unknown message: {exc}")
             return
         if self.args.api_key is not None and not hmac.compare_digest(
@@ -386,7 +386,7 @@ def _salvage_rid(payload: bytes) -> str:
     """The rid of a message that failed validation, if it is a map with a string rid."""
     try:
         raw = msgspec.msgpack.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return ""
     rid = raw.get("rid") if isinstance(raw, dict) else None
     return rid if isinstance(rid, str) else ""

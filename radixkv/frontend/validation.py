@@ -113,7 +113,7 @@ def check_grammar(sp: SamplingParams) -> None:
     if sp.json_schema is not None:
         try:
             msgspec.json.decode(sp.json_schema)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise BadRequest(f"json_schema is not JSON: {exc}", "json_schema") from None
 
 

@@ -431,5 +431,5 @@ def decode_body(body: bytes, type_: type[Any]) -> Any:
         message = str(exc).replace("`$.", "`")
         param = match.group(1) if match else None
         raise ApiError(400, f"invalid request body: {message}", param, "invalid_value") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise ApiError(400, f"the body is not valid JSON: {exc}", None, "invalid_json") from None
