@@ -37,9 +37,8 @@ def oai(rt):
 
 
 def chat(oai, messages, **kwargs):
-    return oai.chat.completions.create(
-        model="smollm2-135m", messages=messages, max_tokens=NEW, temperature=0, **kwargs
-    )
+    kwargs = {"max_tokens": NEW, "temperature": 0, **kwargs}
+    return oai.chat.completions.create(model="smollm2-135m", messages=messages, **kwargs)
 
 
 def test_models_lists_the_served_model(oai):
@@ -220,3 +219,42 @@ def test_structured_output_parses_with_the_openai_client(oai):
         response_format={"type": "json_object"}, max_tokens=12, temperature=0,
     )  # fmt: skip
     assert free.choices[0].message.content.lstrip().startswith("{")
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 10}},
+    "required": ["zone"], "additionalProperties": False}}}  # fmt: skip
+
+
+def test_forced_tool_calls(oai):
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = chat(oai, ask, tools=[WEATHER, TIME], max_tokens=40,
+                 tool_choice={"type": "function", "function": {"name": "get_weather"}})  # fmt: skip
+    choice = named.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert set(json.loads(call.function.arguments)) == {"city"}
+    required = chat(oai, ask, tools=[WEATHER, TIME], tool_choice="required", max_tokens=50)
+    (call2,) = required.choices[0].message.tool_calls
+    assert call2.function.name in ("get_weather", "get_time")
+    assert isinstance(json.loads(call2.function.arguments), dict)
+    follow = [*ask, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+              {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"}]  # fmt: skip
+    answer = chat(oai, follow, tools=[WEATHER], tool_choice="none")
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+    with pytest.raises(openai.BadRequestError, match="auto"):
+        chat(oai, ask, tools=[WEATHER])

@@ -29,6 +29,7 @@ from radixkv.http.openai_protocol import (
     chat_messages,
 )
 from radixkv.http.responses import closed, event_stream, json_response, sse
+from radixkv.http.tools import ToolPlan, tool_calls, with_tools_message
 from radixkv.protocol import SamplingParams, TokenLogprob
 
 
@@ -140,6 +141,9 @@ def openai_router(gw: Gateway) -> APIRouter:
         req = await gw.body(request, ChatCompletionRequest)
         check(gw, req)
         messages = chat_messages(req.messages)
+        plan = req.tool_plan()
+        if plan is not None:
+            messages = with_tools_message(plan, messages)
         sp = req.sampling(DEFAULT_CHAT_TOKENS)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": gw.config.model}  # fmt: skip
@@ -150,9 +154,8 @@ def openai_router(gw: Gateway) -> APIRouter:
         except ClientGone:
             return closed()
         choices = [
-            {"index": i, "message": {"role": "assistant", "content": r.text},
-             "logprobs": chat_logprobs(r.logprobs) if req.logprobs else None,
-             "finish_reason": r.finish_reason}
+            {"index": i, **assistant_message(r, plan),
+             "logprobs": chat_logprobs(r.logprobs) if req.logprobs else None}
             for i, r in enumerate(results)
         ]  # fmt: skip
         body = {**head, "object": "chat.completion", "choices": choices,
@@ -160,6 +163,18 @@ def openai_router(gw: Gateway) -> APIRouter:
         return json_response(body)
 
     return router
+
+
+def assistant_message(r: Result, plan: ToolPlan | None) -> dict[str, Any]:
+    """A choice's message and finish reason: text, or the tool call a forced output makes."""
+    calls = None if plan is None else tool_calls(plan, r.text)
+    if calls is None:
+        return {
+            "message": {"role": "assistant", "content": r.text},
+            "finish_reason": r.finish_reason,
+        }
+    message = {"role": "assistant", "content": None, "tool_calls": calls}
+    return {"message": message, "finish_reason": "tool_calls"}
 
 
 async def stream_chat(

@@ -18,6 +18,7 @@ import msgspec
 from msgspec import Meta
 
 from radixkv.client.core import Message
+from radixkv.http.tools import ToolPlan, call_text, plan_tools
 from radixkv.protocol import MAX_SEED, ChatMessage, SamplingParams
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -201,12 +202,10 @@ class OpenAIMessage(_Body, kw_only=True):
     content: str | list[TextPart] | None = None
     name: str | None = None
     refusal: str | None = None
-    tool_calls: list[Any] | None = None
-    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier tool calls
+    tool_call_id: str | None = None  # which call a tool message answers: bookkeeping only
 
-    LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "name": (), "refusal": (), "tool_calls": ([],), "tool_call_id": (),
-    }  # fmt: skip
+    LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {"name": (), "refusal": ()}
 
     def to_chat(self) -> ChatMessage:
         refused = self.unsupported()
@@ -217,6 +216,8 @@ class OpenAIMessage(_Body, kw_only=True):
             if any(part.type != "text" for part in content):
                 raise ValueError("only text content parts are supported")
             content = "".join(part.text for part in content)
+        if self.tool_calls:  # an earlier forced call, as the model was made to write it
+            content = "\n".join([*filter(None, [content]), *map(call_text, self.tool_calls)])
         return ChatMessage(self.role, content or "")
 
 
@@ -226,6 +227,27 @@ def chat_messages(messages: list[OpenAIMessage]) -> list[Message]:
         return [m.to_chat() for m in messages]
     except ValueError as exc:
         raise ApiError(400, str(exc), "messages", "invalid_value") from None
+
+
+class FunctionDef(_Body, kw_only=True):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None  # the output always follows `parameters` here
+
+
+class ToolDef(_Body, kw_only=True):
+    type: str
+    function: FunctionDef
+
+
+class NamedFunction(_Body, kw_only=True):
+    name: str
+
+
+class ToolChoice(_Body, kw_only=True):
+    type: str
+    function: NamedFunction
 
 
 class ResponseFormat(msgspec.Struct, kw_only=True):
@@ -241,8 +263,8 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Meta(ge=0)] | None = None
     response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: str | ToolChoice | None = None
     parallel_tool_calls: bool | None = None  # without tools: no effect
     functions: list[Any] | None = None  # deprecated by OpenAI
     function_call: str | dict[str, Any] | None = None  # deprecated by OpenAI
@@ -260,8 +282,6 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
 
     LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
         **_Sampling.LIMITS,
-        "tools": ([],),
-        "tool_choice": ("none",),
         "functions": ([],),
         "function_call": ("none",),
         "modalities": (["text"],),
@@ -275,6 +295,40 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     }
 
     def unsupported(self) -> tuple[str, str] | None:
+        return self._tools_unsupported() or self._format_unsupported() or super().unsupported()
+
+    def _tools_unsupported(self) -> tuple[str, str] | None:
+        choice, names = self.tool_choice, [t.function.name for t in self.tools or []]
+        if not names:
+            if choice not in (None, "none"):
+                return "tool_choice", f"tool_choice {choice!r} needs tools"
+            return None
+        if any(t.type != "function" for t in self.tools or []):
+            return "tools", "tools must be of type 'function'"
+        if choice in (None, "auto"):
+            return "tool_choice", (
+                "tool_choice 'auto' (the default with tools) needs a parser of the model's own "
+                "tool-call format, which radixkv does not have: set tool_choice to 'required', "
+                "to {'type': 'function', 'function': {'name': ...}}, or to 'none'"
+            )
+        if isinstance(choice, ToolChoice) and choice.function.name not in names:
+            return "tool_choice", f"tool_choice names {choice.function.name!r}, not in tools"
+        if isinstance(choice, str) and choice not in ("none", "required"):
+            return "tool_choice", f"unknown tool_choice {choice!r}"
+        if choice != "none" and self.stream:
+            return "stream", "tool calls are not streamed yet; send them without stream"
+        if choice != "none" and self.response_format is not None:
+            return "response_format", "give either forced tool calls or a response_format"
+        return None
+
+    def tool_plan(self) -> ToolPlan | None:
+        """How the output is forced into a tool call, or None (no tools, or tool_choice none)."""
+        if not self.tools or self.tool_choice in (None, "none", "auto"):
+            return None
+        tools = msgspec.to_builtins(self.tools)
+        return plan_tools(tools, msgspec.to_builtins(self.tool_choice))
+
+    def _format_unsupported(self) -> tuple[str, str] | None:
         rf = self.response_format
         if rf is not None and rf.type not in ("text", "json_object", "json_schema"):
             return "response_format", (
@@ -283,10 +337,13 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
             )
         if rf is not None and rf.type == "json_schema" and "schema" not in (rf.json_schema or {}):
             return "response_format", "response_format json_schema needs json_schema.schema"
-        return super().unsupported()
+        return None
 
     def schema(self) -> str | None:
-        """The JSON schema the output must follow (json_object: any object), as JSON text."""
+        """The JSON schema the output must follow (json_object: any object; a forced tool
+        call: its arguments), as JSON text."""
+        if (plan := self.tool_plan()) is not None:
+            return plan.schema
         rf = self.response_format
         if rf is None or rf.type == "text":
             return None
