@@ -178,3 +178,12 @@ def test_deeply_nested_input_is_a_clear_error_and_the_runtime_serves_on(rt, http
         sock.close(linger=0)
         ctx.term()
     assert rt.client.generate("still here", max_new_tokens=1).completion_tokens == 1
+
+
+def test_flush_waits_for_idle_when_asked(rt, http):
+    """SGLang's benchmark flushes with ?timeout=: wait for the requests in flight, then flush."""
+    stream = rt.client.stream("busy", max_new_tokens=500)  # ~2 s at the fake's 4 ms a token
+    next(stream)
+    assert http.post("/flush_cache").status_code == 409
+    assert http.post("/flush_cache", params={"timeout": 30}).json() == {"ok": True}
+    assert list(stream)[-1].finish_reason == "length"  # it finished first, untouched

@@ -5,6 +5,8 @@ cumulative), `/flush_cache` and vLLM's `/reset_prefix_cache`, `/get_server_info`
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -157,15 +159,25 @@ def native_router(gw: Gateway) -> APIRouter:
 
 
 async def flush(gw: Gateway, request: Request) -> Response:
+    """Flush the radix cache; with `?timeout=S` (SGLang's), wait up to S seconds for the
+    requests in flight to finish first (409 if they have not)."""
     try:
-        await gw.call(request, lambda: gw.client.flush_cache())
-    except ApiError as exc:
-        if exc.code == "bad_request":
-            raise ApiError(409, exc.message, None, "busy") from None
-        raise
-    except ClientGone:
-        return closed()
-    return json_response({"ok": True})
+        wait = float(request.query_params.get("timeout", 0))
+    except ValueError:
+        raise ApiError(400, "timeout must be a number of seconds", "timeout", "invalid") from None
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            await gw.call(request, lambda: gw.client.flush_cache())
+            return json_response({"ok": True})
+        except ApiError as exc:
+            if exc.code != "bad_request":
+                raise
+            if time.monotonic() >= deadline:
+                raise ApiError(409, exc.message, None, "busy") from None
+        except ClientGone:
+            return closed()
+        await asyncio.sleep(0.05)
 
 
 async def stream_generate(

@@ -82,6 +82,7 @@ class _Sampling(_Body, kw_only=True):
     frequency_penalty: Penalty | None = None  # 0
     logit_bias: dict[int, float] | None = None  # OpenAI's keys are token ids as strings
     user: str | None = None  # an end-user id for the caller's records: no effect on the output
+    return_cached_tokens_details: bool | None = None  # SGLang's: `sglext` is always returned
     ignore_eos: bool | None = None  # False; an extension, for benchmarks
     min_tokens: int | None = None  # 0; vLLM's extension (SGLang: min_new_tokens)
     min_p: float | None = None  # 0; an extension, as in vLLM and SGLang
@@ -385,9 +386,12 @@ class GenerateBody(_Body, kw_only=True):
     lora_path: str | None = None
     image_data: Any = None
     rid: str | None = None
+    return_routed_experts: bool | None = None  # MoE models only: none here
+    return_cached_tokens_details: bool | None = None  # meta_info always has them
 
     LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
         "logprob_start_len": (-1,), "lora_path": (), "image_data": (), "rid": (),
+        "return_routed_experts": (False,),
     }  # fmt: skip
 
     def unsupported(self) -> tuple[str, str] | None:
