@@ -107,7 +107,8 @@ def openai_router(gw: Gateway) -> APIRouter:
                     start, sent = sent, sent + len(item)
                     return [sse({**head, "choices": [choice(0, item, None, lps, start)]})]
                 last = choice(0, "", item.finish_reason, lps, sent)
-                events = [sse({**head, "choices": [last]})]
+                # sglext on the finishing chunk: SGLang's benchmark reads it there
+                events = [sse({**head, "choices": [last], "sglext": sglext([item])})]
                 if req.include_usage:
                     events.append(usage_chunk(head, item))
                 return events
@@ -188,10 +189,16 @@ async def stream_chat(
     """A chat completion as SSE: the role first, then content deltas, then the finish reason."""
     started = False
 
-    def chunk(delta: dict[str, str], finish: str | None, lps: list[TokenLogprob]) -> bytes:
+    def chunk(
+        delta: dict[str, str],
+        finish: str | None,
+        lps: list[TokenLogprob],
+        end: Result | None = None,
+    ) -> bytes:
         logprobs = chat_logprobs(lps) if req.logprobs else None
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return sse({**head, "choices": [choice]})
+        ext = {} if end is None else {"sglext": sglext([end])}  # on the finishing chunk
+        return sse({**head, "choices": [choice], **ext})
 
     def render(event: tuple[str | Result, list[TokenLogprob]]) -> list[bytes]:
         nonlocal started
@@ -200,7 +207,7 @@ async def stream_chat(
         started = True
         if isinstance(item, str):
             return [*events, chunk({"content": item}, None, lps)]
-        events.append(chunk({}, item.finish_reason, lps))
+        events.append(chunk({}, item.finish_reason, lps, item))
         if req.include_usage:
             events.append(usage_chunk(head, item))
         return events
