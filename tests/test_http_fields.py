@@ -44,7 +44,7 @@ SHARED = {  # both endpoints: a value other than the default, and what happens t
 }
 COMPLETIONS = {
     **SHARED,
-    "best_of": (2, REFUSED),
+    "best_of": (2, OK),
     "echo": (True, REFUSED),
     "logprobs": (0, OK),
     "suffix": ("end", REFUSED),

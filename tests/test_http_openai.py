@@ -258,3 +258,13 @@ def test_forced_tool_calls(oai):
     assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
     with pytest.raises(openai.BadRequestError, match="auto"):
         chat(oai, ask, tools=[WEATHER])
+
+
+def test_best_of_returns_the_most_likely_candidates(oai):
+    r = oai.completions.create(model="smollm2-135m", prompt="Once upon a time", n=2, best_of=4,
+                               max_tokens=6, temperature=1.0, seed=1, logprobs=0,
+                               extra_body={"ignore_eos": True})  # fmt: skip
+    assert [c.index for c in r.choices] == [0, 1]
+    totals = [sum(c.logprobs.token_logprobs) for c in r.choices]
+    assert totals[0] >= totals[1]  # best first
+    assert r.usage.completion_tokens == 4 * 6  # every candidate was generated (and is billed)

@@ -118,10 +118,10 @@ def openai_router(gw: Gateway) -> APIRouter:
 
             return await event_stream(gw, request, opening, render)
 
-        n = req.n or 1
+        n, k = req.n or 1, req.candidates
 
         async def run() -> list[list[Result]]:
-            tasks = [asyncio.ensure_future(gw.complete_n(p, sp, n)) for p in prompts]  # they batch
+            tasks = [asyncio.ensure_future(gw.complete_n(p, sp, k)) for p in prompts]  # they batch
             try:
                 return list(await asyncio.gather(*tasks))
             finally:
@@ -132,7 +132,9 @@ def openai_router(gw: Gateway) -> APIRouter:
             groups = await gw.call(request, run)
         except ClientGone:
             return closed()
-        results = [r for group in groups for r in group]  # choice index: prompt * n + copy
+        # best_of: the n candidates of highest total log probability, best first
+        best = [sorted(g, key=total_logprob, reverse=True)[:n] if k > n else g for g in groups]
+        results = [r for group in best for r in group]  # choice index: prompt * n + copy
         choices = [choice(i, r.text, r.finish_reason, r.logprobs, 0) for i, r in enumerate(results)]
         body = {**head, "choices": choices, "usage": usage(groups), "sglext": sglext(results)}
         return json_response(body)
@@ -164,6 +166,10 @@ def openai_router(gw: Gateway) -> APIRouter:
         return json_response(body)
 
     return router
+
+
+def total_logprob(r: Result) -> float:
+    return sum(lp.logprob for lp in r.logprobs or [])
 
 
 def assistant_message(r: Result, plan: ToolPlan | None) -> dict[str, Any]:

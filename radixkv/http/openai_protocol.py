@@ -153,8 +153,8 @@ class CompletionRequest(_Sampling, kw_only=True):
     }  # fmt: skip
 
     @property
-    def wants_logprobs(self) -> bool:
-        return self.logprobs is not None
+    def wants_logprobs(self) -> bool:  # best_of ranks its candidates by them
+        return self.logprobs is not None or self.candidates > (self.n or 1)
 
     @property
     def top_logprobs_num(self) -> int:
@@ -163,12 +163,16 @@ class CompletionRequest(_Sampling, kw_only=True):
     def unsupported(self) -> tuple[str, str] | None:
         if self.stream and len(self.prompts()) > 1:
             return "prompt", "streaming takes one prompt; send a batch without stream"
-        if self.best_of is not None and self.best_of != (self.n or 1):
-            return "best_of", (
-                "best_of other than n needs log probabilities to rank the candidates, which are "
-                "not supported yet; leave it out or equal to n"
-            )
+        if self.best_of is not None and self.best_of < (self.n or 1):
+            return "best_of", f"best_of ({self.best_of}) must be >= n ({self.n or 1})"
+        if self.stream and (self.best_of or 1) > 1:
+            return "best_of", "best_of > 1 cannot stream (the best are known at the end)"
         return super().unsupported()
+
+    @property
+    def candidates(self) -> int:
+        """How many completions to generate per prompt (best_of, at least n)."""
+        return max(self.best_of or 1, self.n or 1)
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts (a single prompt is a batch of one); raises a 400 ApiError."""
