@@ -187,3 +187,24 @@ def test_flush_waits_for_idle_when_asked(rt, http):
     assert http.post("/flush_cache").status_code == 409
     assert http.post("/flush_cache", params={"timeout": 30}).json() == {"ok": True}
     assert list(stream)[-1].finish_reason == "length"  # it finished first, untouched
+
+
+def test_streams_with_n_copies_interleave_by_index(http):
+    body = {"prompt": "ab", "max_tokens": 4, "n": 3, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        evs = events(r)
+    texts: dict[int, str] = {}
+    finished = set()
+    for e in evs[:-1]:
+        (c,) = e["choices"]
+        texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+        if c["finish_reason"]:
+            finished.add(c["index"])
+    assert texts == {0: "abababab", 1: "abababab", 2: "abababab"} and finished == {0, 1, 2}
+    assert evs[-1]["choices"] == [] and evs[-1]["usage"]["completion_tokens"] == 12
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": 2,
+            "stream": True}  # fmt: skip
+    with http.stream("POST", "/v1/chat/completions", json=chat) as r:
+        roles = [e["choices"][0]["index"] for e in events(r) if "role" in e["choices"][0]["delta"]]
+    assert sorted(roles) == [0, 1]

@@ -23,9 +23,10 @@ from starlette.requests import ClientDisconnect, Request
 from radixkv.client.aio import AsyncClient
 from radixkv.client.core import DEFAULT_TIMEOUT, Prompt
 from radixkv.client.results import ConnectionLost, RequestError, Result
+from radixkv.client.streams import AsyncStream
 from radixkv.http.metrics import RuntimeMetrics
 from radixkv.http.openai_protocol import ApiError, decode_body
-from radixkv.protocol import MAX_SEED, SamplingParams
+from radixkv.protocol import MAX_SEED, SamplingParams, TokenLogprob
 
 log = logging.getLogger("radixkv.http")
 T = TypeVar("T")
@@ -219,6 +220,45 @@ class Gateway:
                     fork.cancel()  # after a failure, the others abort their requests
         finally:
             await first.aclose()
+
+    async def stream_n(
+        self, prompt: Prompt, sp: SamplingParams, n: int
+    ) -> AsyncIterator[tuple[int, str | Result, list[TokenLogprob]]]:
+        """`n` streamed copies of one prompt, merged: (copy index, text piece or final Result,
+        log probabilities of the tokens that came with it). Copy 0's first item comes first, so
+        the others, sent then, find its prompt cached (as in `complete_n`)."""
+        streams = [await self.client.stream(prompt, params=copy_params(sp, 0))]
+
+        async def merged() -> AsyncIterator[tuple[int, str | Result, list[TokenLogprob]]]:
+            first = await streams[0].__anext__()
+            yield 0, first, streams[0].take_logprobs()
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+            ended = int(isinstance(first, Result))
+            for i in range(1, n):
+                streams.append(await self.client.stream(prompt, params=copy_params(sp, i)))
+
+            async def pump(i: int, stream: AsyncStream) -> None:
+                try:
+                    async for item in stream:
+                        queue.put_nowait((i, item, stream.take_logprobs()))
+                except Exception as exc:  # the consumer raises it
+                    queue.put_nowait(exc)
+
+            tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+            try:
+                while ended < n:
+                    got = await queue.get()
+                    if isinstance(got, Exception):
+                        raise got
+                    ended += isinstance(got[1], Result)
+                    yield got
+            finally:
+                for task in tasks:
+                    task.cancel()
+                for stream in streams:
+                    await stream.aclose()  # aborts a copy that has not finished
+
+        return merged()
 
     async def _mapped(self, make: Callable[[], Awaitable[T]]) -> T:
         try:

@@ -3,11 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
-from radixkv.client.results import Result
-from radixkv.client.streams import AsyncStream
 from radixkv.protocol import TokenLogprob
 
 
@@ -51,16 +48,3 @@ def native_logprobs(lps: list[TokenLogprob] | None, with_text: bool) -> dict[str
             for lp in lps or []
         ],
     }
-
-
-async def with_logprobs(
-    opening: Awaitable[AsyncStream],
-) -> AsyncIterator[tuple[str | Result, list[TokenLogprob]]]:
-    """A stream's items, each with the log probabilities of the tokens that came with it."""
-    stream = await opening
-
-    async def items() -> AsyncIterator[tuple[str | Result, list[TokenLogprob]]]:
-        async for item in stream:
-            yield item, stream.take_logprobs()
-
-    return items()

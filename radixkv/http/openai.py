@@ -20,7 +20,7 @@ from starlette.responses import Response
 from radixkv.client.core import Message
 from radixkv.client.results import Result
 from radixkv.http.gateway import ClientGone, Gateway
-from radixkv.http.logprobs import chat_logprobs, completion_logprobs, with_logprobs
+from radixkv.http.logprobs import chat_logprobs, completion_logprobs
 from radixkv.http.openai_protocol import (
     DEFAULT_CHAT_TOKENS,
     DEFAULT_COMPLETION_TOKENS,
@@ -44,9 +44,9 @@ def sglext(results: list[Result]) -> dict[str, Any]:
     }
 
 
-def usage_chunk(head: dict[str, Any], result: Result) -> bytes:
-    """The last event of a stream that asked for usage: no choices."""
-    return sse({**head, "choices": [], "usage": usage([[result]]), "sglext": sglext([result])})
+def usage_chunk(head: dict[str, Any], results: list[Result]) -> bytes:
+    """The last event of a stream that asked for usage (all its copies ended): no choices."""
+    return sse({**head, "choices": [], "usage": usage([results]), "sglext": sglext(results)})
 
 
 def usage(groups: list[list[Result]]) -> dict[str, Any]:
@@ -98,25 +98,22 @@ def openai_router(gw: Gateway) -> APIRouter:
             return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
         if req.stream:
-            sent = 0
+            n, sent, ended = req.n or 1, [0] * (req.n or 1), []
 
-            def render(event: tuple[str | Result, list[TokenLogprob]]) -> list[bytes]:
-                nonlocal sent
-                item, lps = event
+            def render(event: tuple[int, str | Result, list[TokenLogprob]]) -> list[bytes]:
+                i, item, lps = event
                 if isinstance(item, str):
-                    start, sent = sent, sent + len(item)
-                    return [sse({**head, "choices": [choice(0, item, None, lps, start)]})]
-                last = choice(0, "", item.finish_reason, lps, sent)
+                    start, sent[i] = sent[i], sent[i] + len(item)
+                    return [sse({**head, "choices": [choice(i, item, None, lps, start)]})]
+                ended.append(item)
+                last = choice(i, "", item.finish_reason, lps, sent[i])
                 # sglext on the finishing chunk: SGLang's benchmark reads it there
                 events = [sse({**head, "choices": [last], "sglext": sglext([item])})]
-                if req.include_usage:
-                    events.append(usage_chunk(head, item))
+                if req.include_usage and len(ended) == n:
+                    events.append(usage_chunk(head, ended))
                 return events
 
-            def opening() -> Any:
-                return with_logprobs(gw.client.stream(prompts[0], params=sp))
-
-            return await event_stream(gw, request, opening, render)
+            return await event_stream(gw, request, lambda: gw.stream_n(prompts[0], sp, n), render)
 
         n, k = req.n or 1, req.candidates
 
@@ -192,33 +189,32 @@ async def stream_chat(
     sp: SamplingParams,
     head: dict[str, Any],
 ) -> Response:
-    """A chat completion as SSE: the role first, then content deltas, then the finish reason."""
-    started = False
+    """A chat completion as SSE: per choice the role first, then content deltas, then the finish
+    reason; with n > 1 the choices' chunks interleave (each names its index)."""
+    n, started, ended = req.n or 1, set(), []
 
     def chunk(
+        i: int,
         delta: dict[str, str],
         finish: str | None,
         lps: list[TokenLogprob],
         end: Result | None = None,
     ) -> bytes:
         logprobs = chat_logprobs(lps) if req.logprobs else None
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         ext = {} if end is None else {"sglext": sglext([end])}  # on the finishing chunk
         return sse({**head, "choices": [choice], **ext})
 
-    def render(event: tuple[str | Result, list[TokenLogprob]]) -> list[bytes]:
-        nonlocal started
-        item, lps = event
-        events = [] if started else [chunk({"role": "assistant", "content": ""}, None, [])]
-        started = True
+    def render(event: tuple[int, str | Result, list[TokenLogprob]]) -> list[bytes]:
+        i, item, lps = event
+        events = [] if i in started else [chunk(i, {"role": "assistant", "content": ""}, None, [])]
+        started.add(i)
         if isinstance(item, str):
-            return [*events, chunk({"content": item}, None, lps)]
-        events.append(chunk({}, item.finish_reason, lps, item))
-        if req.include_usage:
-            events.append(usage_chunk(head, item))
+            return [*events, chunk(i, {"content": item}, None, lps)]
+        ended.append(item)
+        events.append(chunk(i, {}, item.finish_reason, lps, item))
+        if req.include_usage and len(ended) == n:
+            events.append(usage_chunk(head, ended))
         return events
 
-    def opening() -> Any:
-        return with_logprobs(gw.client.stream(messages, params=sp))
-
-    return await event_stream(gw, request, opening, render)
+    return await event_stream(gw, request, lambda: gw.stream_n(messages, sp, n), render)

@@ -98,11 +98,6 @@ class _Sampling(_Body, kw_only=True):
         "include_stop_str_in_output": (False,),
     }
 
-    def unsupported(self) -> tuple[str, str] | None:
-        if self.stream and (self.n or 1) > 1:
-            return "n", "streaming takes n = 1; send n > 1 without stream"
-        return super().unsupported()
-
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
