@@ -16,10 +16,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from radixkv.http.errors import ApiError
 from radixkv.http.gateway import ClientGone, Gateway, GatewayConfig
 from radixkv.http.native import native_router
 from radixkv.http.openai import openai_router
-from radixkv.http.openai_protocol import ApiError
 from radixkv.http.responses import closed, error_response, json_response
 
 log = logging.getLogger("radixkv.http")

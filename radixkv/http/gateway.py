@@ -24,8 +24,8 @@ from radixkv.client.aio import AsyncClient
 from radixkv.client.core import DEFAULT_TIMEOUT, Prompt
 from radixkv.client.results import ConnectionLost, RequestError, Result
 from radixkv.client.streams import AsyncStream
+from radixkv.http.errors import ApiError, decode_body
 from radixkv.http.metrics import RuntimeMetrics
-from radixkv.http.openai_protocol import ApiError, decode_body
 from radixkv.protocol import MAX_SEED, SamplingParams, TokenLogprob
 
 log = logging.getLogger("radixkv.http")

@@ -19,10 +19,10 @@ from starlette.responses import Response
 from radixkv.client.core import Prompt
 from radixkv.client.results import Result
 from radixkv.client.streams import AsyncStream
+from radixkv.http.errors import ApiError
 from radixkv.http.gateway import ClientGone, Gateway
 from radixkv.http.logprobs import native_logprobs
 from radixkv.http.openai_protocol import (
-    ApiError,
     DetokenizeBody,
     GenerateBody,
     TokenizeBody,

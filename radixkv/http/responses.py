@@ -10,8 +10,8 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from radixkv.http.errors import ApiError
 from radixkv.http.gateway import ClientGone, Gateway
-from radixkv.http.openai_protocol import ApiError
 
 T = TypeVar("T")  # what a stream yields (text and the Result, or richer items)
 
