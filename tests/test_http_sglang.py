@@ -187,6 +187,8 @@ def test_flush_waits_for_idle_when_asked(rt, http):
     assert http.post("/flush_cache").status_code == 409
     assert http.post("/flush_cache", params={"timeout": 30}).json() == {"ok": True}
     assert list(stream)[-1].finish_reason == "length"  # it finished first, untouched
+    for bad in ("nan", "-1", "inf", "soon"):
+        assert http.post("/flush_cache", params={"timeout": bad}).status_code == 400
 
 
 def test_streams_with_n_copies_interleave_by_index(http):

@@ -32,6 +32,7 @@ from radixkv.http.responses import closed, event_stream, json_response, sse
 from radixkv.protocol import SamplingParams
 
 HEALTH_PROBE = SamplingParams(max_new_tokens=1, ignore_eos=True)
+MAX_FLUSH_WAIT = 3600.0  # seconds /flush_cache?timeout= may wait for the runtime to be idle
 
 
 def finish_reason(r: Result) -> dict[str, Any]:
@@ -164,7 +165,11 @@ async def flush(gw: Gateway, request: Request) -> Response:
     try:
         wait = float(request.query_params.get("timeout", 0))
     except ValueError:
-        raise ApiError(400, "timeout must be a number of seconds", "timeout", "invalid") from None
+        wait = -1.0
+    if not 0 <= wait <= MAX_FLUSH_WAIT:
+        raise ApiError(
+            400, f"timeout must be in [0, {MAX_FLUSH_WAIT}] seconds", "timeout", "invalid"
+        )
     deadline = time.monotonic() + wait
     while True:
         try:
