@@ -13,12 +13,16 @@ answers with an `ErrorReply` (or counts and drops) instead of crashing.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # a larger frame is refused before it is decoded
 MAX_SEED = 2**63 - 1  # seeds are in [0, MAX_SEED]
+MAX_INT = 2**63 - 1
+# Every integer a client sends: msgpack and JSON can carry larger ones, which nothing here needs
+# and which would fail far from the input (OverflowError when forwarded to the scheduler).
+Int = Annotated[int, msgspec.Meta(ge=-MAX_INT - 1, le=MAX_INT)]
 
 
 class SamplingParams(
@@ -32,12 +36,12 @@ class SamplingParams(
     """
 
     temperature: float = 0.0
-    top_k: int = 0
+    top_k: Int = 0
     top_p: float = 1.0
-    seed: int | None = None
-    max_new_tokens: int = 128
+    seed: Int | None = None
+    max_new_tokens: Int = 128
     stop: list[str] = msgspec.field(default_factory=list)
-    stop_token_ids: list[int] = msgspec.field(default_factory=list)
+    stop_token_ids: list[Int] = msgspec.field(default_factory=list)
     ignore_eos: bool = False
     # vLLM's definitions (docs/api.md): penalties on the tokens generated so far (repetition: on
     # the prompt's too), EOS and stop ids barred until min_new_tokens, min_p relative to the top
@@ -45,12 +49,12 @@ class SamplingParams(
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    min_new_tokens: int = 0
+    min_new_tokens: Int = 0
     min_p: float = 0.0
-    logit_bias: dict[int, float] = msgspec.field(default_factory=dict)
+    logit_bias: dict[Int, float] = msgspec.field(default_factory=dict)
     # the log probability of every generated token (and of the `top_logprobs` most likely ones)
     logprobs: bool = False
-    top_logprobs: int = 0
+    top_logprobs: Int = 0
     # structured output (SGLang's names), at most one: the output follows a JSON schema (a JSON
     # text), a regular expression or an EBNF grammar, and ends when it is complete
     json_schema: str | None = None
@@ -110,7 +114,7 @@ class GenerateRequest(msgspec.Struct, tag="generate", kw_only=True, forbid_unkno
     rid: str
     text: str | None = None
     messages: list[ChatMessage] | None = None
-    input_ids: list[int] | None = None
+    input_ids: list[Int] | None = None
     sampling: SamplingParams = SamplingParams()
     stream: bool = False
     api_key: str | None = None
@@ -143,7 +147,7 @@ class TokenizeRequest(msgspec.Struct, tag="tokenize", kw_only=True, forbid_unkno
 
 class DetokenizeRequest(msgspec.Struct, tag="detokenize", kw_only=True, forbid_unknown_fields=True):
     rid: str = ""
-    token_ids: list[int]
+    token_ids: list[Int]
     skip_special_tokens: bool = False
     api_key: str | None = None
 

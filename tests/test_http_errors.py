@@ -92,6 +92,11 @@ def test_api_key_required_except_health(rt, http):
         ({"prompt": [1, "a"]}, "prompt"),
         ({"prompt": "hi", "max_tokens": 100_000}, "prompt"),  # prompt + max_tokens > context
         ({"prompt": [1, 2, 99_999_999]}, "prompt"),  # outside the vocabulary
+        # integers beyond 64 bits once reached the scheduler channel and came back as a 500
+        ({"prompt": "hi", "max_tokens": 10**30}, "max_tokens"),
+        ({"prompt": [1, 10**30]}, "prompt"),
+        ({"prompt": "hi", "logit_bias": {str(10**30): 1}}, "logit_bias"),
+        ({"prompt": "hi", "stop_token_ids": [-(10**30)]}, "stop_token_ids"),
         ({}, "prompt"),
     ],
 )
@@ -130,6 +135,28 @@ def test_oversized_bodies_are_413_with_or_without_a_length(http):
             yield big[i : i + 2**20]
 
     assert error_of(http.post("/v1/completions", content=chunks()), 413)["code"]
+
+
+def test_deep_or_huge_values_anywhere_are_400(http):
+    deep = "[" * 100_000 + "]" * 100_000
+    huge = "1" + "0" * 30
+    for path, body in [
+        ("/v1/completions", '{"prompt": "hi", "user": ' + deep + "}"),
+        ("/v1/chat/completions", '{"messages": ' + deep + "}"),
+        ("/generate", '{"text": "hi", "sampling_params": {"max_new_tokens": ' + huge + "}}"),
+        ("/generate", '{"input_ids": [1, -' + huge + "]}"),
+    ]:
+        r = http.post(path, content=body, headers={"content-type": "application/json"})
+        assert error_of(r, 400)["type"] == "invalid_request_error"
+
+
+def test_oversized_headers_are_refused(rt):
+    host, _, port = rt.http_url.removeprefix("http://").rpartition(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000 + b"\r\n\r\n")
+        status = sock.recv(200).split(b"\r\n")[0]
+    assert status.split()[1] in (b"400", b"431"), status
+    assert httpx.get(f"{rt.http_url}/health").status_code == 200  # and it goes on serving
 
 
 def test_explicit_nulls_mean_the_defaults(http):

@@ -2,7 +2,9 @@
 
 One thread, one `zmq.Poller` loop: client frames are validated, tokenized and forwarded; scheduler
 outputs are detokenized and routed back to the client that asked. Nothing a client sends can stop
-the loop: every bad frame gets an `ErrorReply` (rid "" when no rid could be read).
+the loop: every bad frame gets an `ErrorReply` (rid "" when no rid could be read), and each frame
+is handled inside one guard that logs an unexpected error, answers it, and goes on
+(tests/test_frontend_fuzz.py throws random bytes and msgpack structures at a live runtime).
 """
 
 from __future__ import annotations
@@ -215,8 +217,12 @@ class RuntimeServer:
             except zmq.Again:
                 return
             identity = frames[0].bytes
-            self.peers.seen(identity, frames[-1].get(zmq.SRCFD))
-            self._on_client_frames(identity, frames[1:])
+            try:
+                self.peers.seen(identity, _source_fd(frames[-1]))
+                self._on_client_frames(identity, frames[1:])
+            except Exception:  # the one guard: a bug on some input must not stop everyone
+                log.exception("unexpected error handling a client message; the loop goes on")
+                self._error(identity, "", "internal error handling this message", "internal")
 
     def _on_client_frames(self, identity: bytes, frames: list[zmq.Frame]) -> None:
         if len(frames) != 1:
@@ -380,6 +386,15 @@ class RuntimeServer:
         self.requests.clear()
         self.by_client.clear()
         self.control.clear()
+
+
+def _source_fd(frame: zmq.Frame) -> int:
+    """The fd of the connection a frame came on, or -1 where libzmq cannot say (a peer speaking
+    an old ZMTP version, raw bytes that are not ZMTP at all): such a peer is just not tracked."""
+    try:
+        return int(frame.get(zmq.SRCFD))
+    except zmq.ZMQError:
+        return -1
 
 
 def _salvage_rid(payload: bytes) -> str:

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from radixkv.http.errors import ApiError
 from radixkv.http.gateway import ClientGone, Gateway, GatewayConfig
@@ -23,6 +24,26 @@ from radixkv.http.openai import openai_router
 from radixkv.http.responses import closed, error_response, json_response
 
 log = logging.getLogger("radixkv.http")
+
+MAX_HEADER_BYTES = 32 * 1024  # all header names and values of a request together
+
+
+class HeaderLimit:
+    """A 431 for a request whose headers exceed MAX_HEADER_BYTES. (h11 refuses, with a 400, only
+    headers that arrive in more than one read; this bounds the ones that arrive in one.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) for name, value in scope["headers"])
+            if size > MAX_HEADER_BYTES:
+                message = f"request headers of {size} bytes exceed the limit of {MAX_HEADER_BYTES}"
+                error = ApiError(431, message, None, "headers_too_large")
+                await error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def build_app(config: GatewayConfig) -> FastAPI:
@@ -41,6 +62,7 @@ def build_app(config: GatewayConfig) -> FastAPI:
         title="radixkv", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     add_error_handlers(app)
+    app.add_middleware(HeaderLimit)
 
     @app.get("/health")
     async def health() -> Response:

@@ -45,7 +45,7 @@ class ApiError(Exception):
         return msgspec.json.encode({"error": error})
 
 
-_PATH = re.compile(r" - at `\$\.([A-Za-z_]+)")  # the top-level field an error is in
+_PATH = re.compile(r"`\$\.([A-Za-z_]+)")  # the top-level field an error is in ("at `key` in `$.x`")
 _MISSING = re.compile(r"^Object missing required field `([A-Za-z_]+)`$")
 _UNKNOWN = re.compile(r"^Object contains unknown field `([^`]+)`(?: - at `\$\.([^`]+)`)?$")
 

@@ -19,15 +19,15 @@ from msgspec import Meta
 from radixkv.client.core import Message
 from radixkv.http.errors import ApiError
 from radixkv.http.tools import ToolPlan, call_text, plan_tools
-from radixkv.protocol import MAX_SEED, ChatMessage, SamplingParams
+from radixkv.protocol import MAX_INT, MAX_SEED, ChatMessage, Int, SamplingParams
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_TOKENS = 128  # OpenAI's is "the rest of the context"; ours is bounded
 
 Temperature = Annotated[float, Meta(ge=0, le=2)]
 TopP = Annotated[float, Meta(gt=0, le=1)]
-TopK = Annotated[int, Meta(ge=-1)]
-MaxTokens = Annotated[int, Meta(ge=1)]
+TopK = Annotated[int, Meta(ge=-1, le=MAX_INT)]
+MaxTokens = Annotated[int, Meta(ge=1, le=MAX_INT)]
 Seed = Annotated[int, Meta(ge=0, le=MAX_SEED)]
 Penalty = Annotated[float, Meta(ge=-2, le=2)]
 Stop = str | list[str] | None
@@ -74,17 +74,17 @@ class _Sampling(_Body, kw_only=True):
     top_k: TopK | None = None  # 0 (off); an extension, as in vLLM and SGLang
     seed: Seed | None = None
     stop: Stop = None
-    stop_token_ids: list[int] | None = None  # an extension, as in vLLM and SGLang
-    n: Annotated[int, Meta(ge=1)] | None = None  # 1
+    stop_token_ids: list[Int] | None = None  # an extension, as in vLLM and SGLang
+    n: Annotated[int, Meta(ge=1, le=MAX_INT)] | None = None  # 1
     stream: bool | None = None  # False
     stream_options: StreamOptions | None = None
     presence_penalty: Penalty | None = None  # 0
     frequency_penalty: Penalty | None = None  # 0
-    logit_bias: dict[int, float] | None = None  # OpenAI's keys are token ids as strings
+    logit_bias: dict[Int, float] | None = None  # OpenAI's keys are token ids as strings
     user: str | None = None  # an end-user id for the caller's records: no effect on the output
     return_cached_tokens_details: bool | None = None  # SGLang's: `sglext` is always returned
     ignore_eos: bool | None = None  # False; an extension, for benchmarks
-    min_tokens: int | None = None  # 0; vLLM's extension (SGLang: min_new_tokens)
+    min_tokens: Int | None = None  # 0; vLLM's extension (SGLang: min_new_tokens)
     min_p: float | None = None  # 0; an extension, as in vLLM and SGLang
     repetition_penalty: float | None = None  # 1; an extension, as in vLLM and SGLang
     # vLLM's and SGLang's extensions, honoured at their defaults only (for now)
@@ -138,9 +138,9 @@ class CompletionRequest(_Sampling, kw_only=True):
     """`POST /v1/completions`: `prompt` is a string, token ids, or a list of either (a batch)."""
 
     prompt: str | list[Any]  # msgspec allows one array type per union: checked by prompts()
-    best_of: Annotated[int, Meta(ge=1)] | None = None  # 1
+    best_of: Annotated[int, Meta(ge=1, le=MAX_INT)] | None = None  # 1
     echo: bool | None = None
-    logprobs: Annotated[int, Meta(ge=0)] | None = None
+    logprobs: Annotated[int, Meta(ge=0, le=MAX_INT)] | None = None
     suffix: str | None = None
 
     LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
@@ -187,7 +187,8 @@ class CompletionRequest(_Sampling, kw_only=True):
 
 
 def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+    """A 64-bit integer (a larger one is refused here, not when forwarded: see protocol.Int)."""
+    return isinstance(x, int) and not isinstance(x, bool) and -MAX_INT - 1 <= x <= MAX_INT
 
 
 class TextPart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -261,7 +262,7 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
     messages: Annotated[list[OpenAIMessage], Meta(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Meta(ge=0)] | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=MAX_INT)] | None = None
     response_format: ResponseFormat | None = None
     tools: list[ToolDef] | None = None
     tool_choice: str | ToolChoice | None = None
@@ -374,13 +375,13 @@ class GenerateBody(_Body, kw_only=True):
     other fields are honoured at their defaults only (its benchmark sends them)."""
 
     text: str | None = None
-    input_ids: list[int] | None = None
+    input_ids: list[Int] | None = None
     messages: list[OpenAIMessage] | None = None
     sampling_params: SamplingParams = SamplingParams()
     stream: bool = False
     return_logprob: bool | None = None
-    logprob_start_len: int | None = None
-    top_logprobs_num: int | None = None
+    logprob_start_len: Int | None = None
+    top_logprobs_num: Int | None = None
     return_text_in_logprobs: bool | None = None  # without return_logprob: no effect
     lora_path: str | None = None
     image_data: Any = None
@@ -424,4 +425,4 @@ class DetokenizeBody(_Body, kw_only=True):
     """`POST /detokenize`: token ids -> text."""
 
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int]

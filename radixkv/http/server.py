@@ -126,7 +126,7 @@ class HttpServer:
         """Serve the app; returns once uvicorn accepts connections (RuntimeError otherwise)."""
         import uvicorn
 
-        from radixkv.http.app import build_app
+        from radixkv.http.app import MAX_HEADER_BYTES, build_app
 
         uv_config = uvicorn.Config(
             build_app(config),
@@ -134,6 +134,8 @@ class HttpServer:
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
+            http="h11",
+            h11_max_incomplete_event_size=MAX_HEADER_BYTES + 1024,  # + the request line
         )
         server = uvicorn.Server(uv_config)
         self._server = server
