@@ -90,6 +90,10 @@ class ServerArgs:
                                    "on this port (0 picks a free one)")  # fmt: skip
     api_key: str | None = option(None, "clients must send this key (HTTP: Authorization: Bearer "
                                  "KEY)")  # fmt: skip
+    stream_stall_timeout: float = option(
+        10.0, "an HTTP stream whose reader has stopped reading (every buffer on the way full) "
+        "for this many seconds is aborted, as a frozen ZMQ client is",
+    )  # fmt: skip
     seed: int = option(0, "seed of the scheduler's random state (sampling without a seed, the "
                        "random policy)")  # fmt: skip
     log_level: str = option("info", "logging level of the runtime and scheduler processes",
@@ -103,6 +107,8 @@ class ServerArgs:
         for name in ("page_size", "max_running_requests", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.stream_stall_timeout < float("inf"):
+            raise ValueError(f"stream_stall_timeout must be > 0, got {self.stream_stall_timeout}")
         if self.chunked_prefill_size < self.page_size:
             raise ValueError(
                 f"chunked_prefill_size ({self.chunked_prefill_size}) must be >= page_size "

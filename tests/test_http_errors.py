@@ -25,7 +25,12 @@ LONG = 4000  # tokens: ~16 s at the fake's 4 ms per step, far longer than any te
 @pytest.fixture(scope="module")
 def rt():
     with radixkv.Runtime(
-        scheduler=FAKE, api_key=KEY, http_port=0, start_timeout=60, client_timeout=20
+        scheduler=FAKE,
+        api_key=KEY,
+        http_port=0,
+        start_timeout=60,
+        client_timeout=20,
+        stream_stall_timeout=1.0,
     ) as rt:
         yield rt
 
@@ -223,6 +228,27 @@ def test_streaming_client_disconnect_aborts(rt, http):
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
     wait_aborted(rt.client, before)
+
+
+def test_stalled_stream_reader_is_aborted(rt):
+    """A reader that stops reading (buffers full, writes waiting) loses its request within the
+    stall timeout (1 s here), as a frozen ZMQ client does; a slow reader that keeps reading does
+    not (the other streaming tests)."""
+    host, _, port = rt.http_url.removeprefix("http://").rpartition(":")
+    before = finished(rt.client, "abort")
+    body = {"prompt": "stall " * 50, "max_tokens": LONG, "stream": True, "n": 8}  # 8 events a step
+    body = json.dumps(body).encode()
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: fills fast
+        sock.connect((host, int(port)))
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        assert sock.recv(100).startswith(b"HTTP/1.1 200")
+        wait_aborted(rt.client, before, timeout=12)  # and never read again
+        assert rt.client.stats().kv_used == 0
 
 
 def test_non_streaming_client_disconnect_aborts(rt):

@@ -61,6 +61,7 @@ class GatewayConfig:
     server_info: dict[str, Any]  # the launch options and the scheduler's handshake (no API key)
     max_body_bytes: int = MAX_BODY_BYTES
     timeout: float = DEFAULT_TIMEOUT  # seconds to wait for a result or the next chunk
+    stream_stall_timeout: float = 10.0  # seconds a stream's write may wait for its reader
 
 
 class ClientGone(Exception):

@@ -3,17 +3,21 @@ non-answer to a client that has gone."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Message, Receive, Scope, Send
 
 from radixkv.http.errors import ApiError
 from radixkv.http.gateway import ClientGone, Gateway
 
 T = TypeVar("T")  # what a stream yields (text and the Result, or richer items)
+log = logging.getLogger("radixkv.http")
 
 
 def error_response(exc: ApiError) -> Response:
@@ -35,6 +39,39 @@ def sse(obj: Any) -> bytes:
 
 
 SSE_DONE = b"data: [DONE]\n\n"
+
+
+class ReaderStalled(Exception):
+    pass
+
+
+class EventStreamResponse(StreamingResponse):
+    """Server-sent events whose reader must keep reading. A write waits only when every buffer
+    between us and the reader is full (the asyncio transport's, the kernel's send buffer, the
+    reader's receive window); one that still waits after `stall_timeout` seconds means a reader
+    that stopped (a suspended `curl -N`, a frozen process): the response ends there, which aborts
+    its request and frees its KV, as a frozen ZMQ client's heartbeat timeout does."""
+
+    def __init__(self, content: AsyncIterator[bytes], stall_timeout: float) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.stall_timeout = stall_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_or_give_up(message: Message) -> None:
+            try:
+                await asyncio.wait_for(send(message), self.stall_timeout)
+            except asyncio.TimeoutError:
+                raise ReaderStalled from None
+
+        try:
+            await super().__call__(scope, receive, send_or_give_up)
+        except ReaderStalled:  # starlette's task group re-raises it unwrapped
+            log.warning(
+                "an HTTP stream's reader stopped reading for %.0f s; its request was aborted",
+                self.stall_timeout,
+            )
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 async def event_stream(
@@ -67,4 +104,4 @@ async def event_stream(
             await items.aclose()
         yield SSE_DONE
 
-    return StreamingResponse(body(), media_type="text/event-stream")
+    return EventStreamResponse(body(), gw.config.stream_stall_timeout)

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("radixkv.http")
 
 WILDCARDS = ("", "0.0.0.0", "*", "::")
+SEND_BUFFER_BYTES = 256 * 1024
 GRACEFUL_SHUTDOWN = 3  # seconds in-flight HTTP requests get when the runtime stops
 
 
@@ -49,6 +50,9 @@ def bind_http_socket(host: str, port: int) -> socket.socket:
         raise OSError(f"cannot listen for HTTP on {host}:{port}: {exc}; check --host") from exc
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # accepted connections inherit it: what a reader that stopped reading can leave queued
+        # in the kernel before our writes block (and --stream-stall-timeout starts counting)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         sock.bind(address)
         sock.listen(1024)
     except OSError as exc:
@@ -89,6 +93,7 @@ def gateway_config(
         metrics=metrics,
         dead=dead,
         server_info=server_info(args, ready),
+        stream_stall_timeout=args.stream_stall_timeout,
     )
 
 
