@@ -160,6 +160,11 @@ def gen(**kw):
         ({"text": "hi", "sampling": {"seed": -1}}, "seed must be in"),
         ({"text": "hi", "sampling": {"stop": [""]}}, "stop strings must not be empty"),
         ({"text": "hi", "sampling": {"stop_token_ids": [10**7]}}, "stop token id 10000000"),
+        # bounds checked before any templating or tokenizing
+        ({"messages": [ChatMessage("user", "")] * 100_000}, "100000 messages cannot fit"),
+        ({"text": "hi", "sampling": {"stop": ["x"] * 65}}, "at most 64 stop strings, got 65"),
+        ({"text": "hi", "sampling": {"stop": ["x" * 1025]}}, "has 1025 characters; at most 1024"),
+        ({"text": "hi", "sampling": {"stop_token_ids": [1] * 1025}}, "at most 1024 stop token"),
     ],
 )
 def test_bad_requests_say_what_is_wrong(tm, request_kw, expect):

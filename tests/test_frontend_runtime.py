@@ -13,6 +13,7 @@ import pytest
 import zmq
 
 import radixkv
+from radixkv.frontend.server import INLINE_TOKENIZE_CHARS
 from radixkv.protocol import (
     MAX_FRAME_BYTES,
     ErrorReply,
@@ -163,6 +164,28 @@ def test_bad_input_errors_that_request_only(client, kwargs, expect):
         client.generate(prompt, **kwargs)
     assert expect in str(err.value) and err.value.code == "bad_request"
     assert client.generate("ok", max_new_tokens=1).text == "ok"
+
+
+def test_large_prompts_are_tokenized_off_the_loop(rt, client):
+    """Prompts over INLINE_TOKENIZE_CHARS go through the worker thread: results, refusals,
+    aborts and duplicate ids behave as for small ones, and small requests are served meanwhile."""
+    big = "word " * 3500  # 17,500 characters, 3,501 tokens
+    assert len(big) > INLINE_TOKENIZE_CHARS
+    with radixkv.Client(rt.endpoint, api_key=KEY, timeout=20) as other:
+        stream = other.stream(big, max_new_tokens=3)
+        assert client.generate("small", max_new_tokens=2).text == "smallsmall"
+        assert big.startswith("".join(x for x in stream if isinstance(x, str)))
+        assert stream.result is not None and stream.result.prompt_tokens == 3501
+    with pytest.raises(radixkv.RequestError, match="the context length is 4096") as err:
+        client.generate(big * 2, max_new_tokens=1)
+    assert err.value.param == "prompt"
+    chat = [radixkv.ChatMessage("user", big)]  # templated on the worker too
+    assert client.chat(chat, max_new_tokens=1).prompt_tokens > 3501
+    aborted = client.stats().finished.get("abort", 0)
+    stream = client.stream(big, max_new_tokens=3000)
+    stream.close()  # probably still being tokenized: dropped there, or aborted at the scheduler
+    assert client.generate("after", max_new_tokens=1).text == "after"
+    assert client.stats().running == 0 and client.stats().finished.get("abort", 0) >= aborted
 
 
 def test_prompt_longer_than_context_and_scheduler_refusal(client):

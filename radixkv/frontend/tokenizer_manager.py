@@ -87,6 +87,7 @@ class TokenizerManager:
     def tokenize(self, req: GenerateRequest) -> list[int]:
         """The prompt's token ids, every rule of `validation` checked; raises BadRequest."""
         check_prompt_kind(req)
+        check_sampling(req.sampling, self.vocab_size)  # the cheap checks before any encoding
         if req.text is not None:
             check_text(req.text, self.max_prompt_chars, self.max_context_len)
             ids = list(self.tokenizer.encode(req.text))
@@ -96,9 +97,17 @@ class TokenizerManager:
         else:
             ids = list(req.input_ids or [])
             check_token_ids(ids, self.vocab_size)
-        check_sampling(req.sampling, self.vocab_size)
         check_fits_context(len(ids), req.sampling.max_new_tokens, self.max_context_len)
         return ids
+
+    @staticmethod
+    def prompt_size(req: GenerateRequest | TokenizeRequest) -> int:
+        """A cheap measure of the work `tokenize` will do: characters, plus a few per message."""
+        if req.text is not None:
+            return len(req.text)
+        if req.messages is not None:
+            return sum(len(m.content) + 16 for m in req.messages)
+        return 0  # token ids: nothing to encode
 
     def tokenize_only(self, req: TokenizeRequest) -> list[int]:
         """The token ids of a text or of chat messages (as `tokenize` would make them for a

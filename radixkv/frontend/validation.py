@@ -16,6 +16,9 @@ import msgspec
 from radixkv.protocol import MAX_SEED, ChatMessage, GenerateRequest, SamplingParams
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_STOP_STRINGS = 64  # OpenAI allows 4; vLLM and SGLang set no limit. Each one is searched for
+MAX_STOP_CHARS = 1024  # in every output chunk, and the longest sets how much text is held back
+MAX_STOP_TOKEN_IDS = 1024
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's system
 
 
@@ -50,6 +53,11 @@ def check_messages(messages: Sequence[ChatMessage], max_chars: int, max_context_
     """Before templating: at least one message, known roles, not too long to fit the context."""
     if not messages:
         raise BadRequest("messages is empty; give at least one {role, content} message", "messages")
+    if len(messages) > max_context_len:  # every message is at least one token once templated
+        raise BadRequest(
+            f"{len(messages)} messages cannot fit the context length {max_context_len} tokens",
+            "messages",
+        )
     for m in messages:
         if m.role not in CHAT_ROLES:
             raise BadRequest(
@@ -90,8 +98,7 @@ def check_sampling(sp: SamplingParams, vocab_size: int) -> None:
         raise BadRequest(f"seed must be in [0, 2**63 - 1], got {sp.seed}", "seed")
     if sp.max_new_tokens < 1:
         raise BadRequest(f"max_new_tokens must be >= 1, got {sp.max_new_tokens}", "max_new_tokens")
-    if any(not s for s in sp.stop):
-        raise BadRequest("stop strings must not be empty", "stop")
+    check_stops(sp)
     check_token_ids(sp.stop_token_ids, vocab_size, "stop_token_ids")
     check_penalties(sp, vocab_size)
     if not 0 <= sp.top_logprobs <= MAX_TOP_LOGPROBS:
@@ -102,6 +109,23 @@ def check_sampling(sp: SamplingParams, vocab_size: int) -> None:
     if sp.top_logprobs and not sp.logprobs:
         raise BadRequest("top_logprobs needs logprobs", "top_logprobs")
     check_grammar(sp)
+
+
+def check_stops(sp: SamplingParams) -> None:
+    if len(sp.stop) > MAX_STOP_STRINGS:
+        raise BadRequest(f"at most {MAX_STOP_STRINGS} stop strings, got {len(sp.stop)}", "stop")
+    if any(not s for s in sp.stop):
+        raise BadRequest("stop strings must not be empty", "stop")
+    longest = max((len(s) for s in sp.stop), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise BadRequest(
+            f"a stop string has {longest} characters; at most {MAX_STOP_CHARS}", "stop"
+        )
+    if len(sp.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise BadRequest(
+            f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(sp.stop_token_ids)}",
+            "stop_token_ids",
+        )
 
 
 def check_grammar(sp: SamplingParams) -> None:
