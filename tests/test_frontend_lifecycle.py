@@ -3,6 +3,7 @@ errors must be prompt and clear, and nothing may be left behind (processes, ipc 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -165,3 +166,45 @@ def test_cli_serves_in_the_foreground_and_stops_on_ctrl_c(tmpdir_env):
     assert "KV cache 8192 tokens" in stderr and "Traceback" not in stderr
     assert_all_gone(children)
     assert leftovers(tmpdir_env) == []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_clients_fail_fast_when_nothing_listens():
+    """The connect timeout, not the request timeout (600 s), bounds a call to a dead endpoint."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with radixkv.Client(endpoint, connect_timeout=0.5) as client:
+        t = time.monotonic()
+        with pytest.raises(radixkv.ConnectionLost, match="could not be made"):
+            client.generate("hello", max_new_tokens=1)
+        with pytest.raises(radixkv.ConnectionLost, match="could not be made"):
+            client.stats()
+        assert time.monotonic() - t < 5
+
+    async def async_calls() -> None:
+        async with radixkv.AsyncClient(endpoint, connect_timeout=0.5) as client:
+            with pytest.raises(radixkv.ConnectionLost, match="could not be made"):
+                await client.generate("hello", max_new_tokens=1)
+
+    t = time.monotonic()
+    asyncio.run(async_calls())
+    assert time.monotonic() - t < 5
+
+
+def test_a_slow_connection_is_not_a_dead_one(tmpdir_env):
+    """A call made before the runtime listens waits for it, within the connect timeout."""
+    port = free_port()
+    with radixkv.Client(f"tcp://127.0.0.1:{port}", connect_timeout=30) as client:
+        result: list[str] = []
+        caller = threading.Thread(
+            target=lambda: result.append(client.generate("early", max_new_tokens=1).text)
+        )
+        caller.start()
+        time.sleep(0.5)
+        with radixkv.Runtime(scheduler=FAKE, port=port, start_timeout=60):
+            caller.join(30)
+    assert result == ["early"]

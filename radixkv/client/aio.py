@@ -10,12 +10,13 @@ import zmq
 import zmq.asyncio
 
 from radixkv.client.core import (
+    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
     Call,
     ClientAPI,
     Control,
 )
-from radixkv.client.results import LOST, Result
+from radixkv.client.results import LOST, UNREACHABLE, Result
 from radixkv.client.streams import AsyncStream
 
 
@@ -25,9 +26,13 @@ class AsyncClient(ClientAPI):
     one event loop."""
 
     def __init__(
-        self, endpoint: str, api_key: str | None = None, timeout: float | None = DEFAULT_TIMEOUT
+        self,
+        endpoint: str,
+        api_key: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
-        self._init_core(endpoint, api_key, timeout, zmq.asyncio.Context())
+        self._init_core(endpoint, api_key, timeout, connect_timeout, zmq.asyncio.Context())
         self._reader: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
@@ -86,6 +91,7 @@ class AsyncClient(ClientAPI):
         if self._closed:
             raise RuntimeError("the client is closed")
         self._pending[rid] = asyncio.Queue()
+        self._sending()
         try:
             await self._sock.send(frame)
         except BaseException:  # cancelled mid-send: nothing to wait for, nothing left behind
@@ -105,6 +111,7 @@ class AsyncClient(ClientAPI):
         self._start_reader()
         rid, frame = self._control_request(control)
         self._pending[rid] = asyncio.Queue()
+        self._sending()
         try:
             await self._sock.send(frame)
             reply = await self._next(rid, timeout)
@@ -129,14 +136,22 @@ class AsyncClient(ClientAPI):
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._monitor, zmq.POLLIN)
         while True:
-            events = dict(await poller.poll())
+            # without a connection, wake up now and then to fail calls that waited too long
+            events = dict(await poller.poll(None if self._connected else 200))
             if self._sock in events:
                 while await self._sock.poll(0):
                     self._dispatch(await self._sock.recv())
-            if self._monitor in events:
+            if self._monitor in events and self._on_monitor_event(
                 await self._monitor.recv_multipart()
-                for queue in self._pending.values():
-                    queue.put_nowait(LOST)
+            ):
+                self._lose_all(LOST)
+            if self._connect_overdue():
+                self._lose_all(UNREACHABLE)
+
+    def _lose_all(self, why: object) -> None:
+        self._connect_deadline = None
+        for queue in self._pending.values():
+            queue.put_nowait(why)
 
     def _dispatch(self, frame: bytes) -> None:
         reply = self._decode(frame)

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import abc
 import itertools
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import msgspec
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
-from radixkv.client.results import LOST, RequestError, Result, reply_error
+from radixkv.client.results import Lost, RequestError, Result, reply_error
 from radixkv.protocol import (
     MAX_FRAME_BYTES,
     AbortRequest,
@@ -41,6 +43,7 @@ from radixkv.protocol import (
 
 SAMPLING_FIELDS = tuple(SamplingParams.__struct_fields__)
 DEFAULT_TIMEOUT = 600.0
+DEFAULT_CONNECT_TIMEOUT = 10.0  # a call fails this soon when no connection to the runtime exists
 Message: TypeAlias = "ChatMessage | Mapping[str, str]"
 Prompt: TypeAlias = "str | list[int] | list[Message]"  # text, token ids or chat messages
 
@@ -125,14 +128,24 @@ class ClientAPI(abc.ABC):
     timeout: float | None
 
     def _init_core(
-        self, endpoint: str, api_key: str | None, timeout: float | None, ctx: Any
+        self,
+        endpoint: str,
+        api_key: str | None,
+        timeout: float | None,
+        connect_timeout: float,
+        ctx: Any,
     ) -> None:
         """Set the public attributes and connect a DEALER socket of `ctx` (a zmq or zmq.asyncio
-        context) to the runtime, with a monitor that reports its disconnection (so that waiting
-        calls fail with ConnectionLost instead of hanging)."""
+        context) to the runtime, with a monitor that reports its connection and disconnection (so
+        that waiting calls fail with ConnectionLost instead of hanging: at once when the
+        connection closes, after `connect_timeout` seconds when none can be made)."""
         self.endpoint = endpoint
         self.api_key = api_key
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._connected = False
+        # while not connected: when the calls waiting now fail (set by each call sent meanwhile)
+        self._connect_deadline: float | None = None
         self._codec = reply_codec()
         self._encoder = msgspec.msgpack.Encoder()
         self._ids = itertools.count()
@@ -140,9 +153,29 @@ class ClientAPI(abc.ABC):
         self._ctx = ctx
         self._sock = ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 500)
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitor = self._sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        )
         self._sock.connect(endpoint)
         self._closed = False
+
+    def _sending(self) -> None:
+        """A call is being sent: without a connection, it may wait `connect_timeout` for one."""
+        if not self._connected:
+            self._connect_deadline = time.monotonic() + self.connect_timeout
+
+    def _on_monitor_event(self, frames: list[bytes]) -> bool:
+        """Track the connection; True when it closed (every waiting call has lost its reply)."""
+        if parse_monitor_message(frames)["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._connected, self._connect_deadline = True, None
+            return False
+        self._connected = False
+        return True
+
+    def _connect_overdue(self) -> bool:
+        """No connection, and the calls waiting for one have waited `connect_timeout`."""
+        deadline = self._connect_deadline
+        return not self._connected and deadline is not None and time.monotonic() >= deadline
 
     def _close_sockets(self) -> None:
         self._closed = True
@@ -323,7 +356,7 @@ class ClientAPI(abc.ABC):
         return Result.from_reply(reply)
 
     def _control_result(self, control: Control, reply: Any) -> Any:
-        if isinstance(reply, ErrorReply) or reply is LOST:
+        if isinstance(reply, (ErrorReply, Lost)):
             raise self._failure(reply)
         return control.finish(reply)
 

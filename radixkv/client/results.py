@@ -61,16 +61,25 @@ class RequestError(RuntimeError):
 
 
 class ConnectionLost(ConnectionError):
-    """The connection to the runtime closed while a call was waiting for its reply."""
+    """The connection to the runtime closed while a call was waiting for its reply, or none
+    could be made within the client's `connect_timeout`."""
 
 
-LOST = object()  # queued for a pending call when the connection to the runtime closes
+class Lost:
+    """Queued for a pending call when the runtime cannot be reached; `why` ends the message."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+LOST = Lost("closed")  # the connection to the runtime closed
+UNREACHABLE = Lost("could not be made within the connect timeout; is the runtime running there?")
 
 
 def reply_error(reply: Any, endpoint: str, context: str = "") -> Exception:
     """The exception for a reply that is not the one a call waited for."""
-    if reply is LOST:
-        return ConnectionLost(f"the connection to the runtime at {endpoint} closed")
+    if isinstance(reply, Lost):
+        return ConnectionLost(f"the connection to the runtime at {endpoint} {reply.why}")
     if isinstance(reply, ErrorReply):
         return RequestError.from_reply(reply, context)
     return RequestError(f"unexpected reply {type(reply).__name__}", "internal")

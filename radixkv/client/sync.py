@@ -12,12 +12,13 @@ from typing import Any
 import zmq
 
 from radixkv.client.core import (
+    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_TIMEOUT,
     Call,
     ClientAPI,
     Control,
 )
-from radixkv.client.results import LOST, Result
+from radixkv.client.results import LOST, UNREACHABLE, Result
 from radixkv.client.streams import Stream
 
 
@@ -31,9 +32,13 @@ class Client(ClientAPI):
     """
 
     def __init__(
-        self, endpoint: str, api_key: str | None = None, timeout: float | None = DEFAULT_TIMEOUT
+        self,
+        endpoint: str,
+        api_key: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
-        self._init_core(endpoint, api_key, timeout, zmq.Context())
+        self._init_core(endpoint, api_key, timeout, connect_timeout, zmq.Context())
         self._lock = threading.RLock()
         self._deferred_aborts: list[str] = []
 
@@ -89,6 +94,7 @@ class Client(ClientAPI):
 
     def _submit(self, rid: str, frame: bytes) -> str:
         self._pending[rid] = deque()
+        self._sending()
         self._sock.send(frame)
         return rid
 
@@ -112,6 +118,7 @@ class Client(ClientAPI):
         with self._use():
             rid, frame = self._control_request(control)
             self._pending[rid] = deque()
+            self._sending()
             self._sock.send(frame)
             try:
                 _, reply = self._wait([rid], timeout)
@@ -152,9 +159,15 @@ class Client(ClientAPI):
             for rid in rids:
                 if self._pending[rid]:
                     return rid, self._pending[rid].popleft()
+            if self._connect_overdue():
+                self._lose_all(UNREACHABLE)
+                continue
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise self._no_reply(timeout)
+            if self._connect_deadline is not None:  # wake up to check it
+                until_connect = max(0.0, self._connect_deadline - time.monotonic())
+                left = until_connect if left is None else min(left, until_connect)
             events = dict(poller.poll(None if left is None else max(1, int(left * 1000))))
             if self._sock in events:
                 self._read_replies()
@@ -174,6 +187,10 @@ class Client(ClientAPI):
 
     def _read_monitor(self) -> None:
         while self._monitor.poll(0):
-            self._monitor.recv_multipart()
-            for inbox in self._pending.values():
-                inbox.append(LOST)
+            if self._on_monitor_event(self._monitor.recv_multipart()):
+                self._lose_all(LOST)
+
+    def _lose_all(self, why: object) -> None:
+        self._connect_deadline = None
+        for inbox in self._pending.values():
+            inbox.append(why)
