@@ -90,6 +90,9 @@ class ServerArgs:
                                    "on this port (0 picks a free one)")  # fmt: skip
     api_key: str | None = option(None, "clients must send this key (HTTP: Authorization: Bearer "
                                  "KEY)")  # fmt: skip
+    allow_no_api_key: bool = option(False, "listen on a --host other than loopback without "
+                                    "--api-key: anyone who reaches the port can use the "
+                                    "runtime")  # fmt: skip
     stream_stall_timeout: float = option(
         10.0, "an HTTP stream whose reader has stopped reading (every buffer on the way full) "
         "for this many seconds is aborted, as a frozen ZMQ client is",
@@ -107,6 +110,11 @@ class ServerArgs:
         for name in ("page_size", "max_running_requests", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not is_loopback(self.host) and self.api_key is None and not self.allow_no_api_key:
+            raise ValueError(
+                f"--host {self.host} listens beyond this machine without an API key: give "
+                "--api-key KEY, or --allow-no-api-key if the network is trusted"
+            )
         if not 0 < self.stream_stall_timeout < float("inf"):
             raise ValueError(f"stream_stall_timeout must be > 0, got {self.stream_stall_timeout}")
         if self.chunked_prefill_size < self.page_size:
@@ -121,6 +129,11 @@ class ServerArgs:
         if self.disable_radix_cache and self.schedule_policy in ("lpm", "dfs-weight"):
             return "fcfs"
         return self.schedule_policy
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on `host` is reachable from this machine only."""
+    return host == "localhost" or host.startswith("127.") or host in ("::1", "[::1]")
 
 
 def setup_logging(level: str) -> None:

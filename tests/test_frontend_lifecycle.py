@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 import radixkv
-from radixkv.config import parse_size
+from radixkv.config import ServerArgs, parse_size
 from radixkv.tools.cli import build_parser
 from radixkv.tools.flags import server_args
 
@@ -55,6 +55,11 @@ def test_bad_options_fail_before_any_process():
         radixkv.Runtime(scheduler=FAKE, max_total_tokenz=5)
     with pytest.raises(ValueError, match="page_size must be >= 1"):
         radixkv.Runtime(scheduler=FAKE, page_size=0)
+    with pytest.raises(ValueError, match="listens beyond this machine without an API key"):
+        radixkv.Runtime(scheduler=FAKE, host="0.0.0.0")
+    for ok in ({"api_key": "k"}, {"allow_no_api_key": True}):
+        assert ServerArgs(host="0.0.0.0", **ok).host == "0.0.0.0"
+    assert ServerArgs(host="127.0.0.2").host == "127.0.0.2" and ServerArgs(host="::1")
 
 
 def test_fatal_scheduler_start_is_reported(tmpdir_env):
@@ -208,3 +213,19 @@ def test_a_slow_connection_is_not_a_dead_one(tmpdir_env):
         with radixkv.Runtime(scheduler=FAKE, port=port, start_timeout=60):
             caller.join(30)
     assert result == ["early"]
+
+
+def test_what_kill_9_leaves_behind_is_cleaned_at_the_next_start(tmpdir_env):
+    killed = radixkv.Runtime(scheduler=FAKE, start_timeout=60)
+    procs = [psutil.Process(killed.process.pid), *descendants(killed.process.pid)]
+    os.kill(killed.process.pid, signal.SIGKILL)
+    killed.process.wait()
+    assert_all_gone(procs)  # its scheduler notices the parent is gone and exits
+    (stale,) = leftovers(tmpdir_env)
+    unowned = tmpdir_env / "radixkv-not-an-ipc-dir"
+    unowned.mkdir()  # no owner file: not ours to judge, left alone
+    with radixkv.Runtime(scheduler=FAKE, start_timeout=60) as rt:
+        assert rt.client.generate("hi", max_new_tokens=1).text
+        assert not stale.exists() and unowned.exists() and len(leftovers(tmpdir_env)) == 2
+    killed.shutdown()
+    assert leftovers(tmpdir_env) == [unowned]

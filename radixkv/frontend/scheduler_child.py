@@ -1,13 +1,17 @@
 """The scheduler as a child process of the runtime: spawn, ready handshake, liveness, shutdown.
 
 The runtime binds both ends of the scheduler channel as `ipc://` sockets in a private (0700)
-temporary directory, which it removes on shutdown.
+temporary directory, which it removes on shutdown. The directory names its owner (an `owner` file
+with the runtime's pid), so a runtime that was killed (-9) and left one behind is cleaned up by
+the next runtime to start.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import multiprocessing
+import os
 import shutil
 import signal
 import tempfile
@@ -23,6 +27,8 @@ from radixkv.config import ServerArgs
 from radixkv.protocol import Fatal, Ready, ShutdownRequest, scheduler_reply_codec
 
 DEFAULT_SCHEDULER = "radixkv.scheduler.process:run_scheduler"
+IPC_PREFIX = "radixkv-"
+log = logging.getLogger("radixkv.runtime")
 
 
 class SchedulerStartError(RuntimeError):
@@ -67,6 +73,33 @@ def spawn_ignoring_sigint(process: multiprocessing.process.BaseProcess) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale_ipc_dirs(tmp: Path | None = None) -> list[Path]:
+    """Remove the ipc directories of runtimes that no longer run (their owner pid is gone); a
+    directory without an owner file, or whose owner lives, is left alone. Returns those removed."""
+    removed = []
+    for path in Path(tmp or tempfile.gettempdir()).glob(f"{IPC_PREFIX}*"):
+        try:
+            pid = int((path / "owner").read_text())
+        except (OSError, ValueError):
+            continue  # not ours to judge (unreadable, another user's, or still being created)
+        if not _pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %d ipc directories left by runtimes that were killed", len(removed))
+    return removed
+
+
 class SchedulerChild:
     """Owns the scheduler process and the runtime's two sockets to it."""
 
@@ -78,7 +111,8 @@ class SchedulerChild:
         entry_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.args = args
-        self.ipc_dir = Path(tempfile.mkdtemp(prefix="radixkv-"))  # mode 0700
+        self.ipc_dir = Path(tempfile.mkdtemp(prefix=IPC_PREFIX))  # mode 0700
+        (self.ipc_dir / "owner").write_text(str(os.getpid()))
         in_addr = f"ipc://{self.ipc_dir}/to_scheduler"
         out_addr = f"ipc://{self.ipc_dir}/from_scheduler"
         self.to_scheduler = ctx.socket(zmq.PUSH)

@@ -24,9 +24,13 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import zmq
 
-from radixkv.config import ServerArgs
+from radixkv.config import ServerArgs, is_loopback
 from radixkv.frontend.peer_tracker import PeerTracker
-from radixkv.frontend.scheduler_child import DEFAULT_SCHEDULER, SchedulerChild
+from radixkv.frontend.scheduler_child import (
+    DEFAULT_SCHEDULER,
+    SchedulerChild,
+    remove_stale_ipc_dirs,
+)
 from radixkv.frontend.tokenizer_manager import ReqState, TokenizerManager
 from radixkv.frontend.validation import BadRequest
 from radixkv.protocol import (
@@ -97,6 +101,12 @@ class RuntimeServer:
                 f"cannot listen on {address}: {exc}; choose another --port/--host"
             ) from exc
         self.endpoint: str = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        if not is_loopback(args.host) and args.api_key is None:
+            log.warning(
+                "listening on %s without an API key (--allow-no-api-key): anyone who can reach "
+                "this machine can use the runtime",
+                args.host,
+            )
         self.http: HttpServer | None = None
         if args.http_port is not None:
             try:
@@ -113,6 +123,7 @@ class RuntimeServer:
                 self._close_sockets()
                 raise
         self.metrics = self.http.metrics if self.http is not None else None
+        remove_stale_ipc_dirs()
         self.child = SchedulerChild(self.ctx, args, scheduler, scheduler_kwargs)
         self.codec = client_codec()
         self.encoder = msgspec.msgpack.Encoder()
