@@ -97,6 +97,10 @@ class ServerArgs:
         10.0, "an HTTP stream whose reader has stopped reading (every buffer on the way full) "
         "for this many seconds is aborted, as a frozen ZMQ client is",
     )  # fmt: skip
+    drain_timeout: float = option(
+        30.0, "on SIGTERM (or Ctrl-C), stop admitting requests and give running ones this many "
+        "seconds to finish, then abort them; a second signal stops at once",
+    )  # fmt: skip
     seed: int = option(0, "seed of the scheduler's random state (sampling without a seed, the "
                        "random policy)")  # fmt: skip
     log_level: str = option("info", "logging level of the runtime and scheduler processes",
@@ -115,6 +119,8 @@ class ServerArgs:
                 f"--host {self.host} listens beyond this machine without an API key: give "
                 "--api-key KEY, or --allow-no-api-key if the network is trusted"
             )
+        if not 0 <= self.drain_timeout < float("inf"):
+            raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if not 0 < self.stream_stall_timeout < float("inf"):
             raise ValueError(f"stream_stall_timeout must be > 0, got {self.stream_stall_timeout}")
         if self.chunked_prefill_size < self.page_size:

@@ -143,21 +143,27 @@ def test_cli_parses_launch_options():
         build_parser().parse_args(["launch", "--kv-memory", "1G", "--max-total-tokens", "5"])
 
 
-def test_cli_serves_in_the_foreground_and_stops_on_ctrl_c(tmpdir_env):
+def serve_in_foreground(args: str = "") -> tuple[subprocess.Popen[str], str]:
+    """`radixkv launch` with the fake scheduler, in its own process group; and its endpoint."""
     code = (
         "import sys; from radixkv.frontend.launcher import serve; "
         "from radixkv.config import ServerArgs; "
-        f"sys.exit(serve(ServerArgs(api_key='k'), 60, scheduler={FAKE!r}))"
+        f"sys.exit(serve(ServerArgs(api_key='k', {args}), 60, scheduler={FAKE!r}))"
     )
     env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env=env, start_new_session=True,
     )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("radixkv ready: endpoint tcp://127.0.0.1:"), proc.stderr.read()
+    return proc, line.split()[3]
+
+
+def test_cli_serves_in_the_foreground_and_stops_on_ctrl_c(tmpdir_env):
+    proc, endpoint = serve_in_foreground()
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("radixkv ready: endpoint tcp://127.0.0.1:"), proc.stderr.read()
-        endpoint = line.split()[3]
         children = descendants(proc.pid)
         with radixkv.Client(endpoint, api_key="k", timeout=10) as client:
             assert client.generate("cli", max_new_tokens=2).text == "clicli"
@@ -170,6 +176,38 @@ def test_cli_serves_in_the_foreground_and_stops_on_ctrl_c(tmpdir_env):
     stderr = proc.stderr.read()
     assert "KV cache 8192 tokens" in stderr and "Traceback" not in stderr
     assert_all_gone(children)
+    assert leftovers(tmpdir_env) == []
+
+
+def test_sigterm_drains(tmpdir_env):
+    """SIGTERM: requests in flight finish (within drain_timeout), new ones are refused, the rest
+    is aborted with a clear error when the time is up, and the process exits 0."""
+    proc, endpoint = serve_in_foreground("drain_timeout=2.0")
+    try:
+        with (
+            radixkv.Client(endpoint, api_key="k", timeout=20) as short,
+            radixkv.Client(endpoint, api_key="k", timeout=20) as long,
+        ):
+            finishing = short.stream("finishing ", max_new_tokens=150)  # ~0.6 s at 4 ms a token
+            cut = long.stream("cut ", max_new_tokens=3000)  # ~12 s: longer than the drain
+            assert isinstance(next(finishing), str) and isinstance(next(cut), str)
+            t = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            with radixkv.Client(endpoint, api_key="k", timeout=20) as late:
+                with pytest.raises(radixkv.RequestError, match="shutting down") as err:
+                    late.generate("late", max_new_tokens=1)
+                assert err.value.code == "unavailable"
+            list(finishing)
+            assert finishing.result is not None and finishing.result.completion_tokens == 150
+            with pytest.raises(radixkv.RequestError, match="shutting down"):
+                list(cut)
+            assert 1.5 < time.monotonic() - t < 6
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert leftovers(tmpdir_env) == []
 
 

@@ -49,8 +49,8 @@ def serve(
     except OSError as exc:
         log.error("radixkv failed to start: %s", exc)
         return 1
-    signal.signal(signal.SIGINT, lambda *_: server.stop())
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, lambda *_: server.drain())
+    signal.signal(signal.SIGTERM, lambda *_: server.drain())
     try:
         try:
             ready = server.start(start_timeout)
@@ -108,7 +108,7 @@ def _child_main(fd: int) -> None:
     server: RuntimeServer | None = None
     try:
         server = RuntimeServer(args, launch.scheduler, launch.scheduler_kwargs)
-        signal.signal(signal.SIGTERM, lambda *_: server.stop() if server else None)
+        signal.signal(signal.SIGTERM, lambda *_: server.drain() if server else None)
         ready = server.start(launch.ready_timeout)
         http_url = server.http.url if server.http is not None else None
         started = Started(endpoint=server.endpoint, ready=ready, http_url=http_url)

@@ -135,6 +135,8 @@ class RuntimeServer:
         self.rids = itertools.count()
         self.dead: str | None = None  # why the scheduler is gone, once it is
         self.stopping = threading.Event()
+        self.drain_requested = False  # set by a signal handler; the loop starts the drain
+        self.drain_deadline: float | None = None  # while draining: when the rest is aborted
         self.dropped_scheduler_frames = 0
 
     # ---- start-up and shutdown ----------------------------------------------------------------
@@ -168,11 +170,22 @@ class RuntimeServer:
         return ready
 
     def _dead(self) -> str | None:
+        """Why new requests are refused (HTTP /health is 503 then), or None while serving."""
+        if self.dead is None and self.drain_deadline is not None:
+            return "the runtime is shutting down: it finishes the running requests, takes no more"
         return self.dead
 
     def stop(self) -> None:
         """Ask `serve_forever` to return (safe from signal handlers and other threads)."""
         self.stopping.set()
+
+    def drain(self) -> None:
+        """Ask for a graceful stop (safe from signal handlers): new requests are refused, running
+        ones get `drain_timeout` seconds to finish, then `serve_forever` returns (and `close`
+        aborts what is left). Asked again while draining: stop at once."""
+        if self.drain_requested:
+            self.stop()
+        self.drain_requested = True
 
     def close(self) -> None:
         """Fail what is pending, stop the scheduler, close sockets, remove the ipc directory."""
@@ -216,6 +229,8 @@ class RuntimeServer:
                 self._client_gone(identity)
             if extra_fd is not None and extra_fd in events:
                 on_extra()
+            if self.drain_requested and self._drained():
+                return
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + LIVENESS_INTERVAL
                 if self.dead is None and not self.child.alive():
@@ -223,6 +238,24 @@ class RuntimeServer:
                     self._scheduler_died(
                         f"the scheduler process died ({self.child.exit_description()})"
                     )
+
+    def _drained(self) -> bool:
+        """Start draining, or say whether the drain is over (nothing in flight, or time is up)."""
+        now = time.monotonic()
+        if self.drain_deadline is None:
+            self.drain_deadline = now + self.args.drain_timeout
+            log.info(
+                "draining: %d requests in flight get up to %.0f s to finish; no new ones "
+                "(signal again to stop at once)",
+                len(self.requests) + len(self.tokenizing),
+                self.args.drain_timeout,
+            )
+        if not self.requests and not self.tokenizing:
+            return True
+        if now >= self.drain_deadline:
+            log.warning("drain timeout: aborting %d requests", len(self.requests))
+            return True
+        return False
 
     # ---- clients ------------------------------------------------------------------------------
 
@@ -321,6 +354,9 @@ class RuntimeServer:
         assert self.tm is not None
         if self.dead is not None:
             self._error(identity, msg.rid, self.dead, "internal")
+            return
+        if self.drain_deadline is not None:
+            self._error(identity, msg.rid, self._dead() or "", "unavailable")
             return
         if not msg.rid:
             self._error(identity, "", "a generate request needs a non-empty rid")
