@@ -97,6 +97,14 @@ class ServerArgs:
         10.0, "an HTTP stream whose reader has stopped reading (every buffer on the way full) "
         "for this many seconds is aborted, as a frozen ZMQ client is",
     )  # fmt: skip
+    on_scheduler_death: str = option(
+        "restart", "restart: start a new scheduler process (the requests it was running fail "
+        "with a clear error; requests arriving meanwhile wait), up to --max-scheduler-restarts "
+        "times, then exit; exit: the runtime exits with status 3 at once, for a supervisor "
+        "(systemd, Kubernetes) to restart", choices=("restart", "exit"),
+    )  # fmt: skip
+    max_scheduler_restarts: int = option(3, "restarts of a dying scheduler before the runtime "
+                                         "gives up and exits (status 3)")  # fmt: skip
     drain_timeout: float = option(
         30.0, "on SIGTERM (or Ctrl-C), stop admitting requests and give running ones this many "
         "seconds to finish, then abort them; a second signal stops at once",

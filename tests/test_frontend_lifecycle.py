@@ -88,8 +88,9 @@ def test_port_in_use_is_reported(tmpdir_env):
     assert leftovers(tmpdir_env) == []
 
 
-def test_scheduler_death_fails_pending_and_later_calls(tmpdir_env):
-    rt = radixkv.Runtime(scheduler=FAKE, scheduler_kwargs={"crash_on": CRASH}, start_timeout=60)
+def test_scheduler_death_fails_what_it_ran_then_it_is_restarted(tmpdir_env):
+    rt = radixkv.Runtime(scheduler=FAKE, scheduler_kwargs={"crash_on": CRASH}, start_timeout=60,
+                         max_scheduler_restarts=1)  # fmt: skip
     procs = [psutil.Process(rt.process.pid), *descendants(rt.process.pid)]
     try:
         assert len(leftovers(tmpdir_env)) == 1  # the private ipc directory exists while running
@@ -116,16 +117,33 @@ def test_scheduler_death_fails_pending_and_later_calls(tmpdir_env):
         with pytest.raises(radixkv.RequestError, match="scheduler process died"):
             list(stream)
         waiter.join(10)
-        assert len(errors) == 1 and "scheduler process died" in str(errors[0])
-        with pytest.raises(radixkv.RequestError, match="scheduler process died"):
-            rt.client.generate("later", max_new_tokens=1)
-        with pytest.raises(radixkv.RequestError, match="restart the runtime"):
-            rt.client.stats()
+        assert len(errors) == 1 and "the request was lost" in str(errors[0])
+        # a new scheduler serves what arrives meanwhile and after; the old one left nothing
+        assert rt.client.generate("later", max_new_tokens=1).text == "later"
+        assert rt.client.stats().running == 0 and len(leftovers(tmpdir_env)) == 1
+        assert len(descendants(rt.process.pid)) == len(procs) - 1
+        # the second death exceeds max_scheduler_restarts=1: the runtime exits with status 3
+        with pytest.raises(radixkv.RequestError, match="restarted 1 times already"):
+            rt.client.generate_ids(CRASH, max_new_tokens=5)
+        assert rt.process.wait(10) == 3
+        with pytest.raises(radixkv.ConnectionLost):
+            rt.new_client(timeout=5, connect_timeout=1).generate("gone", max_new_tokens=1)
         other.close()
     finally:
         rt.shutdown()
-    assert rt.process.returncode == 0
     assert_all_gone(procs)
+    assert leftovers(tmpdir_env) == []
+
+
+def test_on_scheduler_death_exit(tmpdir_env):
+    rt = radixkv.Runtime(scheduler=FAKE, scheduler_kwargs={"crash_on": CRASH}, start_timeout=60,
+                         on_scheduler_death="exit")  # fmt: skip
+    try:
+        with pytest.raises(radixkv.RequestError, match="the runtime exits"):
+            rt.client.generate_ids(CRASH, max_new_tokens=5)
+        assert rt.process.wait(10) == 3
+    finally:
+        rt.shutdown()
     assert leftovers(tmpdir_env) == []
 
 

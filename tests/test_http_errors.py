@@ -333,13 +333,21 @@ def test_busy_port_fails_start_up_fast(rt):
 def test_scheduler_death_is_503_never_500():
     crash = [0, 0, 0]
     kwargs = {"crash_on": tuple(crash)}
-    with radixkv.Runtime(scheduler=FAKE, scheduler_kwargs=kwargs, http_port=0) as rt:
+    with radixkv.Runtime(
+        scheduler=FAKE, scheduler_kwargs=kwargs, http_port=0, max_scheduler_restarts=1
+    ) as rt:
         url = rt.http_url
         r = httpx.post(f"{url}/generate", json={"input_ids": crash}, timeout=20)
         assert error_of(r, 503)["type"] == "service_unavailable"
-        assert "scheduler" in error_of(httpx.get(f"{url}/health"), 503)["message"]
-        r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi"}, timeout=20)
-        assert error_of(r, 503)["message"].endswith("restart the runtime")
+        assert error_of(r, 503)["message"].endswith("a new scheduler is starting")
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{url}/health").status_code != 200:  # 503 while it restarts
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "hi"}).status_code == 200
+        r = httpx.post(f"{url}/generate", json={"input_ids": crash}, timeout=20)
+        assert error_of(r, 503)["message"].endswith("the runtime exits")
+        assert rt.process.wait(10) == 3
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health")
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from radixkv.client.core import DEFAULT_TIMEOUT
+from radixkv.client.core import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT
 from radixkv.client.sync import Client
 from radixkv.config import ServerArgs, setup_logging
 from radixkv.frontend.scheduler_child import DEFAULT_SCHEDULER, describe_exit
@@ -67,7 +67,7 @@ def serve(
         print(f"radixkv ready: endpoint {server.endpoint}{http}{auth}; Ctrl-C to stop", flush=True)
         server.serve_forever()
         log.info("shutting down")
-        return 0
+        return server.exit_status
     finally:
         server.close()
 
@@ -122,6 +122,7 @@ def _child_main(fd: int) -> None:
         server.serve_forever(conn.fileno(), on_extra=server.stop)
     finally:
         server.close()
+    raise SystemExit(server.exit_status)
 
 
 class Runtime:
@@ -199,9 +200,13 @@ class Runtime:
         how = describe_exit(code)
         return RuntimeStartError(f"the runtime process exited during start-up ({how})")
 
-    def new_client(self, timeout: float | None = DEFAULT_TIMEOUT) -> Client:
+    def new_client(
+        self,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    ) -> Client:
         """Another client of this runtime (one per thread)."""
-        return Client(self.endpoint, api_key=self.args.api_key, timeout=timeout)
+        return Client(self.endpoint, self.args.api_key, timeout, connect_timeout)
 
     def shutdown(self, timeout: float = 20.0) -> None:
         """Stop the runtime and its scheduler; idempotent."""

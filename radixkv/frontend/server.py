@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("radixkv.runtime")
 
 LIVENESS_INTERVAL = 0.5  # seconds between checks that the scheduler process is alive
+SCHEDULER_DIED = 3  # the exit status of a runtime whose scheduler died for good
 MAX_CLIENT_FRAMES_PER_TURN = 256  # then serve the scheduler's outputs before reading more
 # A prompt larger than this (characters, see TokenizerManager.prompt_size) is templated and
 # tokenized on a worker thread, so that it does not hold up everyone else's tokens: the fast
@@ -124,7 +125,12 @@ class RuntimeServer:
                 raise
         self.metrics = self.http.metrics if self.http is not None else None
         remove_stale_ipc_dirs()
+        self.scheduler, self.scheduler_kwargs = scheduler, scheduler_kwargs
         self.child = SchedulerChild(self.ctx, args, scheduler, scheduler_kwargs)
+        self.start_timeout = 0.0  # set by start(); a restarted scheduler gets as long
+        self.restarts = 0
+        self.exit_status = 0  # what the process should exit with once serve_forever returns
+        self.poller = zmq.Poller()
         self.codec = client_codec()
         self.encoder = msgspec.msgpack.Encoder()
         self.tm: TokenizerManager | None = None
@@ -143,6 +149,7 @@ class RuntimeServer:
 
     def start(self, timeout: float) -> Ready:
         """Spawn the scheduler and load the tokenizer meanwhile; wait for the scheduler's Ready."""
+        self.start_timeout = timeout
         self.child.start()
         loaded: dict[str, Any] = {}
 
@@ -209,7 +216,7 @@ class RuntimeServer:
         self, extra_fd: int | None = None, on_extra: Callable[[], None] = lambda: None
     ) -> None:
         """Run until stopped; `on_extra` is called when `extra_fd` (e.g. a pipe) is readable."""
-        poller = zmq.Poller()
+        poller = self.poller
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.child.from_scheduler, zmq.POLLIN)
         poller.register(self.peers.monitor, zmq.POLLIN)
@@ -496,9 +503,40 @@ class RuntimeServer:
             self._scheduler_died(f"the scheduler stopped: {msg.message}")
 
     def _scheduler_died(self, reason: str) -> None:
-        self.dead = f"{reason}; restart the runtime"
+        """Fail what it was running; restart it (args.on_scheduler_death) or stop serving."""
+        args = self.args
+        restart = args.on_scheduler_death == "restart"
+        if restart and self.restarts >= args.max_scheduler_restarts:
+            restart = False
+            reason = f"{reason}; it was restarted {self.restarts} times already"
+        then = "a new scheduler is starting" if restart else "the runtime exits"
+        self._fail_all(f"{reason}; the request was lost; {then}", "internal")
+        if restart:
+            self.restarts += 1
+            self.dead = f"{reason}; {then}"
+            log.error("%s; restarting it (%d of %d)", reason, self.restarts,
+                      args.max_scheduler_restarts)  # fmt: skip
+            try:
+                self._restart_scheduler()
+            except Exception as exc:
+                reason = f"{reason}; restarting it failed: {exc}"
+            else:
+                self.dead = None
+                log.info("the scheduler is serving again")
+                return
+        self.dead = f"{reason}; the runtime exits"
         log.error("%s", self.dead)
-        self._fail_all(self.dead, "internal")
+        self.exit_status = SCHEDULER_DIED
+        self.stop()
+
+    def _restart_scheduler(self) -> None:
+        """A new scheduler process and channel (blocking: client messages wait in the socket)."""
+        self.poller.unregister(self.child.from_scheduler)
+        self.child.shutdown(timeout=1)
+        self.child = SchedulerChild(self.ctx, self.args, self.scheduler, self.scheduler_kwargs)
+        self.child.start()
+        self.child.wait_ready(self.start_timeout, keep_waiting=lambda: not self.stopping.is_set())
+        self.poller.register(self.child.from_scheduler, zmq.POLLIN)
 
     def _fail_all(self, message: str, code: str) -> None:
         for state in self.requests.values():
