@@ -118,6 +118,9 @@ class GenerateRequest(msgspec.Struct, tag="generate", kw_only=True, forbid_unkno
     sampling: SamplingParams = SamplingParams()
     stream: bool = False
     api_key: str | None = None
+    # shares cached KV only with requests of the same salt (vLLM's name): closes the side
+    # channel of cached_tokens and TTFT between users who must not see each other's prompts
+    cache_salt: str | None = None
 
 
 class AbortRequest(msgspec.Struct, tag="abort", kw_only=True):
@@ -274,6 +277,7 @@ class TokenizedRequest(msgspec.Struct, tag="tokenized", kw_only=True):
     rid: str
     input_ids: list[int]
     sampling: SamplingParams
+    cache_salt: str | None = None
 
 
 class ShutdownRequest(msgspec.Struct, tag="shutdown"):

@@ -63,7 +63,7 @@ class SchedulePolicy:
         head, tail = rest[: self.window], rest[self.window :]
         if self.cache_aware:
             for r in head:
-                r.match_len, r.match_node = self.tree.peek_prefix(r.fill_ids)
+                r.match_len, r.match_node = self.tree.peek_prefix(r.tree_ids)
         if self.policy == "lpm":
             head.sort(key=lambda r: (-r.match_len, r.wait_order))
         elif self.policy == "dfs-weight":
@@ -107,13 +107,14 @@ class SchedulePolicy:
         one with the same tokens meet at the same (node, matched length)."""
         seen: set[tuple] = set()
         for r in in_flight:
-            match_len, node = self.tree.peek_prefix(r.fill_ids)
-            key = self._share_key(r.fill_ids, match_len, node)
+            ids = r.tree_ids
+            match_len, node = self.tree.peek_prefix(ids)
+            key = self._share_key(ids, match_len, node)
             if key is not None:
                 seen.add(key)
         deferred: set[int] = set()
         for r in head:
-            key = self._share_key(r.fill_ids, r.match_len, r.match_node)
+            key = self._share_key(r.tree_ids, r.match_len, r.match_node)
             if key is None:
                 continue
             if key in seen:

@@ -113,7 +113,7 @@ class SchedulerLoop:
         sched = self.scheduler
         if isinstance(msg, TokenizedRequest):
             try:
-                sched.add_request(msg.rid, msg.input_ids, msg.sampling)
+                sched.add_request(msg.rid, msg.input_ids, msg.sampling, msg.cache_salt)
             except RequestRejected as exc:
                 error = ReqError(rid=msg.rid, message=str(exc), code=exc.code, param=exc.param)
                 self.send.send(self.encoder.encode(error))

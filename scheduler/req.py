@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from radixkv.mem import SeqSlots
+from radixkv.mem.radix_cache import salted_key_head
 from radixkv.model.sampler import make_generator
 from radixkv.protocol import SamplingParams
 
@@ -18,6 +19,8 @@ class Req:
     `fill_ids` (prompt + output) are the tokens whose KV the request needs; `seq` holds the slots
     of `fill_ids[:seq.kv_len]` while the request is admitted (None while it waits). A retracted
     request goes back to waiting with its output kept, and resumes by prefilling `fill_ids`.
+    `tree_ids` are the same tokens as radix-tree keys: with a `cache_salt`, the first one is
+    salted (`salted_key_head`), so that only requests with the same salt share KV.
     """
 
     __slots__ = (
@@ -26,6 +29,7 @@ class Req:
         "finish_reason",
         "first_admitted",
         "generator",
+        "key_head",
         "match_len",
         "match_node",
         "matcher",
@@ -46,9 +50,11 @@ class Req:
         prompt_ids: list[int],
         params: SamplingParams,
         device: torch.device | str = "cpu",
+        cache_salt: str | None = None,
     ) -> None:
         self.rid = rid
         self.prompt_ids = prompt_ids
+        self.key_head = None if cache_salt is None else salted_key_head(prompt_ids[0], cache_salt)
         self.params = params
         self.output_ids: list[int] = []
         self.generator: torch.Generator | None = (
@@ -70,6 +76,13 @@ class Req:
     @property
     def fill_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def tree_ids(self) -> list[int]:
+        ids = self.prompt_ids + self.output_ids
+        if self.key_head is not None:
+            ids[0] = self.key_head
+        return ids
 
     @property
     def prefilling(self) -> bool:

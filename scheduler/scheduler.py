@@ -66,10 +66,17 @@ class Scheduler:
 
     # ---- requests in and out ------------------------------------------------------------------
 
-    def add_request(self, rid: str, input_ids: list[int], params: SamplingParams) -> None:
+    def add_request(
+        self,
+        rid: str,
+        input_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+    ) -> None:
         """Queue a request validated by the front end (`radixkv.frontend.validation`: a prompt
         that fits the context, sampling in range); raises RequestRejected if it can never fit the
-        KV cache, which only the scheduler knows."""
+        KV cache, which only the scheduler knows. With a `cache_salt` it shares cached KV only
+        with requests of the same salt."""
         if any(self.find(rid)):
             raise RequestRejected(f"request id {rid!r} is already in use")
         limit = self.args.max_queued_requests
@@ -86,7 +93,7 @@ class Scheduler:
                 f"{self.mgr.token_pool.capacity}; raise --max-total-tokens / --kv-memory or "
                 "lower max_new_tokens"
             )
-        req = Req(rid, list(input_ids), params, self.runner.device)
+        req = Req(rid, list(input_ids), params, self.runner.device, cache_salt)
         if params.grammar is not None:
             try:
                 req.matcher = self.grammar.matcher(params)
@@ -111,7 +118,7 @@ class Scheduler:
             if req is self.chunked:
                 self.chunked = None
             if req.seq is not None:
-                self.mgr.cache_finished(req.seq, req.fill_ids)
+                self.mgr.cache_finished(req.seq, req.tree_ids)
                 req.seq = None
             out.append(self._finish(req, "abort", []))
         return out
@@ -207,7 +214,7 @@ class Scheduler:
 
     def _admit_one(self, req: Req, limit: int, reserved: int, may_chunk: bool) -> int:
         """Lock the request's cached prefix and allocate its first extend; 0 if it does not fit."""
-        seq = self.mgr.admit(req.fill_ids)
+        seq = self.mgr.admit(req.tree_ids)
         assert seq is not None  # a free row was checked by the caller
         fill = len(req.fill_ids)
         n = min(fill - seq.cached_len, limit)
@@ -251,14 +258,14 @@ class Scheduler:
         for req, _ in admitted:
             if req.prefilling:
                 assert req.seq is not None
-                self.mgr.cache_unfinished(req.seq, req.fill_ids)
+                self.mgr.cache_unfinished(req.seq, req.tree_ids)
                 self.chunked = req
         for i, (token, logprob) in zip(done, next_ids if done else [], strict=True):
             req = admitted[i][0]
             req.extend_target = 0
             outputs.extend(self._append(req, token, logprob))
             if req.seq is not None:  # still running: share its prompt with later arrivals now
-                self.mgr.cache_unfinished(req.seq, req.fill_ids)
+                self.mgr.cache_unfinished(req.seq, req.tree_ids)
         self._log_batch("prefill", admitted, sum(prefix_lens))
         return outputs
 
@@ -304,7 +311,7 @@ class Scheduler:
         """Give a running request's KV back (cached, so evictable) and queue it again; it resumes
         by prefilling prompt + output so far and continues with the same tokens."""
         assert req.seq is not None
-        self.mgr.cache_finished(req.seq, req.fill_ids)
+        self.mgr.cache_finished(req.seq, req.tree_ids)
         req.seq = None
         req.extend_target = 0
         self.waiting.append(req)
@@ -342,7 +349,7 @@ class Scheduler:
         if req in self.running:
             self.running.remove(req)
         assert req.seq is not None
-        self.mgr.cache_finished(req.seq, req.fill_ids)
+        self.mgr.cache_finished(req.seq, req.tree_ids)
         req.seq = None
         return [self._finish(req, reason.value, [token], lps)]
 

@@ -3,8 +3,9 @@
 Each request "generates" its own prompt again, one token per step (token i of the output is
 prompt token i mod prompt length), so a test controls the output text through the prompt. It
 honours max_new_tokens, stop token ids, EOS (unless ignore_eos), abort, stats and flush; it reports
-half the prompt as cached. `mode="fatal"` fails start-up, `mode="silent"` never sends Ready;
-`crash_on` makes it die (os._exit) when a request arrives with exactly those prompt ids.
+half the prompt as cached (none for a request with a cache_salt, so tests see it arrive).
+`mode="fatal"` fails start-up, `mode="silent"` never sends Ready; `crash_on` makes it die
+(os._exit) when a request arrives with exactly those prompt ids.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ from radixkv.protocol import (
 EOS = 2
 CONTEXT = 4096
 REFUSE_PROMPT = (7, 7, 7)  # this prompt is refused with ReqError
+
+
+def cached(msg: TokenizedRequest) -> int:
+    return 0 if msg.cache_salt is not None else len(msg.input_ids) // 2
 
 
 class _Req(msgspec.Struct):
@@ -84,7 +89,7 @@ def run_fake_scheduler(
         r = reqs.pop(rid)
         stats.finished[reason] = stats.finished.get(reason, 0) + 1
         n = len(r.msg.input_ids)
-        return ReqOutput(rid, tokens, reason, n, n // 2)
+        return ReqOutput(rid, tokens, reason, n, cached(r.msg))
 
     while True:
         if os.getppid() != parent:
@@ -100,7 +105,7 @@ def run_fake_scheduler(
                 reqs[msg.rid] = _Req(msg)
                 stats.requests += 1
                 stats.prompt_tokens += len(msg.input_ids)
-                stats.cached_tokens += len(msg.input_ids) // 2
+                stats.cached_tokens += cached(msg)
             elif isinstance(msg, AbortRequest):
                 if msg.rid in reqs:
                     send.send(enc.encode(BatchOutput([finish(msg.rid, [], "abort")])))
@@ -126,7 +131,7 @@ def run_fake_scheduler(
                 outputs.append(finish(rid, [token], "length"))
             else:
                 n = len(ids)
-                outputs.append(ReqOutput(rid, [token], None, n, n // 2))
+                outputs.append(ReqOutput(rid, [token], None, n, cached(r.msg)))
         if outputs:
             send.send(enc.encode(BatchOutput(outputs)))
     recv.close(linger=0)

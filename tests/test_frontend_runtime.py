@@ -188,6 +188,19 @@ def test_large_prompts_are_tokenized_off_the_loop(rt, client):
     assert client.stats().running == 0 and client.stats().finished.get("abort", 0) >= aborted
 
 
+def test_cache_salt_reaches_the_scheduler(client):
+    """(The fake reports nothing cached for a salted request; the isolation itself is
+    tests/test_scheduler_model.py's.)"""
+    prompt = "a salted prompt"
+    assert client.generate(prompt, max_new_tokens=1).cached_tokens > 0
+    assert client.generate(prompt, max_new_tokens=1, cache_salt="t").cached_tokens == 0
+    assert client.complete(prompt, cache_salt="t").cached_tokens == 0
+    assert client.stream(prompt, max_new_tokens=2, cache_salt="t").__next__()
+    with pytest.raises(radixkv.RequestError, match="cache_salt must be a non-empty") as err:
+        client.generate(prompt, cache_salt="")
+    assert err.value.param == "cache_salt"
+
+
 def test_prompt_longer_than_context_and_scheduler_refusal(client):
     with pytest.raises(radixkv.RequestError, match="5000 tokens; the context length is 4096"):
         client.generate_ids([5] * 5000, max_new_tokens=1)

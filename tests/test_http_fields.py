@@ -41,6 +41,7 @@ SHARED = {  # both endpoints: a value other than the default, and what happens t
     "regex": ("[a-z]+", OK),
     "ebnf": ('root ::= "a"', OK),
     "guided_json": ({"type": "object"}, REFUSED),  # not declared at all
+    "cache_salt": ("tenant-a", OK),  # vLLM's; its effect: tests/test_scheduler_model.py
 }
 COMPLETIONS = {
     **SHARED,
@@ -93,6 +94,7 @@ GENERATE = {
     "top_logprobs_num": (2, REFUSED),
     "rid": ("abc", REFUSED),
     "lora_path": ("x", REFUSED),
+    "cache_salt": ("tenant-a", OK),
 }
 SAMPLING_PARAMS = {
     "temperature": (0.5, OK),
@@ -173,6 +175,21 @@ def test_every_sampling_param_is_honoured_or_refused(http, field, case):
     value, outcome = case
     body = {"text": "hello", "sampling_params": {"max_new_tokens": 2, field: value}}
     check(http.post("/generate", json=body), outcome, f"sampling_params.{field}")
+
+
+def test_cache_salt_reaches_the_scheduler_from_every_endpoint(http):
+    """(The fake reports nothing cached for a salted request.)"""
+    prompt, chat = "salted prompt here", [{"role": "user", "content": "salted prompt here"}]
+    for salt, cached in ((None, True), ("tenant-a", False)):
+        extra = {} if salt is None else {"cache_salt": salt}
+        r = http.post("/v1/completions", json={"prompt": prompt, **extra}).json()
+        assert bool(r["usage"]["prompt_tokens_details"]["cached_tokens"]) is cached
+        r = http.post("/v1/chat/completions", json={"messages": chat, "n": 2, **extra}).json()
+        assert bool(r["usage"]["prompt_tokens_details"]["cached_tokens"]) is cached
+        r = http.post("/generate", json={"text": prompt, **extra}).json()
+        assert bool(r["meta_info"]["cached_tokens"]) is cached
+    r = http.post("/v1/completions", json={"prompt": "hi", "cache_salt": ""})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
 
 
 def test_stop_token_ids_end_a_v1_completion(http):

@@ -191,3 +191,29 @@ def test_a_full_waiting_queue_refuses_new_requests_and_keeps_the_queued(model):
         done |= {o.rid for o in s.step() if o.finish_reason}
     assert done == {"a", "b", "c"}
     s.check_idle()
+
+
+def test_cache_salt_isolates_prefixes_and_keeps_the_tokens(model, alone):
+    """Requests share cached KV only with the same salt (or with no salt both), across
+    retraction-free runs; the outputs are the unsalted ones: only the tree key is salted."""
+    s = make(model)
+    p = prompts()[0]
+    sp = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+
+    def one(rid: str, salt: str | None) -> tuple[list[int], int]:
+        s.add_request(rid, p, sp, salt)
+        tokens, cached = [], -1
+        while s.has_work():
+            for out in s.step():
+                tokens.extend(out.token_ids)
+                if out.finish_reason:
+                    cached = out.cached_tokens
+        return tokens, cached
+
+    assert one("plain", None) == (alone["r0"], 0)
+    assert one("alice", "alice") == (alone["r0"], 0)  # the unsalted copy is not shared
+    assert one("bob", "bob") == (alone["r0"], 0)  # nor alice's
+    assert one("alice2", "alice") == (alone["r0"], len(p) - 1)  # alice's own is (but the last)
+    assert one("plain2", None) == (alone["r0"], len(p) - 1)
+    s.step()
+    s.check_idle()

@@ -107,6 +107,7 @@ class Call:
     batch: bool  # a list of results (or streams) rather than one
     stream: bool
     timeout: float | None
+    cache_salt: str | None = None  # share cached KV only with requests of the same salt
 
     def context(self, index: int) -> str:
         """How an error of prompt `index` is introduced ("" for a single prompt)."""
@@ -121,6 +122,8 @@ class ClientAPI(abc.ABC):
     list of Streams) of text chunks, then the Result. `timeout` (seconds, None = forever) bounds
     the wait for a result, or for the next chunk of a stream; on expiry the request is aborted and
     TimeoutError raised. The async client returns awaitables of the same values.
+    `cache_salt="..."` (any call) isolates the request's cached KV: it shares cached prefixes only
+    with requests that carry the same salt (vLLM's `cache_salt`; docs/api.md).
     """
 
     endpoint: str
@@ -242,15 +245,22 @@ class ClientAPI(abc.ABC):
         timeout: float | None = None,
         **sampling: Any,
     ) -> Any:
-        """Stream one prompt (text, token ids or chat messages): text chunks, then the Result."""
+        """Stream one prompt (text, token ids or chat messages): text chunks, then the Result.
+        (`cache_salt=` here and in every call: see the class docstring.)"""
         call = self._call([prompt_fields(prompt)], False, True, params, sampling, timeout)
         return self._run(call)
 
     def complete(
-        self, prompt: Prompt, *, params: SamplingParams | None = None, timeout: float | None = None
+        self,
+        prompt: Prompt,
+        *,
+        params: SamplingParams | None = None,
+        timeout: float | None = None,
+        cache_salt: str | None = None,
     ) -> Any:
         """One Result for a prompt of any kind (text, token ids or chat messages)."""
-        call = self._call([prompt_fields(prompt)], False, False, params, {}, timeout)
+        salt = {"cache_salt": cache_salt}
+        call = self._call([prompt_fields(prompt)], False, False, params, salt, timeout)
         return self._run(call)
 
     def stats(self, timeout: float | None = None) -> Any:
@@ -298,7 +308,9 @@ class ClientAPI(abc.ABC):
         sampling: dict[str, Any],
         timeout: float | None,
     ) -> Call:
-        return Call(prompts, make_sampling(params, sampling), batch, stream, self._timeout(timeout))
+        salt = sampling.pop("cache_salt", None)
+        sp = make_sampling(params, sampling)
+        return Call(prompts, sp, batch, stream, self._timeout(timeout), salt)
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -310,8 +322,9 @@ class ClientAPI(abc.ABC):
         for fields in call.prompts:
             rid = f"r{next(self._ids)}"
             request = GenerateRequest(
-                rid=rid, sampling=call.sampling, stream=call.stream, api_key=self.api_key, **fields
-            )
+                rid=rid, sampling=call.sampling, stream=call.stream, api_key=self.api_key,
+                cache_salt=call.cache_salt, **fields,
+            )  # fmt: skip
             frame = self._encoder.encode(request)
             if len(frame) > MAX_FRAME_BYTES:
                 raise RequestError(

@@ -417,7 +417,10 @@ class RuntimeServer:
         rid = str(next(self.rids))
         self.requests[rid] = self.tm.new_state(msg, identity, len(ids), arrival)
         self.by_client[(identity, msg.rid)] = rid
-        self.child.send(TokenizedRequest(rid=rid, input_ids=ids, sampling=msg.sampling))
+        forward = TokenizedRequest(
+            rid=rid, input_ids=ids, sampling=msg.sampling, cache_salt=msg.cache_salt
+        )
+        self.child.send(forward)
 
     def _post(self, work: Callable[[], None]) -> None:
         """Run `work` on the loop (from a worker thread)."""

@@ -19,6 +19,7 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_STOP_STRINGS = 64  # OpenAI allows 4; vLLM and SGLang set no limit. Each one is searched for
 MAX_STOP_CHARS = 1024  # in every output chunk, and the longest sets how much text is held back
 MAX_STOP_TOKEN_IDS = 1024
+MAX_CACHE_SALT_CHARS = 1024
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's system
 
 
@@ -31,10 +32,17 @@ class BadRequest(ValueError):
 
 
 def check_prompt_kind(req: GenerateRequest) -> None:
-    """A generate request carries exactly one of text, messages or input_ids."""
+    """A generate request carries exactly one of text, messages or input_ids (and a usable
+    cache salt, if any)."""
     given = [x is not None for x in (req.text, req.messages, req.input_ids)]
     if sum(given) != 1:
         raise BadRequest("give exactly one of text, messages or input_ids", "prompt")
+    if req.cache_salt is not None and not 0 < len(req.cache_salt) <= MAX_CACHE_SALT_CHARS:
+        raise BadRequest(
+            f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} "
+            f"characters, got {len(req.cache_salt)}",
+            "cache_salt",
+        )
 
 
 def check_text(text: str, max_chars: int, max_context_len: int) -> None:

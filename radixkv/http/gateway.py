@@ -197,18 +197,22 @@ class Gateway:
             watching.cancel()
             pumping.cancel()
 
-    async def complete_n(self, prompt: Prompt, sp: SamplingParams, n: int) -> list[Result]:
+    async def complete_n(
+        self, prompt: Prompt, sp: SamplingParams, n: int, salt: str | None = None
+    ) -> list[Result]:
         """`n` generations of one prompt that compute its prefill once: the first copy runs alone
         until its first token (its prompt is then in the radix cache), then the others fork from
         it and find the prompt cached. With a seed, copy i samples with seed + i."""
         if n == 1:
-            return [await self.client.complete(prompt, params=sp)]
-        first = await self.client.stream(prompt, params=copy_params(sp, 0))
+            return [await self.client.complete(prompt, params=sp, cache_salt=salt)]
+        first = await self.client.stream(prompt, params=copy_params(sp, 0), cache_salt=salt)
         try:
             async for _ in first:
                 break  # a token exists: the prompt's KV is in the tree
             forks = [
-                asyncio.ensure_future(self.client.complete(prompt, params=copy_params(sp, i)))
+                asyncio.ensure_future(
+                    self.client.complete(prompt, params=copy_params(sp, i), cache_salt=salt)
+                )
                 for i in range(1, n)
             ]
             try:
@@ -223,12 +227,12 @@ class Gateway:
             await first.aclose()
 
     async def stream_n(
-        self, prompt: Prompt, sp: SamplingParams, n: int
+        self, prompt: Prompt, sp: SamplingParams, n: int, salt: str | None = None
     ) -> AsyncIterator[tuple[int, str | Result, list[TokenLogprob]]]:
         """`n` streamed copies of one prompt, merged: (copy index, text piece or final Result,
         log probabilities of the tokens that came with it). Copy 0's first item comes first, so
         the others, sent then, find its prompt cached (as in `complete_n`)."""
-        streams = [await self.client.stream(prompt, params=copy_params(sp, 0))]
+        streams = [await self.client.stream(prompt, params=copy_params(sp, 0), cache_salt=salt)]
 
         async def merged() -> AsyncIterator[tuple[int, str | Result, list[TokenLogprob]]]:
             first = await streams[0].__anext__()
@@ -236,7 +240,8 @@ class Gateway:
             queue: asyncio.Queue[Any] = asyncio.Queue()
             ended = int(isinstance(first, Result))
             for i in range(1, n):
-                streams.append(await self.client.stream(prompt, params=copy_params(sp, i)))
+                copy = copy_params(sp, i)
+                streams.append(await self.client.stream(prompt, params=copy, cache_salt=salt))
 
             async def pump(i: int, stream: AsyncStream) -> None:
                 try:

@@ -74,9 +74,11 @@ def native_router(gw: Gateway) -> APIRouter:
         prompt, sp, rid = native_prompt(req), req.sampling, uuid.uuid4().hex
         with_text = bool(req.return_text_in_logprobs)
         if req.stream:
-            return await stream_generate(gw, request, prompt, sp, rid, with_text)
+            return await stream_generate(gw, request, prompt, sp, rid, with_text, req.cache_salt)
         try:
-            r = await gw.call(request, lambda: gw.client.complete(prompt, params=sp))
+            r = await gw.call(
+                request, lambda: gw.client.complete(prompt, params=sp, cache_salt=req.cache_salt)
+            )
         except ClientGone:
             return closed()
         return json_response(native_result(rid, r, with_text))
@@ -186,14 +188,20 @@ async def flush(gw: Gateway, request: Request) -> Response:
 
 
 async def stream_generate(
-    gw: Gateway, request: Request, prompt: Prompt, sp: SamplingParams, rid: str, with_text: bool
+    gw: Gateway,
+    request: Request,
+    prompt: Prompt,
+    sp: SamplingParams,
+    rid: str,
+    with_text: bool,
+    salt: str | None,
 ) -> Response:
     """SGLang's stream: every event carries the text so far and `meta_info` (the token counts
     so far; `finish_reason` set in the last, which also has `output_ids`)."""
     text = ""
 
     async def open_stream() -> AsyncIterator[tuple[str | Result, tuple[int, int, int]]]:
-        stream: AsyncStream = await gw.client.stream(prompt, params=sp)
+        stream: AsyncStream = await gw.client.stream(prompt, params=sp, cache_salt=salt)
 
         async def items() -> AsyncIterator[tuple[str | Result, tuple[int, int, int]]]:
             async for item in stream:  # the counts as they were when the item came

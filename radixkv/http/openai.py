@@ -113,12 +113,16 @@ def openai_router(gw: Gateway) -> APIRouter:
                     events.append(usage_chunk(head, ended))
                 return events
 
-            return await event_stream(gw, request, lambda: gw.stream_n(prompts[0], sp, n), render)
+            return await event_stream(
+                gw, request, lambda: gw.stream_n(prompts[0], sp, n, req.cache_salt), render
+            )
 
         n, k = req.n or 1, req.candidates
 
         async def run() -> list[list[Result]]:
-            tasks = [asyncio.ensure_future(gw.complete_n(p, sp, k)) for p in prompts]  # they batch
+            tasks = [
+                asyncio.ensure_future(gw.complete_n(p, sp, k, req.cache_salt)) for p in prompts
+            ]  # they batch
             try:
                 return list(await asyncio.gather(*tasks))
             finally:
@@ -150,7 +154,9 @@ def openai_router(gw: Gateway) -> APIRouter:
         if req.stream:
             return await stream_chat(gw, request, req, messages, sp, head)
         try:
-            results = await gw.call(request, lambda: gw.complete_n(messages, sp, req.n or 1))
+            results = await gw.call(
+                request, lambda: gw.complete_n(messages, sp, req.n or 1, req.cache_salt)
+            )
         except ClientGone:
             return closed()
         choices = [
@@ -217,4 +223,6 @@ async def stream_chat(
             events.append(usage_chunk(head, ended))
         return events
 
-    return await event_stream(gw, request, lambda: gw.stream_n(messages, sp, n), render)
+    return await event_stream(
+        gw, request, lambda: gw.stream_n(messages, sp, n, req.cache_salt), render
+    )

@@ -82,6 +82,7 @@ class _Sampling(_Body, kw_only=True):
     frequency_penalty: Penalty | None = None  # 0
     logit_bias: dict[Int, float] | None = None  # OpenAI's keys are token ids as strings
     user: str | None = None  # an end-user id for the caller's records: no effect on the output
+    cache_salt: str | None = None  # vLLM's: shares cached KV only with the same salt
     return_cached_tokens_details: bool | None = None  # SGLang's: `sglext` is always returned
     ignore_eos: bool | None = None  # False; an extension, for benchmarks
     min_tokens: Int | None = None  # 0; vLLM's extension (SGLang: min_new_tokens)
@@ -388,6 +389,7 @@ class GenerateBody(_Body, kw_only=True):
     rid: str | None = None
     return_routed_experts: bool | None = None  # MoE models only: none here
     return_cached_tokens_details: bool | None = None  # meta_info always has them
+    cache_salt: str | None = None  # as on /v1: shares cached KV only with the same salt
 
     LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
         "logprob_start_len": (-1,), "lora_path": (), "image_data": (), "rid": (),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -49,6 +50,18 @@ class IntegrityError(AssertionError):
 
 def _lru_key(node: TreeNode) -> tuple[int, int]:
     return (node.last_access, node.id)
+
+
+def salted_key_head(first_token: int, salt: str) -> int:
+    """The tree key of a salted request's first token (cache isolation, vLLM's `cache_salt`).
+
+    Keys are token ids (>= 0); a salted request's first key is instead a negative number mixed from
+    the salt and that token. Requests with the same salt and prompt meet on it and share as usual;
+    with another salt, or none, they differ from the first token on, so they never share a node,
+    and so never a KV slot. The KV stored is the token's own: only the key is salted.
+    """
+    digest = hashlib.blake2b(f"{first_token}:{salt}".encode(), digest_size=7).digest()
+    return -1 - int.from_bytes(digest, "little")
 
 
 def _as_list(tokens: Sequence[int] | torch.Tensor) -> list[int]:
