@@ -72,6 +72,10 @@ class ServerArgs:
         choices=SCHEDULE_POLICIES,
     )  # fmt: skip
     disable_radix_cache: bool = option(False, "share no prefixes (an ablation)")
+    deterministic: bool = option(
+        False, "batch-invariant inference: a request gets the same tokens whatever it is batched "
+        "with, chunked, cached or retracted, in bf16 as in fp32 (CPU; docs/model.md has the cost)",
+    )  # fmt: skip
     new_token_ratio: float = option(0.4, "initial share of max_new_tokens reserved for decode")
     min_new_token_ratio: float = option(0.1, "the reserve's floor")
     new_token_ratio_decay: float = option(0.002, "per decode step, towards the floor")

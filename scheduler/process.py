@@ -58,7 +58,7 @@ def build_scheduler(args: ServerArgs, model: LlamaForCausalLM | None = None) -> 
     backend = args.attention_backend
     if backend == "auto":
         backend = "triton" if torch.device(args.device).type == "cuda" else "torch"
-    runner = ModelRunner(model, token_pool, req_pool, backend)
+    runner = ModelRunner(model, token_pool, req_pool, backend, deterministic=args.deterministic)
     return Scheduler(args, runner, KVCacheManager(token_pool, req_pool, tree))
 
 

@@ -117,13 +117,15 @@ static void attend_##T(const float *q, const T *k, const T *v, const int64_t *sl
 ATTEND(float, LOAD_F32)
 ATTEND(uint16_t, LOAD_BF16)
 
-/* q, out: [bs, kvh * group, d] (float, or bf16 when is_bf16); kv_index: [bs, stride] slots;
-   seq_lens: [bs]. One task per request when there are enough requests for the threads; otherwise
-   one per (request, KV head), so a single long request still uses every thread. `split`: 1 or
-   kvh forces one layout (tests), anything else chooses. */
+/* q, out: [bs, kvh * group, d] (float, or bf16 when is_bf16); kv_index: rows of `stride` slots;
+   query b reads row rows[b] (row b when rows is NULL) up to seq_lens[b] keys. One task per query
+   when there are enough for the threads; otherwise one per (query, KV head), so a single long
+   request still uses every thread. `split`: 1 or kvh forces one layout (tests), anything else
+   chooses. Either way each query head's result is computed the same way (the layout only says
+   which thread computes it): the kernel is batch-invariant. */
 void decode_attention(const void *q, const void *k, const void *v, const int64_t *kv_index,
-                      int64_t stride, const int64_t *seq_lens, void *out, int bs, int kvh,
-                      int group, int d, float scale, int is_bf16, int split) {
+                      int64_t stride, const int64_t *rows, const int64_t *seq_lens, void *out,
+                      int bs, int kvh, int group, int d, float scale, int is_bf16, int split) {
     int heads = kvh * group;
     if (split != 1 && split != kvh) split = bs >= 2 * omp_get_max_threads() ? 1 : kvh;
     #pragma omp parallel for schedule(static)
@@ -135,7 +137,7 @@ void decode_attention(const void *q, const void *k, const void *v, const int64_t
         for (int i = qh0 * d; i < qh1 * d; i++)
             qf[i] = is_bf16 ? bf16_to_f32(((const uint16_t *)q)[base + i])
                             : ((const float *)q)[base + i];
-        const int64_t *slots = kv_index + (int64_t)b * stride;
+        const int64_t *slots = kv_index + (rows ? rows[b] : (int64_t)b) * stride;
         if (is_bf16)
             attend_uint16_t(qf, (const uint16_t *)k, (const uint16_t *)v, slots, seq_lens[b],
                             kvh, group, d, qh0, qh1, scale, of);
@@ -205,9 +207,9 @@ def _library() -> ctypes.CDLL | None:
     fn = lib.decode_attention
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                   ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int,
-                   ctypes.c_int]  # fmt: skip
+                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
+                   ctypes.c_int, ctypes.c_int]  # fmt: skip
     return lib
 
 
@@ -233,12 +235,15 @@ def decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     split: int = 0,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`q [bs, heads, d]` attends to `kv_index[b, :seq_lens[b]]` rows of the pool buffers
     `[slots, kv_heads, d]`; returns `[bs, heads, d]` in q's dtype. All on the CPU; K/V in q's
     dtype; `kv_index` and `seq_lens` int64. The slots themselves are trusted (they come from
     `ReqToTokenPool` rows). `split` (tests): 1 = a task per request, kv_heads = a task per
-    (request, KV head), 0 = chosen by batch size and threads."""
+    (request, KV head), 0 = chosen by batch size and threads. With `rows` (int64 `[bs]`), query b
+    reads `kv_index[rows[b]]`: the queries of an extend, each with its own causal length, share
+    their request's row (deterministic mode: every attention is this kernel's)."""
     lib = _library()
     if lib is None:
         raise RuntimeError("the CPU decode attention kernel is not available")
@@ -258,11 +263,21 @@ def decode_attention(
     q = q.contiguous()
     kv_index = kv_index.contiguous()
     seq_lens = seq_lens.contiguous()
-    assert k_buf.is_contiguous() and v_buf.is_contiguous() and kv_index.shape[0] == bs
+    assert k_buf.is_contiguous() and v_buf.is_contiguous()
+    if rows is None:
+        assert kv_index.shape[0] == bs
+        rows_ptr = None
+    else:
+        rows = rows.contiguous()
+        if rows.dtype != torch.int64 or rows.shape != (bs,):
+            raise ValueError("rows must be int64 [bs]")
+        if bs and not 0 <= int(rows.min()) <= int(rows.max()) < kv_index.shape[0]:
+            raise ValueError(f"rows must index the {kv_index.shape[0]} rows of kv_index")
+        rows_ptr = rows.data_ptr()
     out = torch.empty_like(q)
     lib.decode_attention(
         q.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(), kv_index.data_ptr(),
-        kv_index.shape[1], seq_lens.data_ptr(), out.data_ptr(), bs, kvh, group, d, scale,
-        int(q.dtype == torch.bfloat16), split,
+        kv_index.shape[1], rows_ptr, seq_lens.data_ptr(), out.data_ptr(), bs, kvh, group, d,
+        scale, int(q.dtype == torch.bfloat16), split,
     )  # fmt: skip
     return out

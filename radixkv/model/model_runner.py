@@ -15,6 +15,7 @@ from radixkv.model.dtype import resolve_dtype
 from radixkv.model.forward_batch import ForwardBatch
 from radixkv.model.llama import LlamaForCausalLM
 from radixkv.model.loader import load_model
+from radixkv.model.prepack import make_row_invariant
 from radixkv.model.sampler import Sampler
 from radixkv.protocol import SamplingParams, TokenLogprob
 
@@ -55,7 +56,12 @@ class ModelRunner:
         token_pool: TokenToKVPool,
         req_pool: ReqToTokenPool,
         backend: str | AttentionBackend = "torch",
+        deterministic: bool = False,
     ) -> None:
+        """`deterministic`: batch-invariant results (the torch backend on the CPU only): every
+        projection gives a row the same result in any batch (`prepack.make_row_invariant`) and
+        every attention goes through one per-query kernel (`torch_backend.py`); raises
+        RuntimeError where that cannot be had."""
         config = model.config
         layout = token_pool.layout
         if (layout.num_layers, layout.kv_heads, layout.head_dim) != (
@@ -67,6 +73,13 @@ class ModelRunner:
             )
         if model.device.type == "cpu":
             model.prepack()
+        if deterministic:
+            if backend != "torch" or model.device.type != "cpu":
+                raise RuntimeError(
+                    "deterministic inference is implemented for the torch attention backend on "
+                    "the CPU"
+                )
+            make_row_invariant(model.layers, model.packed_head)
         self.model = model
         self.config = config
         self.token_pool = token_pool
@@ -81,6 +94,7 @@ class ModelRunner:
                 num_kv_heads=config.num_kv_heads,
                 head_dim=config.head_dim,
                 dtype=model.dtype,
+                **({"deterministic": True} if deterministic else {}),
             )
         self.backend = backend
         self.sampler = Sampler(config.eos_token_ids)

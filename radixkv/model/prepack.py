@@ -41,14 +41,40 @@ class PackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.weight_dtype = weight.dtype
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
         self.bias = None if bias is None else bias.detach()
+        # 2 in deterministic mode: oneDNN multiplies a single row by another kernel (a GEMV)
+        # whose sums differ in the last bits from its GEMM's, which gives a row the same result
+        # whatever the other rows (`row_invariant`); so one row is computed as two
+        self.min_rows = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if rows < self.min_rows:
+            x = torch.cat([x, x.new_zeros((self.min_rows - rows, *x.shape[1:]))])
         out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(
             x.contiguous(), self.packed, self.bias, "none", [], ""
         )
-        return out
+        return out[:rows] if rows < self.min_rows else out
+
+    def row_invariant(self, trials: int = 3) -> bool:
+        """Whether, with min_rows 2, a row's result is bit for bit the same in batches of 2 to
+        512 rows (measured on random rows with a spread of magnitudes, as activations have)."""
+        gen = torch.Generator().manual_seed(0)
+        dtype = self.weight_dtype
+        saved, self.min_rows = self.min_rows, 2
+        try:
+            for _ in range(trials):
+                scale = torch.rand(512, 1, generator=gen) * 8
+                x = (torch.randn(512, self.in_features, generator=gen) * scale).to(dtype)
+                want = self(x[:1])
+                for rows in (2, 3, 8, 17, 64, 512):
+                    if not torch.equal(self(x[:rows])[:1], want):
+                        return False
+        finally:
+            self.min_rows = saved
+        return True
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, oneDNN-packed"
@@ -75,6 +101,30 @@ def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Packe
         log.info("oneDNN weight packing unavailable (%s); using plain linear", exc)
         return None
     return layer
+
+
+def make_row_invariant(body: nn.Module, head: nn.Module | None) -> None:
+    """Deterministic mode: every projection of `body` and the LM `head` give a row the same
+    result in any batch. Raises RuntimeError where that cannot be had (a layer not packed, or
+    oneDNN's kernels here not row-invariant), so that the mode is never claimed without holding."""
+    layers = [m for m in body.modules() if isinstance(m, PackedLinear)]
+    plain = [m for m in body.modules() if isinstance(m, nn.Linear)]
+    if plain or not layers or not isinstance(head, PackedLinear):
+        raise RuntimeError(
+            "deterministic inference needs every projection packed for oneDNN (prepack.py), and "
+            "packing is unavailable here"
+        )
+    checked: dict[tuple[int, int], bool] = {}
+    for layer in [*layers, head]:
+        shape = (layer.in_features, layer.out_features)
+        if shape not in checked:
+            checked[shape] = layer.row_invariant()
+        if not checked[shape]:
+            raise RuntimeError(
+                f"oneDNN's matmul on this CPU gives a row different results in different batch "
+                f"sizes ({shape[0]} -> {shape[1]}): deterministic inference cannot be had here"
+            )
+        layer.min_rows = 2
 
 
 def prepack_linears(model: nn.Module) -> int:

@@ -8,6 +8,11 @@ needs no K/V expansion; extend pads queries to `[bs, max_extend_len]`. A single 
 cached prefix attends to its own fresh K/V with `is_causal` (no gather, no mask). A decode batch
 whose requests share a long cached prefix reads that prefix once per group (`cascade.py`); other
 decode batches on the CPU read K/V straight from the pool with a C kernel (`cpu_attention.py`).
+
+Deterministic mode (`deterministic=True`) sends every attention, decode and extend alike, through
+that C kernel, one query at a time over its own causal length: a token's attention is then
+computed the same way whether it is decoded, prefilled in one piece or in chunks, recomputed after
+a retraction, or batched with anything, so its result is the same to the bit (docs/model.md).
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ class _Metadata:
     self_causal: bool  # one request, nothing cached: attend to the fresh K/V causally
     cascade: CascadePlan | None = None  # decode: groups sharing a cached prefix read it once
     ragged: list[_RaggedReq] | None = None  # extend with very uneven lengths: one call per request
-    seq_lens: torch.Tensor | None = None  # decode with the CPU kernel (`kv_index` is its slots)
+    seq_lens: torch.Tensor | None = None  # the CPU kernel: per query, its keys (`kv_index` rows)
+    rows: torch.Tensor | None = None  # the CPU kernel over extend queries: each one's kv_index row
 
 
 @dataclass(slots=True)
@@ -57,6 +63,7 @@ class TorchNativeBackend(AttentionBackend):
         num_kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
+        deterministic: bool = False,
     ) -> None:
         self.token_pool = token_pool
         self.req_pool = req_pool
@@ -79,10 +86,20 @@ class TorchNativeBackend(AttentionBackend):
             and cpu_attention.supports(dtype, num_heads, head_dim)
             and cpu_attention.available()
         )
+        self.deterministic = deterministic
+        if deterministic and not self._decode_kernel:
+            raise RuntimeError(
+                "deterministic inference runs every attention through the CPU attention kernel, "
+                "which is unavailable here (a CUDA device, a KV dtype other than the model's, no "
+                "C compiler, or RADIXKV_CPU_KERNEL=0)"
+            )
 
     # ---- per batch --------------------------------------------------------------------------
 
     def init_forward(self, batch: ForwardBatch) -> None:
+        if self.deterministic:
+            self._md = self._per_query(batch)
+            return
         if (
             batch.mode is ForwardMode.EXTEND
             and batch.batch_size == 1
@@ -126,6 +143,20 @@ class TorchNativeBackend(AttentionBackend):
         # None when every request extends by the same length: nothing to pad.
         pad_index = None if max_ext * bs == batch.num_tokens else token_req * max_ext + local
         self._md = _Metadata(kv_index, self._additive(allowed[:, None]), pad_index, False)
+
+    def _per_query(self, batch: ForwardBatch) -> _Metadata:
+        """Deterministic mode: every query token reads its request's row up to its position."""
+        seq_lens = batch.seq_lens
+        rows = self.req_pool.req_to_token[batch.req_rows, : batch.max_seq_len].to(torch.int64)
+        if batch.mode is ForwardMode.DECODE:
+            return _Metadata(rows, None, None, False, seq_lens=seq_lens)
+        token_req = torch.repeat_interleave(
+            torch.arange(batch.batch_size), batch.extend_lens, output_size=batch.num_tokens
+        )
+        starts = torch.cumsum(batch.extend_lens, 0) - batch.extend_lens
+        local = torch.arange(batch.num_tokens) - starts[token_req]
+        lens = batch.prefix_lens[token_req] + local + 1
+        return _Metadata(rows, None, None, False, seq_lens=lens, rows=token_req)
 
     def _ragged(self, batch: ForwardBatch, kv_index: torch.Tensor) -> _Metadata:
         """Padding every request to the longest extend would multiply the attention work (one
@@ -194,7 +225,7 @@ class TorchNativeBackend(AttentionBackend):
             assert md.kv_index is not None
             k_buf, v_buf = self.token_pool.get_kv_buffer(layer)
             out = cpu_attention.decode_attention(
-                q, k_buf, v_buf, md.kv_index, md.seq_lens, self.scale
+                q, k_buf, v_buf, md.kv_index, md.seq_lens, self.scale, rows=md.rows
             )
             return out.view(q.shape[0], -1)
         k_all, v_all = self._gather(layer, md)
