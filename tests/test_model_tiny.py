@@ -7,6 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from radixkv.model import dtype as dtype_mod
 from radixkv.model.config import ModelConfig, RopeScaling
 from radixkv.model.dtype import resolve_dtype
 from radixkv.model.llama import LlamaForCausalLM as OurLlama
@@ -198,6 +199,26 @@ def test_resolve_dtype() -> None:
     assert resolve_dtype(torch.float16) == torch.float16
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         resolve_dtype("fp8")
+
+
+def test_bf16_speedup_is_measured_once_and_kept(tmp_path, monkeypatch) -> None:
+    """`auto` on an AVX512-BF16 CPU reads one kept measurement: a busy machine at a later start
+    cannot flip the dtype."""
+    monkeypatch.setenv("RADIXKV_CACHE_DIR", str(tmp_path))
+    assert 0.1 < dtype_mod.measure_bf16_speedup(rounds=3) < 50  # a real timing, sane
+    measured = iter([2.5, 0.6])
+    monkeypatch.setattr(dtype_mod, "measure_bf16_speedup", lambda: next(measured))
+    dtype_mod.bf16_matmul_speedup.cache_clear()
+    try:
+        assert dtype_mod.bf16_matmul_speedup() == 2.5
+        dtype_mod.bf16_matmul_speedup.cache_clear()  # a new process
+        assert dtype_mod.bf16_matmul_speedup() == 2.5  # kept, not the 0.6 a new timing gives
+        (kept,) = (tmp_path / "dtype").iterdir()
+        kept.write_text("not json")
+        dtype_mod.bf16_matmul_speedup.cache_clear()
+        assert dtype_mod.bf16_matmul_speedup() == 0.6  # unreadable: measured again
+    finally:
+        dtype_mod.bf16_matmul_speedup.cache_clear()
 
 
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from radixkv.model.dtype import cache_root, cpu_identity
+
 log = logging.getLogger("radixkv.model")
 
 MAX_HEADS = 64  # query heads the kernel supports
@@ -160,25 +162,14 @@ _COMPILE = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fo
 _LINK = ("-shared", "-fopenmp")
 
 
-def _cpu_identity() -> str:
-    """What -march=native depends on: the CPU model and its feature flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return "unknown"
-    keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
-    return "\n".join(keep) or "unknown"
-
-
 def _cache_dir() -> Path:
-    root = os.environ.get("RADIXKV_CACHE_DIR") or Path.home() / ".cache" / "radixkv"
-    return Path(root) / "kernels"
+    return cache_root() / "kernels"
 
 
 def _build() -> Path:
     """Compile the kernel (once per source, compiler, flags and CPU) and return the library."""
     cc = os.environ.get("CC", "cc")
-    ident = "\0".join((_SOURCE, cc, *_COMPILE, *_LINK, _cpu_identity()))
+    ident = "\0".join((_SOURCE, cc, *_COMPILE, *_LINK, cpu_identity()))
     target = _cache_dir() / f"decode_attention_{hashlib.sha256(ident.encode()).hexdigest()[:16]}.so"
     if target.exists():
         return target
