@@ -93,7 +93,11 @@ class ServerArgs:
     http_port: int | None = option(None, "also serve the OpenAI-compatible HTTP API and /metrics "
                                    "on this port (0 picks a free one)")  # fmt: skip
     api_key: str | None = option(None, "clients must send this key (HTTP: Authorization: Bearer "
-                                 "KEY)")  # fmt: skip
+                                 "KEY); several keys separated by commas, e.g. one per "
+                                 "tenant")  # fmt: skip
+    isolate_cache_per_key: bool = option(False, "requests share cached KV only with requests "
+                                         "sent with the same API key (and the same cache_salt, "
+                                         "if they give one)")  # fmt: skip
     allow_no_api_key: bool = option(False, "listen on a --host other than loopback without "
                                     "--api-key: anyone who reaches the port can use the "
                                     "runtime")  # fmt: skip
@@ -131,6 +135,8 @@ class ServerArgs:
                 f"--host {self.host} listens beyond this machine without an API key: give "
                 "--api-key KEY, or --allow-no-api-key if the network is trusted"
             )
+        if self.isolate_cache_per_key and not self.api_keys:
+            raise ValueError("isolate_cache_per_key needs API keys (--api-key KEY1,KEY2,...)")
         if not 0 <= self.drain_timeout < float("inf"):
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if not 0 < self.stream_stall_timeout < float("inf"):
@@ -140,6 +146,11 @@ class ServerArgs:
                 f"chunked_prefill_size ({self.chunked_prefill_size}) must be >= page_size "
                 f"({self.page_size})"
             )
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The keys clients may send (`api_key`, split at commas); empty: no key needed."""
+        return tuple(k.strip() for k in (self.api_key or "").split(",") if k.strip())
 
     @property
     def effective_policy(self) -> str:

@@ -13,6 +13,7 @@ answers with an `ErrorReply` (or counts and drops) instead of crashing.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any
 
 import msgspec
@@ -121,6 +122,13 @@ class GenerateRequest(msgspec.Struct, tag="generate", kw_only=True, forbid_unkno
     # shares cached KV only with requests of the same salt (vLLM's name): closes the side
     # channel of cached_tokens and TTFT between users who must not see each other's prompts
     cache_salt: str | None = None
+
+
+def key_cache_salt(api_key: str, cache_salt: str | None) -> str:
+    """The salt of a request under `--isolate-cache-per-key`: one per key (a digest, so the key
+    itself is never a tree key), combined with the request's own salt if it gave one."""
+    digest = hashlib.sha256(api_key.encode()).hexdigest()[:32]
+    return f"key:{digest}" if cache_salt is None else f"key:{digest}:{cache_salt}"
 
 
 class AbortRequest(msgspec.Struct, tag="abort", kw_only=True):

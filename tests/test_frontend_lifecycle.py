@@ -60,6 +60,9 @@ def test_bad_options_fail_before_any_process():
     for ok in ({"api_key": "k"}, {"allow_no_api_key": True}):
         assert ServerArgs(host="0.0.0.0", **ok).host == "0.0.0.0"
     assert ServerArgs(host="127.0.0.2").host == "127.0.0.2" and ServerArgs(host="::1")
+    assert ServerArgs(api_key=" a, b ,,c").api_keys == ("a", "b", "c")
+    with pytest.raises(ValueError, match="isolate_cache_per_key needs API keys"):
+        ServerArgs(isolate_cache_per_key=True)
 
 
 def test_fatal_scheduler_start_is_reported(tmpdir_env):

@@ -121,3 +121,37 @@ def test_radixkv_bench_against_a_running_runtime(rt, tmp_path, capsys):
     assert summary["hit_rate"] >= 0.95 * summary["best_hit_rate"] > 0.5
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert "best possible" in capsys.readouterr().out
+
+
+def test_isolate_cache_per_key_over_zmq_and_http():
+    """Two tenants' keys: each shares cached prefixes with itself only, and a tenant's ZMQ and
+    HTTP requests share with each other (the gateway salts by its caller's key as the runtime
+    does); a request's own cache_salt splits a tenant further."""
+    import httpx2 as httpx
+
+    prompt = shared_prefix_prompts()[0]
+    with radixkv.Runtime(
+        "smollm2-135m", dtype="float32", max_total_tokens=4096, api_key="alice-key, bob-key",
+        isolate_cache_per_key=True, http_port=0,
+    ) as rt:  # fmt: skip
+        alice = rt.client  # the first key
+        with radixkv.Client(rt.endpoint, api_key="bob-key") as bob:
+
+            def cached(client: radixkv.Client, **kw: str) -> int:
+                return client.generate_ids(prompt, max_new_tokens=1, **kw).cached_tokens
+
+            def cached_http(key: str) -> int:
+                r = httpx.post(f"{rt.http_url}/v1/completions", timeout=60,
+                               headers={"Authorization": f"Bearer {key}"},
+                               json={"prompt": prompt, "max_tokens": 1})  # fmt: skip
+                assert r.status_code == 200, r.text
+                return int(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+            full = len(prompt) - 1
+            assert cached(alice) == 0 and cached(alice) == full
+            assert cached(bob) == 0  # alice's prefix is not bob's
+            assert cached_http("alice-key") == full and cached_http("bob-key") == full
+            assert cached(bob, cache_salt="project-x") == 0
+            with pytest.raises(radixkv.RequestError, match="API key"):
+                radixkv.Client(rt.endpoint, api_key="mallory").generate("hi", max_new_tokens=1)
+            assert httpx.get(f"{rt.http_url}/v1/models").status_code == 401

@@ -62,7 +62,7 @@ def serve(
             "requests", ready.model, ready.dtype, ready.kv_capacity, ready.page_size,
             ready.max_context_len, ready.max_running_requests,
         )  # fmt: skip
-        auth = " (API key required)" if args.api_key else ""
+        auth = " (API key required)" if args.api_keys else ""
         http = f", HTTP {server.http.url}" if server.http is not None else ""
         print(f"radixkv ready: endpoint {server.endpoint}{http}{auth}; Ctrl-C to stop", flush=True)
         server.serve_forever()
@@ -174,7 +174,7 @@ class Runtime:
         self.endpoint: str = started.endpoint
         self.ready_info: Ready = started.ready
         self.http_url: str | None = started.http_url
-        self.client = Client(self.endpoint, api_key=self.args.api_key, timeout=client_timeout)
+        self.client = Client(self.endpoint, api_key=self._key, timeout=client_timeout)
 
     def _wait_started(self, timeout: float) -> Started:
         deadline = time.monotonic() + timeout
@@ -206,7 +206,12 @@ class Runtime:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> Client:
         """Another client of this runtime (one per thread)."""
-        return Client(self.endpoint, self.args.api_key, timeout, connect_timeout)
+        return Client(self.endpoint, self._key, timeout, connect_timeout)
+
+    @property
+    def _key(self) -> str | None:
+        """The key `client` and `new_client()` send: the first of `api_key`'s."""
+        return self.args.api_keys[0] if self.args.api_keys else None
 
     def shutdown(self, timeout: float = 20.0) -> None:
         """Stop the runtime and its scheduler; idempotent."""

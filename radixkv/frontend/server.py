@@ -14,6 +14,7 @@ import hmac
 import itertools
 import logging
 import queue
+import secrets
 import socket
 import threading
 import time
@@ -54,6 +55,7 @@ from radixkv.protocol import (
     TokenizeReply,
     TokenizeRequest,
     client_codec,
+    key_cache_salt,
 )
 from radixkv.tokenizer import load_tokenizer
 
@@ -102,6 +104,13 @@ class RuntimeServer:
                 f"cannot listen on {address}: {exc}; choose another --port/--host"
             ) from exc
         self.endpoint: str = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        # the HTTP gateway's own key (never shown to anyone): it authorizes its callers itself and
+        # sends requests already salted by their key under --isolate-cache-per-key
+        self.gateway_key: str | None = None
+        self.keys: tuple[str, ...] = ()  # empty: no key needed
+        if args.api_keys:
+            self.gateway_key = secrets.token_hex(16)
+            self.keys = (*args.api_keys, self.gateway_key)
         if not is_loopback(args.host) and args.api_key is None:
             log.warning(
                 "listening on %s without an API key (--allow-no-api-key): anyone who can reach "
@@ -173,7 +182,10 @@ class RuntimeServer:
             from radixkv.http.server import gateway_config
 
             metrics = self.http.metrics
-            self.http.start(gateway_config(self.endpoint, self.args, ready, metrics, self._dead))
+            config = gateway_config(
+                self.endpoint, self.args, ready, metrics, self._dead, self.gateway_key
+            )
+            self.http.start(config)
         return ready
 
     def _dead(self) -> str | None:
@@ -315,9 +327,7 @@ class RuntimeServer:
         except (msgspec.DecodeError, RecursionError) as exc:  # ValidationError included
             self._error(identity, _salvage_rid(payload), f"malformed or unknown message: {exc}")
             return
-        if self.args.api_key is not None and not hmac.compare_digest(
-            (msg.api_key or "").encode(), self.args.api_key.encode()
-        ):
+        if self.keys and not _known_key(msg.api_key, self.keys):
             self._error(identity, msg.rid, "missing or wrong API key", "unauthorized")
             return
         if isinstance(msg, GenerateRequest):
@@ -417,9 +427,11 @@ class RuntimeServer:
         rid = str(next(self.rids))
         self.requests[rid] = self.tm.new_state(msg, identity, len(ids), arrival)
         self.by_client[(identity, msg.rid)] = rid
-        forward = TokenizedRequest(
-            rid=rid, input_ids=ids, sampling=msg.sampling, cache_salt=msg.cache_salt
-        )
+        salt = msg.cache_salt
+        if self.args.isolate_cache_per_key and msg.api_key != self.gateway_key:
+            assert msg.api_key is not None  # checked on arrival
+            salt = key_cache_salt(msg.api_key, salt)  # (the HTTP gateway salts by its caller's)
+        forward = TokenizedRequest(rid=rid, input_ids=ids, sampling=msg.sampling, cache_salt=salt)
         self.child.send(forward)
 
     def _post(self, work: Callable[[], None]) -> None:
@@ -554,6 +566,12 @@ class RuntimeServer:
         self.by_client.clear()
         self.control.clear()
         self.tokenizing.clear()
+
+
+def _known_key(given: str | None, keys: tuple[str, ...]) -> bool:
+    """Whether `given` is one of `keys`, compared in constant time against every one."""
+    given_bytes = (given or "").encode()
+    return sum(hmac.compare_digest(given_bytes, key.encode()) for key in keys) > 0
 
 
 def _source_fd(frame: zmq.Frame) -> int:

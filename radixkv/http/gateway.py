@@ -26,7 +26,7 @@ from radixkv.client.results import ConnectionLost, RequestError, Result
 from radixkv.client.streams import AsyncStream
 from radixkv.http.errors import ApiError, decode_body
 from radixkv.http.metrics import RuntimeMetrics
-from radixkv.protocol import MAX_SEED, SamplingParams, TokenLogprob
+from radixkv.protocol import MAX_SEED, SamplingParams, TokenLogprob, key_cache_salt
 
 log = logging.getLogger("radixkv.http")
 T = TypeVar("T")
@@ -52,7 +52,7 @@ class GatewayConfig:
     """How the HTTP front end reaches and describes its runtime."""
 
     endpoint: str  # the runtime's client endpoint, as reachable from this process
-    api_key: str | None
+    api_keys: tuple[str, ...]  # what callers may send; empty: no key needed
     model: str  # the served model name (listed by /v1/models)
     aliases: tuple[str, ...]  # other names accepted in `model` (e.g. the path it was loaded from)
     max_context_len: int
@@ -62,6 +62,8 @@ class GatewayConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     timeout: float = DEFAULT_TIMEOUT  # seconds to wait for a result or the next chunk
     stream_stall_timeout: float = 10.0  # seconds a stream's write may wait for its reader
+    client_key: str | None = None  # the key this gateway's own client sends to the runtime
+    isolate_cache_per_key: bool = False  # salt each request by its caller's key
 
 
 class ClientGone(Exception):
@@ -84,7 +86,7 @@ class Gateway:
     async def open(self) -> None:
         """Connect to the runtime (call on the server's event loop)."""
         cfg = self.config
-        self._client = AsyncClient(cfg.endpoint, api_key=cfg.api_key, timeout=cfg.timeout)
+        self._client = AsyncClient(cfg.endpoint, api_key=cfg.client_key, timeout=cfg.timeout)
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -96,13 +98,10 @@ class Gateway:
     async def authorize(self, request: Request) -> None:
         """With an API key configured, require `Authorization: Bearer <key>` (401 otherwise).
         Async so FastAPI runs it on the event loop, not in its thread pool."""
-        key = self.config.api_key
-        if key is None:
+        keys = self.config.api_keys
+        if not keys:
             return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        # bytes: compare_digest refuses non-ASCII str, and a header may hold any latin-1 byte
-        given_bytes = given.strip().encode("utf-8", "surrogateescape")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given_bytes, key.encode()):
+        if self._caller_key(request) not in keys:
             raise ApiError(
                 401,
                 "missing or wrong API key: send the header 'Authorization: Bearer <key>' with "
@@ -110,6 +109,29 @@ class Gateway:
                 None,
                 "invalid_api_key",
             )
+
+    def _caller_key(self, request: Request) -> str | None:
+        """The configured key the request's `Authorization: Bearer` header names, if any
+        (compared in constant time against every key)."""
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        # bytes: compare_digest refuses non-ASCII str, and a header may hold any latin-1 byte
+        given_bytes = given.strip().encode("utf-8", "surrogateescape")
+        found = None
+        for key in self.config.api_keys:
+            if hmac.compare_digest(given_bytes, key.encode()):
+                found = key
+        return found
+
+    def cache_salt(self, request: Request, salt: str | None) -> str | None:
+        """The salt a request is sent with: its own, and its caller's key's under
+        --isolate-cache-per-key (the runtime does the same for its ZMQ clients)."""
+        if not self.config.isolate_cache_per_key:
+            return salt
+        key = self._caller_key(request)
+        assert key is not None  # authorize() let it in
+        return key_cache_salt(key, salt)
 
     def check_model(self, model: str | None) -> None:
         """Accept no model, the served name or one of its aliases; 400 otherwise."""

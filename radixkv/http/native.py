@@ -74,10 +74,15 @@ def native_router(gw: Gateway) -> APIRouter:
         prompt, sp, rid = native_prompt(req), req.sampling, uuid.uuid4().hex
         with_text = bool(req.return_text_in_logprobs)
         if req.stream:
-            return await stream_generate(gw, request, prompt, sp, rid, with_text, req.cache_salt)
+            return await stream_generate(
+                gw, request, prompt, sp, rid, with_text, gw.cache_salt(request, req.cache_salt)
+            )
         try:
             r = await gw.call(
-                request, lambda: gw.client.complete(prompt, params=sp, cache_salt=req.cache_salt)
+                request,
+                lambda: gw.client.complete(
+                    prompt, params=sp, cache_salt=gw.cache_salt(request, req.cache_salt)
+                ),
             )
         except ClientGone:
             return closed()

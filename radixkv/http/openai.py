@@ -114,14 +114,20 @@ def openai_router(gw: Gateway) -> APIRouter:
                 return events
 
             return await event_stream(
-                gw, request, lambda: gw.stream_n(prompts[0], sp, n, req.cache_salt), render
+                gw,
+                request,
+                lambda: gw.stream_n(prompts[0], sp, n, gw.cache_salt(request, req.cache_salt)),
+                render,
             )
 
         n, k = req.n or 1, req.candidates
 
         async def run() -> list[list[Result]]:
             tasks = [
-                asyncio.ensure_future(gw.complete_n(p, sp, k, req.cache_salt)) for p in prompts
+                asyncio.ensure_future(
+                    gw.complete_n(p, sp, k, gw.cache_salt(request, req.cache_salt))
+                )
+                for p in prompts
             ]  # they batch
             try:
                 return list(await asyncio.gather(*tasks))
@@ -155,7 +161,10 @@ def openai_router(gw: Gateway) -> APIRouter:
             return await stream_chat(gw, request, req, messages, sp, head)
         try:
             results = await gw.call(
-                request, lambda: gw.complete_n(messages, sp, req.n or 1, req.cache_salt)
+                request,
+                lambda: gw.complete_n(
+                    messages, sp, req.n or 1, gw.cache_salt(request, req.cache_salt)
+                ),
             )
         except ClientGone:
             return closed()
@@ -224,5 +233,8 @@ async def stream_chat(
         return events
 
     return await event_stream(
-        gw, request, lambda: gw.stream_n(messages, sp, n, req.cache_salt), render
+        gw,
+        request,
+        lambda: gw.stream_n(messages, sp, n, gw.cache_salt(request, req.cache_salt)),
+        render,
     )

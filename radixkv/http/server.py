@@ -79,6 +79,7 @@ def gateway_config(
     ready: Ready,
     metrics: RuntimeMetrics,
     dead: Callable[[], str | None],
+    client_key: str | None = None,
 ) -> GatewayConfig:
     """The HTTP front end's view of a started runtime. The served model name is the model's
     name without directory or extension; the name or path it was launched with is an alias."""
@@ -86,7 +87,9 @@ def gateway_config(
     aliases = tuple(dict.fromkeys(a for a in (ready.model, args.model) if a != name))
     return GatewayConfig(
         endpoint=loopback_endpoint(endpoint),
-        api_key=args.api_key,
+        api_keys=args.api_keys,
+        client_key=client_key,
+        isolate_cache_per_key=args.isolate_cache_per_key,
         model=name or ready.model,
         aliases=aliases,
         max_context_len=ready.max_context_len,
