@@ -7,6 +7,7 @@ bytes (whose frames have no source fd), and msgpack nested 100,000 levels deep (
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -130,3 +131,55 @@ def test_random_msgpack_messages(dealer, message):
 def test_still_serving_after_the_fuzz(rt, dealer):
     time.sleep(0.2)
     assert_serves(rt)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=12,
+)
+HTTP_FIELDS = [
+    "model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "n", "stop",
+    "stream", "seed", "logprobs", "top_logprobs", "logit_bias", "response_format", "tools",
+    "tool_choice", "best_of", "echo", "min_tokens", "stop_token_ids", "cache_salt", "text",
+    "input_ids", "sampling_params", "return_logprob", "tokens", "regex", "json_schema",
+]  # fmt: skip
+http_bodies = (
+    st.fixed_dictionaries({}, optional={name: json_values for name in HTTP_FIELDS}) | json_values
+)
+
+
+@pytest.fixture(scope="module")
+def http_rt():
+    with radixkv.Runtime(scheduler=FAKE, http_port=0, start_timeout=60) as rt:
+        yield rt
+
+
+BASES = {  # a valid body per endpoint, which the fuzz then breaks a field or two of
+    "/v1/completions": {"prompt": "hi", "max_tokens": 2},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    "/generate": {"text": "hi", "sampling_params": {"max_new_tokens": 2}},
+    "/tokenize": {"prompt": "hi"},
+    "/detokenize": {"tokens": [1, 2]},
+}
+
+
+@FUZZ
+@given(
+    path=st.sampled_from(sorted(BASES)),
+    body=http_bodies,
+    replace=st.booleans(),
+)
+def test_random_http_bodies_are_never_a_server_error(http_rt, path, body, replace):
+    """Random JSON, or a valid body with random values in known fields: a 4xx or a 200."""
+    import httpx2 as httpx
+
+    if not replace and isinstance(body, dict):
+        body = {**BASES[path], **body}
+    try:
+        content = json.dumps(body)
+    except (ValueError, OverflowError):
+        return
+    r = httpx.post(f"{http_rt.http_url}{path}", content=content, timeout=30,
+                   headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code < 500, (r.status_code, r.text[:300])
