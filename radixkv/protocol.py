@@ -56,6 +56,10 @@ class SamplingParams(
     # the log probability of every generated token (and of the `top_logprobs` most likely ones)
     logprobs: bool = False
     top_logprobs: Int = 0
+    # with logprobs, also the prompt's tokens' from this position on (SGLang's
+    # `logprob_start_len`; OpenAI's `echo` is 0); -1: none. The first token has none (nothing
+    # precedes it), and the prompt from here on is computed, not taken from the radix cache
+    logprob_start_len: Int = -1
     # structured output (SGLang's names), at most one: the output follows a JSON schema (a JSON
     # text), a regular expression or an EBNF grammar, and ends when it is complete
     json_schema: str | None = None
@@ -197,6 +201,9 @@ class TokenChunk(msgspec.Struct, tag="chunk", kw_only=True):
     prompt_tokens: int = 0
     cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None  # of token_ids, when the request asked
+    # in the first chunk, with logprob_start_len >= 0: the prompt's tokens' from
+    # max(logprob_start_len, 1) on
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class GenerateResult(msgspec.Struct, tag="result", kw_only=True):
@@ -206,6 +213,7 @@ class GenerateResult(msgspec.Struct, tag="result", kw_only=True):
     finish_reason: str  # "stop" | "length" | "abort"
     meta: RequestMeta
     logprobs: list[TokenLogprob] | None = None  # of token_ids, when the request asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # as in TokenChunk
 
 
 class ErrorReply(msgspec.Struct, tag="error", kw_only=True):
@@ -310,6 +318,7 @@ class ReqOutput(msgspec.Struct, array_like=True):
     cached_tokens: int
     queue_time: float = 0.0  # seconds the request waited for its first admission
     logprobs: list[TokenLogprob] | None = None  # of token_ids, when the request asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # with the first token (TokenChunk's)
 
 
 class BatchOutput(msgspec.Struct, tag="batch_out"):

@@ -10,7 +10,7 @@ import torch
 from radixkv.mem import SeqSlots
 from radixkv.mem.radix_cache import salted_key_head
 from radixkv.model.sampler import make_generator
-from radixkv.protocol import SamplingParams
+from radixkv.protocol import SamplingParams, TokenLogprob
 
 
 class Req:
@@ -36,6 +36,8 @@ class Req:
         "output_ids",
         "params",
         "prompt_ids",
+        "prompt_lps",
+        "prompt_lps_done",
         "queue_time",
         "queued_at",
         "rid",
@@ -72,10 +74,17 @@ class Req:
         self.wait_order = 0  # arrival order in the waiting queue (fcfs tie-break)
         self.match_len = 0  # scheduling estimate of the cached prefix (peek, no side effects)
         self.match_node: object = None
+        self.prompt_lps: list[TokenLogprob] | None = None  # computed, not yet sent
+        self.prompt_lps_done = params.logprob_start_len < 0  # or nothing more to compute
 
     @property
     def fill_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Its prompt's log probabilities are asked for and not all computed yet."""
+        return not self.prompt_lps_done
 
     @property
     def tree_ids(self) -> list[int]:

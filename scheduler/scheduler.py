@@ -214,7 +214,11 @@ class Scheduler:
 
     def _admit_one(self, req: Req, limit: int, reserved: int, may_chunk: bool) -> int:
         """Lock the request's cached prefix and allocate its first extend; 0 if it does not fit."""
-        seq = self.mgr.admit(req.tree_ids)
+        # prompt log probabilities need the logits of every position from logprob_start_len - 1
+        # on: those positions are computed, not matched in the tree (admit matches at most
+        # len(tokens) - 1 of the tokens it is given)
+        cap = req.params.logprob_start_len if req.wants_prompt_logprobs else None
+        seq = self.mgr.admit(req.tree_ids, cap)
         assert seq is not None  # a free row was checked by the caller
         fill = len(req.fill_ids)
         n = min(fill - seq.cached_len, limit)
@@ -250,7 +254,10 @@ class Scheduler:
             rows.append(req.seq.row)
             slots.append(self.mgr.req_pool.read(req.seq.row, start, req.seq.kv_len))
         batch = ForwardBatch.extend(ids, prefix_lens, rows, torch.cat(slots), self.runner.device)
-        logits = self.runner.forward(batch)
+        if any(r.wants_prompt_logprobs for r, _ in admitted):
+            logits = self._forward_with_prompt_logprobs(batch, admitted, prefix_lens)
+        else:
+            logits = self.runner.forward(batch)
         done = [i for i, (r, _) in enumerate(admitted) if not r.prefilling]
         outputs: list[ReqOutput] = []
         if done:
@@ -268,6 +275,40 @@ class Scheduler:
                 self.mgr.cache_unfinished(req.seq, req.tree_ids)
         self._log_batch("prefill", admitted, sum(prefix_lens))
         return outputs
+
+    def _forward_with_prompt_logprobs(
+        self, batch: ForwardBatch, admitted: list[tuple[Req, int]], starts: list[int]
+    ) -> torch.Tensor:
+        """The last-token logits of every request, as `runner.forward` gives them; and, for the
+        requests that asked, the log probability of each prompt token this chunk predicts (the
+        token after each computed position from logprob_start_len - 1 on), kept on the request
+        until its first output carries them."""
+        out_rows: list[int] = []  # packed token indices whose hidden states come back
+        last: list[int] = []  # per request: its last token's index in out_rows
+        wanted: list[tuple[Req, int, int, int]] = []  # (req, first out row, first position, n)
+        offset = 0
+        for (req, n), start in zip(admitted, starts, strict=True):
+            if req.wants_prompt_logprobs:
+                first = max(start, req.params.logprob_start_len - 1, 0)
+                end = min(start + n, len(req.prompt_ids) - 1)  # positions predicting a prompt token
+                if end > first:
+                    wanted.append((req, len(out_rows), first, end - first))
+                    out_rows.extend(range(offset + first - start, offset + end - start))
+            last.append(len(out_rows))
+            out_rows.append(offset + n - 1)
+            offset += n
+        batch.output_rows = torch.tensor(out_rows, dtype=torch.int64, device=batch.input_ids.device)
+        hidden = self.runner.forward_hidden(batch)
+        for req, row, first, n in wanted:
+            targets = req.prompt_ids[first + 1 : first + 1 + n]
+            lps = self.runner.token_logprobs(
+                hidden[row : row + n], targets, req.params.top_logprobs
+            )
+            req.prompt_lps = (req.prompt_lps or []) + lps
+        for req, _ in admitted:
+            if req.wants_prompt_logprobs and not req.prefilling:
+                req.prompt_lps_done = True  # a retraction's re-prefill need not compute them
+        return self.runner.logits(hidden[last])
 
     def _run_decode(self) -> list[ReqOutput]:
         self._make_room_for_decode()
@@ -365,9 +406,11 @@ class Scheduler:
     def _output(
         req: Req, tokens: list[int], reason: str | None, lps: list[TokenLogprob] | None = None
     ) -> ReqOutput:
+        prompt_lps, req.prompt_lps = req.prompt_lps, None  # sent once, with the first token
         return ReqOutput(
-            req.rid, tokens, reason, len(req.prompt_ids), req.cached_tokens, req.queue_time, lps
-        )
+            req.rid, tokens, reason, len(req.prompt_ids), req.cached_tokens, req.queue_time, lps,
+            prompt_lps,
+        )  # fmt: skip
 
     def _log_batch(self, kind: str, batch: list[tuple[Req, int]], cached: int) -> None:
         if not log.isEnabledFor(logging.INFO):

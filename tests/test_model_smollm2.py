@@ -172,6 +172,52 @@ def test_bf16_logits_close_to_fp32(fp32_model, chat_prompts) -> None:
     assert (top3 == got.argmax(-1, keepdim=True)).any(-1).all()
 
 
+def test_prompt_logprobs_equal_transformers_through_cache_and_chunks(
+    fp32_model, hf_model, chat_prompts
+) -> None:
+    """logprob_start_len: the prompt tokens' log probabilities from that position on (top-5
+    too) equal transformers' within 1e-4, also when the prompt is cached (the positions asked for
+    are computed again, the earlier ones still come from the cache) and when it is prefilled in
+    chunks of 16 beside another request."""
+    from radixkv.config import ServerArgs
+    from radixkv.scheduler.process import build_scheduler
+
+    prompt = chat_prompts[0]
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([prompt])).logits[0]
+    ref = torch.log_softmax(logits.float(), dim=-1)  # row p predicts prompt[p + 1]
+    args = ServerArgs(
+        dtype="float32", max_total_tokens=8192, chunked_prefill_size=16, max_prefill_tokens=16
+    )
+    s = build_scheduler(args, fp32_model)
+
+    def run(start: int, **extra: list[int]) -> tuple[list, int]:
+        sp = SamplingParams(max_new_tokens=2, logprobs=True, top_logprobs=5,
+                            logprob_start_len=start)  # fmt: skip
+        s.add_request("p", prompt, sp)
+        for rid, ids in extra.items():
+            s.add_request(rid, ids, SamplingParams(max_new_tokens=3))
+        got, cached = None, -1
+        while s.has_work():
+            for out in s.step():
+                if out.rid == "p" and out.prompt_logprobs is not None:
+                    assert got is None  # sent once
+                    got, cached = out.prompt_logprobs, out.cached_tokens
+        s.check_idle()
+        return got or [], cached
+
+    for start, extra in ((0, {}), (len(prompt) - 7, {}), (5, {"other": chat_prompts[1]})):
+        lps, cached = run(start, **extra)
+        first = max(start, 1)
+        assert [lp.token_id for lp in lps] == prompt[first:]
+        assert cached <= max(start - 1, 0)  # the positions asked for were computed
+        for lp, pos in zip(lps, range(first - 1, len(prompt) - 1), strict=True):
+            row = ref[pos]
+            assert abs(lp.logprob - row[lp.token_id].item()) < 1e-4
+            assert lp.top_ids == row.topk(5).indices.tolist()
+    assert run(len(prompt) - 7)[1] == len(prompt) - 8  # cached up to the first position asked
+
+
 def test_logprobs_equal_transformers_log_softmax(fp32_model, hf_model, chat_prompts) -> None:
     """The scheduler's logprobs (greedy and sampled requests, beside one that asks for none) are
     a float32 log-softmax of the model's logits: transformers' within 1e-4, top-5 included."""

@@ -23,6 +23,8 @@ class Result:
     queue_time: float = 0.0  # seconds it waited in the scheduler for its first admission
     # per token of token_ids, with `logprobs=True` (TokenLogprob: logprob, top_ids, texts, ...)
     logprobs: list[TokenLogprob] | None = None
+    # with `logprob_start_len=k` (and logprobs): the prompt's tokens' from position max(k, 1) on
+    prompt_logprobs: list[TokenLogprob] | None = None
 
     @classmethod
     def from_reply(cls, reply: GenerateResult) -> Result:
@@ -38,6 +40,7 @@ class Result:
             latency=m.latency,
             queue_time=m.queue_time,
             logprobs=reply.logprobs,
+            prompt_logprobs=reply.prompt_logprobs,
         )
 
 

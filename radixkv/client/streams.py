@@ -38,6 +38,7 @@ class _StreamState:
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self._logprobs: list[TokenLogprob] = []  # of tokens whose text was not taken yet
+        self.prompt_logprobs: list[TokenLogprob] | None = None  # from the first chunk, if asked
 
     @contextlib.contextmanager
     def _ending_on_error(self) -> Iterator[None]:
@@ -55,6 +56,8 @@ class _StreamState:
             self.completion_tokens += len(reply.token_ids)
             self.prompt_tokens, self.cached_tokens = reply.prompt_tokens, reply.cached_tokens
             self._logprobs.extend(reply.logprobs or ())
+            if reply.prompt_logprobs is not None:
+                self.prompt_logprobs = reply.prompt_logprobs
             return reply.text or None
         self._done = True
         if isinstance(reply, GenerateResult):

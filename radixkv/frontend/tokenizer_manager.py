@@ -14,6 +14,7 @@ from radixkv.frontend.detokenizer import IncrementalDetokenizer, StopStrings
 from radixkv.frontend.validation import (
     BadRequest,
     check_fits_context,
+    check_logprob_start,
     check_messages,
     check_prompt_kind,
     check_sampling,
@@ -57,6 +58,7 @@ class ReqState:
     queue_time: float = 0.0
     stopped: bool = False  # a stop string matched; the scheduler was told to abort
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asked
+    prompt_logprobs: list[TokenLogprob] | None = None  # with logprob_start_len >= 0
 
 
 @dataclass(slots=True)
@@ -97,6 +99,7 @@ class TokenizerManager:
         else:
             ids = list(req.input_ids or [])
             check_token_ids(ids, self.vocab_size)
+        check_logprob_start(req.sampling, len(ids))
         check_fits_context(len(ids), req.sampling.max_new_tokens, self.max_context_len)
         return ids
 
@@ -172,6 +175,9 @@ class TokenizerManager:
         logprobs = self._with_texts(out.logprobs) if out.logprobs else None
         if logprobs:
             state.logprobs.extend(logprobs)
+        prompt_logprobs = None
+        if out.prompt_logprobs is not None:
+            prompt_logprobs = state.prompt_logprobs = self._with_texts(out.prompt_logprobs)
         delta = state.detok.push(out.token_ids)
         if out.finish_reason is not None:
             delta += state.detok.flush()
@@ -188,6 +194,7 @@ class TokenizerManager:
                         prompt_tokens=out.prompt_tokens,
                         cached_tokens=out.cached_tokens,
                         logprobs=logprobs,
+                        prompt_logprobs=prompt_logprobs,
                     )
                 )
                 state.sent = max(state.sent, safe)
@@ -244,4 +251,5 @@ class TokenizerManager:
             finish_reason=finish_reason,
             meta=meta,
             logprobs=list(state.logprobs) if state.logprobs else None,
+            prompt_logprobs=state.prompt_logprobs,
         )

@@ -116,6 +116,12 @@ def check_sampling(sp: SamplingParams, vocab_size: int) -> None:
         )
     if sp.top_logprobs and not sp.logprobs:
         raise BadRequest("top_logprobs needs logprobs", "top_logprobs")
+    if sp.logprob_start_len < -1 or (sp.logprob_start_len >= 0 and not sp.logprobs):
+        raise BadRequest(
+            "logprob_start_len is -1 (no prompt log probabilities) or a prompt position, and "
+            f"needs logprobs; got {sp.logprob_start_len}",
+            "logprob_start_len",
+        )
     check_grammar(sp)
 
 
@@ -172,6 +178,15 @@ def check_penalties(sp: SamplingParams, vocab_size: int) -> None:
     bad = [b for b in sp.logit_bias.values() if not -100 <= b <= 100]
     if bad:
         raise BadRequest(f"logit_bias values must be in [-100, 100], got {bad[0]}", "logit_bias")
+
+
+def check_logprob_start(sp: SamplingParams, prompt_tokens: int) -> None:
+    if sp.logprob_start_len >= prompt_tokens:
+        raise BadRequest(
+            f"logprob_start_len {sp.logprob_start_len} is not a position of the {prompt_tokens}-"
+            "token prompt",
+            "logprob_start_len",
+        )
 
 
 def check_fits_context(prompt_tokens: int, max_new_tokens: int, max_context_len: int) -> None:

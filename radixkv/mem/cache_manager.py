@@ -58,15 +58,18 @@ class KVCacheManager:
 
     # ---- a request's life ---------------------------------------------------------------------
 
-    def admit(self, tokens: Sequence[int] | torch.Tensor) -> SeqSlots | None:
-        """Match the cached prefix of `tokens`, lock it and point a fresh row at it.
+    def admit(
+        self, tokens: Sequence[int] | torch.Tensor, max_match: int | None = None
+    ) -> SeqSlots | None:
+        """Match the cached prefix of `tokens` (at most `max_match` of them), lock it and point a
+        fresh row at it.
 
         Returns None when no request row is free. Allocates no slot for the uncached suffix: call
         `alloc_extend` for that (possibly in chunks).
         """
         if self.req_pool.available_size() == 0:
             return None
-        indices, node = self.tree.match_prefix(tokens)
+        indices, node = self.tree.match_prefix(tokens if max_match is None else tokens[:max_match])
         self.tree.lock(node)
         row = self.req_pool.alloc()
         self.req_pool.write(row, 0, indices)

@@ -40,6 +40,9 @@ class ForwardBatch:
     max_extend_len: int
     max_seq_len: int
     extend_lens_list: list[int]
+    # packed token indices whose hidden states a `ModelRunner.forward_hidden` returns (prompt
+    # log probabilities need every position's); None: each request's last token
+    output_rows: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

@@ -129,16 +129,26 @@ class LlamaForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
 
-    def forward(self, batch: ForwardBatch, backend: AttentionBackend) -> torch.Tensor:
+    def forward(
+        self, batch: ForwardBatch, backend: AttentionBackend, hidden: bool = False
+    ) -> torch.Tensor:
+        """float32 logits of each request's last token; with `hidden`, the final (normed)
+        hidden states of `batch.output_rows` instead (`logits` turns rows of them into logits)."""
         if self.rotary is None:
             raise RuntimeError("weights are not loaded: call load_hf_state_dict first")
         cos, sin = self.rotary.lookup(batch.positions)
         x = self.embed_tokens(batch.input_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, batch, backend)
-        if batch.num_tokens != batch.batch_size:
+        if hidden and batch.output_rows is not None:
+            x = x[batch.output_rows]
+        elif batch.num_tokens != batch.batch_size:
             x = x[batch.last_token_index]
         x = self.norm(x)
+        return x if hidden else self.logits(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits of final hidden states `[n, hidden]`."""
         if self.packed_head is not None:
             return self.packed_head(x).float()
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -152,6 +152,33 @@ class ModelRunner:
         return self.model(batch, self.backend)
 
     @torch.inference_mode()
+    def forward_hidden(self, batch: ForwardBatch) -> torch.Tensor:
+        """The final hidden states of `batch.output_rows` (K/V written to the pool, as
+        `forward`); `logits` and `token_logprobs` turn rows of them into what is needed."""
+        self.backend.init_forward(batch)
+        return self.model(batch, self.backend, hidden=True)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.logits(hidden)
+
+    @torch.inference_mode()
+    def token_logprobs(
+        self, hidden: torch.Tensor, targets: Sequence[int], top: int, rows_per_slice: int = 256
+    ) -> list[TokenLogprob]:
+        """Log probability of `targets[i]` after the position of `hidden[i]` (prompt log
+        probabilities: the target is the next prompt token), with the `top` most likely; logits
+        are made `rows_per_slice` rows at a time (a 2048-token prompt's would be 400 MB)."""
+        out: list[TokenLogprob] = []
+        params = [SamplingParams(logprobs=True, top_logprobs=top)]
+        for start in range(0, hidden.shape[0], rows_per_slice):
+            part = hidden[start : start + rows_per_slice]
+            ids = torch.tensor(targets[start : start + part.shape[0]], device=part.device)
+            lps = self.logprobs(self.model.logits(part), ids, params * part.shape[0])
+            out.extend(lp for lp in lps if lp is not None)
+        return out
+
+    @torch.inference_mode()
     def sample(
         self,
         logits: torch.Tensor,
