@@ -201,8 +201,8 @@ class TokenChunk(msgspec.Struct, tag="chunk", kw_only=True):
     prompt_tokens: int = 0
     cached_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None  # of token_ids, when the request asked
-    # in the first chunk, with logprob_start_len >= 0: the prompt's tokens' from
-    # max(logprob_start_len, 1) on
+    # in the first chunk, with logprob_start_len >= 0: the prompt's tokens' from that position on
+    # (the first token's logprob is NaN: nothing precedes it)
     prompt_logprobs: list[TokenLogprob] | None = None
 
 

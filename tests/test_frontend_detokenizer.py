@@ -50,7 +50,7 @@ def tm(tokenizer):
 def run_stream(tm, ids, chunks, stop=(), stream=True):
     """Feed `ids` to a request in pieces of the given sizes; return its replies."""
     req = GenerateRequest(rid="x", text="p", stream=stream, sampling=SamplingParams(stop=stop))
-    state = tm.new_state(req, b"id", prompt_tokens=1, arrival=0.0)
+    state = tm.new_state(req, b"id", ids=[5], arrival=0.0)
     replies, pos = [], 0
     for n in chunks:
         piece, pos = ids[pos : pos + n], pos + n

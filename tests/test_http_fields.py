@@ -46,7 +46,7 @@ SHARED = {  # both endpoints: a value other than the default, and what happens t
 COMPLETIONS = {
     **SHARED,
     "best_of": (2, OK),
-    "echo": (True, REFUSED),
+    "echo": (True, OK),
     "logprobs": (0, OK),
     "suffix": ("end", REFUSED),
 }

@@ -5,6 +5,7 @@ multi-turn conversation, and a /metrics scrape that agrees with the per-request 
 from __future__ import annotations
 
 import json
+import math
 
 import httpx2 as httpx
 import openai
@@ -197,6 +198,44 @@ def test_logprobs_in_openai_and_sglang_shapes(rt, oai):
     assert rt.client.generate("Hello", max_new_tokens=3, logprobs=True).logprobs[0].logprob == (
         pytest.approx(out[0][0], abs=1e-6)
     )
+
+
+def test_echo_and_prompt_logprobs(rt, oai):
+    """echo repeats the prompt (text or ids) before the completion; with logprobs the prompt's
+    tokens come first, the first one null (nothing precedes it), the rest equal to the native
+    API's input_token_logprobs; scored again, the prompt is recomputed, not cached."""
+    ids = rt.client.tokenize("The capital of France is")
+    r = oai.completions.create(model="smollm2-135m", prompt="The capital of France is",
+                               max_tokens=3, temperature=0, echo=True)  # fmt: skip
+    assert r.choices[0].text.startswith("The capital of France is")
+    r = oai.completions.create(model="smollm2-135m", prompt=ids, max_tokens=3, temperature=0,
+                               echo=True, logprobs=2)  # fmt: skip
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == "".join(lp.tokens)
+    assert len(lp.tokens) == len(ids) + 3 and r.usage.prompt_tokens_details.cached_tokens == 0
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and len(lp.top_logprobs[1]) <= 2
+    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 1}, "return_logprob": True,
+            "logprob_start_len": 2, "top_logprobs_num": 2}  # fmt: skip
+    meta = httpx.post(f"{rt.http_url}/generate", json=body,
+                      headers={"Authorization": "Bearer k"}).json()["meta_info"]  # fmt: skip
+    native = meta["input_token_logprobs"]
+    assert [t[1] for t in native] == ids[2:] and meta["cached_tokens"] <= 1
+    assert [t[0] for t in native] == pytest.approx(lp.token_logprobs[2 : len(ids)], abs=1e-5)
+    assert [len(top) for top in meta["input_top_logprobs"]] == [2] * (len(ids) - 2)
+    res = rt.client.generate_ids(ids, max_new_tokens=1, logprobs=True, logprob_start_len=0)
+    assert [p.token_id for p in res.prompt_logprobs] == ids
+    assert math.isnan(res.prompt_logprobs[0].logprob)
+    assert [p.logprob for p in res.prompt_logprobs[1:]] == pytest.approx(
+        lp.token_logprobs[1 : len(ids)], abs=1e-5
+    )
+    stream = rt.client.stream(ids, max_new_tokens=2, logprobs=True, logprob_start_len=1)
+    next(stream)
+    assert [p.token_id for p in stream.prompt_logprobs] == ids[1:]
+    stream.close()
+    body["logprob_start_len"] = len(ids)
+    r2 = httpx.post(f"{rt.http_url}/generate", json=body, headers={"Authorization": "Bearer k"})
+    assert r2.status_code == 400 and r2.json()["error"]["param"] == "logprob_start_len"
 
 
 def test_structured_output_parses_with_the_openai_client(oai):

@@ -23,7 +23,8 @@ class Result:
     queue_time: float = 0.0  # seconds it waited in the scheduler for its first admission
     # per token of token_ids, with `logprobs=True` (TokenLogprob: logprob, top_ids, texts, ...)
     logprobs: list[TokenLogprob] | None = None
-    # with `logprob_start_len=k` (and logprobs): the prompt's tokens' from position max(k, 1) on
+    # with `logprob_start_len=k` (and logprobs): the prompt's tokens' from position k on (the
+    # first token's logprob is NaN: nothing precedes it)
     prompt_logprobs: list[TokenLogprob] | None = None
 
     @classmethod

@@ -425,7 +425,7 @@ class RuntimeServer:
     def _admit(self, identity: bytes, msg: GenerateRequest, ids: list[int], arrival: float) -> None:
         assert self.tm is not None
         rid = str(next(self.rids))
-        self.requests[rid] = self.tm.new_state(msg, identity, len(ids), arrival)
+        self.requests[rid] = self.tm.new_state(msg, identity, ids, arrival)
         self.by_client[(identity, msg.rid)] = rid
         salt = msg.cache_salt
         if self.args.isolate_cache_per_key and msg.api_key != self.gateway_key:

@@ -4,6 +4,7 @@ scheduler outputs out (token ids → text chunks and final results, with stop st
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,10 +146,10 @@ class TokenizerManager:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def new_state(
-        self, req: GenerateRequest, identity: bytes, prompt_tokens: int, arrival: float
+        self, req: GenerateRequest, identity: bytes, ids: list[int], arrival: float
     ) -> ReqState:
-        return ReqState(
-            prompt_tokens=prompt_tokens,
+        state = ReqState(
+            prompt_tokens=len(ids),
             rid=req.rid,
             identity=identity,
             stream=req.stream,
@@ -156,6 +157,12 @@ class TokenizerManager:
             detok=IncrementalDetokenizer(self.tokenizer),
             stops=StopStrings(req.sampling.stop),
         )
+        if req.sampling.logprob_start_len >= 0:
+            state.prompt_logprobs = []
+        if req.sampling.logprob_start_len == 0:  # the first token: no context, no probability
+            text = self._text_of(ids[0])
+            state.prompt_logprobs = [TokenLogprob(ids[0], math.nan, [], [], text, [])]
+        return state
 
     # ---- outputs out --------------------------------------------------------------------------
 
@@ -163,6 +170,7 @@ class TokenizerManager:
         """Fold one step's tokens into the request; returns chunks and, at the end, the result."""
         now = time.perf_counter()
         gap = None
+        first = state.first_token_at is None and bool(out.token_ids)
         if out.token_ids:
             if state.first_token_at is None:
                 state.first_token_at = now
@@ -176,8 +184,9 @@ class TokenizerManager:
         if logprobs:
             state.logprobs.extend(logprobs)
         prompt_logprobs = None
-        if out.prompt_logprobs is not None:
-            prompt_logprobs = state.prompt_logprobs = self._with_texts(out.prompt_logprobs)
+        if state.prompt_logprobs is not None and first:  # they come with the first token
+            state.prompt_logprobs += self._with_texts(out.prompt_logprobs or [])
+            prompt_logprobs = state.prompt_logprobs
         delta = state.detok.push(out.token_ids)
         if out.finish_reason is not None:
             delta += state.detok.flush()

@@ -59,7 +59,7 @@ def native_result(rid: str, r: Result, with_text: bool = False) -> dict[str, Any
     meta = meta_info(rid, r.prompt_tokens, r.cached_tokens, r.completion_tokens)
     meta.update(finish_reason=finish_reason(r), ttft=r.ttft, e2e_latency=r.latency)
     if r.logprobs is not None:
-        meta.update(native_logprobs(r.logprobs, with_text))
+        meta.update(native_logprobs(r.logprobs, with_text, r.prompt_logprobs))
     return {"text": r.text, "output_ids": r.token_ids, "meta_info": meta}
 
 

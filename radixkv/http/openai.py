@@ -62,6 +62,14 @@ def usage(groups: list[list[Result]]) -> dict[str, Any]:
     }
 
 
+async def echo_text(gw: Gateway, prompt: str | list[int]) -> str:
+    """The prompt as `echo` repeats it: itself, or the text of its token ids."""
+    if isinstance(prompt, str):
+        return prompt
+    text: str = await gw.client.detokenize(prompt)
+    return text
+
+
 def check(gw: Gateway, req: CompletionRequest | ChatCompletionRequest) -> None:
     gw.check_model(req.model)
     req.check_supported()
@@ -142,7 +150,17 @@ def openai_router(gw: Gateway) -> APIRouter:
         # best_of: the n candidates of highest total log probability, best first
         best = [sorted(g, key=total_logprob, reverse=True)[:n] if k > n else g for g in groups]
         results = [r for group in best for r in group]  # choice index: prompt * n + copy
-        choices = [choice(i, r.text, r.finish_reason, r.logprobs, 0) for i, r in enumerate(results)]
+        if req.echo:  # each choice begins with its prompt (and its logprobs with the prompt's)
+            texts = [await echo_text(gw, p) for p in prompts for _ in range(n)]
+            choices = [
+                choice(i, texts[i] + r.text, r.finish_reason,
+                       [*(r.prompt_logprobs or []), *(r.logprobs or [])], 0)
+                for i, r in enumerate(results)
+            ]  # fmt: skip
+        else:
+            choices = [
+                choice(i, r.text, r.finish_reason, r.logprobs, 0) for i, r in enumerate(results)
+            ]
         body = {**head, "choices": choices, "usage": usage(groups), "sglext": sglext(results)}
         return json_response(body)
 

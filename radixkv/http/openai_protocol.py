@@ -118,6 +118,7 @@ class _Sampling(_Body, kw_only=True):
             logit_bias=dict(self.logit_bias or {}),
             logprobs=self.wants_logprobs,
             top_logprobs=self.top_logprobs_num,
+            logprob_start_len=self.logprob_start_len,
             regex=self.regex,
             ebnf=self.ebnf,
         )
@@ -129,6 +130,10 @@ class _Sampling(_Body, kw_only=True):
     @property
     def top_logprobs_num(self) -> int:
         return 0
+
+    @property
+    def logprob_start_len(self) -> int:
+        return -1  # no prompt log probabilities
 
     @property
     def include_usage(self) -> bool:
@@ -145,7 +150,7 @@ class CompletionRequest(_Sampling, kw_only=True):
     suffix: str | None = None
 
     LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
-        **_Sampling.LIMITS, "echo": (False,), "suffix": ("",),
+        **_Sampling.LIMITS, "suffix": ("",),
     }  # fmt: skip
 
     @property
@@ -156,7 +161,14 @@ class CompletionRequest(_Sampling, kw_only=True):
     def top_logprobs_num(self) -> int:
         return self.logprobs or 0
 
+    @property
+    def logprob_start_len(self) -> int:
+        """`echo` with `logprobs`: the prompt's log probabilities too, from its first token."""
+        return 0 if self.echo and self.logprobs is not None else -1
+
     def unsupported(self) -> tuple[str, str] | None:
+        if self.echo and self.stream:
+            return "echo", "echo is not streamed here; send it without stream"
         if self.stream and len(self.prompts()) > 1:
             return "prompt", "streaming takes one prompt; send a batch without stream"
         if self.best_of is not None and self.best_of < (self.n or 1):
@@ -392,13 +404,15 @@ class GenerateBody(_Body, kw_only=True):
     cache_salt: str | None = None  # as on /v1: shares cached KV only with the same salt
 
     LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "logprob_start_len": (-1,), "lora_path": (), "image_data": (), "rid": (),
+        "lora_path": (), "image_data": (), "rid": (),
         "return_routed_experts": (False,),
     }  # fmt: skip
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.top_logprobs_num and not self.return_logprob:
             return "top_logprobs_num", "top_logprobs_num needs return_logprob"
+        if self.logprob_start_len not in (None, -1) and not self.return_logprob:
+            return "logprob_start_len", "logprob_start_len needs return_logprob"
         return super().unsupported()
 
     @property
@@ -407,7 +421,10 @@ class GenerateBody(_Body, kw_only=True):
         if not self.return_logprob:
             return self.sampling_params
         top = self.top_logprobs_num or 0
-        return msgspec.structs.replace(self.sampling_params, logprobs=True, top_logprobs=top)
+        start = -1 if self.logprob_start_len is None else self.logprob_start_len
+        return msgspec.structs.replace(
+            self.sampling_params, logprobs=True, top_logprobs=top, logprob_start_len=start
+        )
 
 
 class TokenizeBody(_Body, kw_only=True):
