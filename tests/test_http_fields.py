@@ -90,7 +90,7 @@ MESSAGE = {
 GENERATE = {
     "stream": (True, OK),
     "return_logprob": (True, OK),
-    "logprob_start_len": (0, REFUSED),
+    "logprob_start_len": (0, REFUSED),  # without return_logprob (with it: test_http_openai)
     "top_logprobs_num": (2, REFUSED),
     "rid": ("abc", REFUSED),
     "lora_path": ("x", REFUSED),

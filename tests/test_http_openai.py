@@ -297,6 +297,25 @@ def test_forced_tool_calls(oai):
     assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
     with pytest.raises(openai.BadRequestError, match="auto"):
         chat(oai, ask, tools=[WEATHER])
+    # streamed: OpenAI's tool_calls deltas, put back together, are the same calls
+    for choice_kw, want in (
+        ({"type": "function", "function": {"name": "get_weather"}}, call),
+        ("required", call2),
+    ):
+        name, arguments, ids, finish = "", "", set(), None
+        for c in chat(oai, ask, tools=[WEATHER, TIME], tool_choice=choice_kw, stream=True,
+                      max_tokens=50 if choice_kw == "required" else 40):  # fmt: skip
+            delta = c.choices[0].delta
+            for tc in delta.tool_calls or []:
+                assert tc.index == 0
+                if tc.id:
+                    ids.add(tc.id)
+                name += tc.function.name or ""
+                arguments += tc.function.arguments or ""
+            finish = c.choices[0].finish_reason or finish
+        assert finish == "tool_calls" and len(ids) == 1
+        assert (name, json.loads(arguments)) == (want.function.name,
+                                                 json.loads(want.function.arguments))  # fmt: skip
 
 
 def test_best_of_returns_the_most_likely_candidates(oai):

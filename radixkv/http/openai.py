@@ -29,7 +29,7 @@ from radixkv.http.openai_protocol import (
     chat_messages,
 )
 from radixkv.http.responses import closed, event_stream, json_response, sse
-from radixkv.http.tools import ToolPlan, tool_calls, with_tools_message
+from radixkv.http.tools import ToolPlan, ToolStream, tool_calls, with_tools_message
 from radixkv.protocol import SamplingParams, TokenLogprob
 
 
@@ -176,7 +176,7 @@ def openai_router(gw: Gateway) -> APIRouter:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": gw.config.model}  # fmt: skip
         if req.stream:
-            return await stream_chat(gw, request, req, messages, sp, head)
+            return await stream_chat(gw, request, req, messages, sp, head, plan)
         try:
             results = await gw.call(
                 request,
@@ -221,14 +221,17 @@ async def stream_chat(
     messages: list[Message],
     sp: SamplingParams,
     head: dict[str, Any],
+    plan: ToolPlan | None = None,
 ) -> Response:
     """A chat completion as SSE: per choice the role first, then content deltas, then the finish
-    reason; with n > 1 the choices' chunks interleave (each names its index)."""
+    reason; with n > 1 the choices' chunks interleave (each names its index). A forced tool call
+    streams as OpenAI's `tool_calls` deltas (`ToolStream`)."""
     n, started, ended = req.n or 1, set(), []
+    tools = {i: ToolStream(plan) for i in range(n)} if plan is not None else None
 
     def chunk(
         i: int,
-        delta: dict[str, str],
+        delta: dict[str, Any],
         finish: str | None,
         lps: list[TokenLogprob],
         end: Result | None = None,
@@ -243,9 +246,15 @@ async def stream_chat(
         events = [] if i in started else [chunk(i, {"role": "assistant", "content": ""}, None, [])]
         started.add(i)
         if isinstance(item, str):
-            return [*events, chunk(i, {"content": item}, None, lps)]
+            delta = {"content": item} if tools is None else tools[i].delta(item)
+            return [*events, chunk(i, delta, None, lps)] if delta else events
         ended.append(item)
-        events.append(chunk(i, {}, item.finish_reason, lps, item))
+        finish: str = item.finish_reason
+        if tools is not None:
+            last, finish = tools[i].end(item)
+            if last:
+                events.append(chunk(i, last, None, []))
+        events.append(chunk(i, {}, finish, lps, item))
         if req.include_usage and len(ended) == n:
             events.append(usage_chunk(head, ended))
         return events

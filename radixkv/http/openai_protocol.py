@@ -329,8 +329,6 @@ class ChatCompletionRequest(_Sampling, kw_only=True):
             return "tool_choice", f"tool_choice names {choice.function.name!r}, not in tools"
         if isinstance(choice, str) and choice not in ("none", "required"):
             return "tool_choice", f"unknown tool_choice {choice!r}"
-        if choice != "none" and self.stream:
-            return "stream", "tool calls are not streamed yet; send them without stream"
         if choice != "none" and self.response_format is not None:
             return "response_format", "give either forced tool calls or a response_format"
         return None

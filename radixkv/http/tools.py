@@ -79,6 +79,43 @@ def tool_calls(plan: ToolPlan, text: str) -> list[dict[str, Any]] | None:
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": call}]
 
 
+class ToolStream:
+    """One choice's forced tool call as OpenAI streams it: `delta.tool_calls` entries (index 0;
+    the first with the id, type and name). A named function's output is its arguments, streamed
+    as they come; under "required" the output names the function first, so the call is sent
+    whole at the end. If the output is not a complete call (max_tokens ran out), the finish
+    reason is the request's own, as OpenAI's is."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan = plan
+        self.text = ""
+        self.id = f"call_{uuid.uuid4().hex[:24]}"
+
+    def delta(self, piece: str) -> dict[str, Any] | None:
+        """The delta for a piece of output text (None: nothing to send yet)."""
+        first = not self.text
+        self.text += piece
+        if self.plan.named is None:
+            return None
+        if first:
+            function = {"name": self.plan.named, "arguments": piece}
+            return {"tool_calls": [{"index": 0, "id": self.id, "type": "function",
+                                    "function": function}]}  # fmt: skip
+        return {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+
+    def end(self, result: Any) -> tuple[dict[str, Any] | None, str]:
+        """The last delta (if any) and the finish reason, given the final Result."""
+        calls = tool_calls(self.plan, self.text)
+        if calls is None:
+            if self.plan.named is None and self.text:  # not a call: what was written, as text
+                return {"content": self.text}, result.finish_reason
+            return None, result.finish_reason
+        if self.plan.named is not None:
+            return None, "tool_calls"
+        calls[0]["id"] = self.id
+        return {"tool_calls": [{"index": 0, **calls[0]}]}, "tool_calls"
+
+
 def call_text(call: dict[str, Any]) -> str:
     """An assistant's earlier tool call, as the text the model was made to write for it."""
     function = call.get("function") or {}
