@@ -1,7 +1,10 @@
 """Structured output: token masks from a grammar engine (xgrammar), for the requests that ask.
 
-A request with `json_schema`, `regex` or `ebnf` gets a matcher when it is queued (compilations are
-cached by grammar text, so a schema many requests share compiles once). Each step, the rows of
+A request with `json_schema`, `regex` or `ebnf` gets a matcher before it is admitted.
+Compilations are cached by grammar text, so a schema many requests share compiles once; one not
+compiled yet is compiled on a worker thread (xgrammar releases the GIL), and so is the compiler
+itself (~1 s: the tokenizer's vocabulary), so the scheduler goes on serving everyone else
+meanwhile. Each step, the rows of
 constrained requests get their allowed-token mask applied to a copy of their logits (the other
 requests' logits are untouched, and log probabilities stay the model's); after sampling, the
 matcher accepts the token, and a request whose grammar is complete stops.
@@ -9,8 +12,10 @@ matcher accepts the token, and a request whose grammar is complete stops.
 
 from __future__ import annotations
 
-import functools
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -35,20 +40,48 @@ class GrammarBackend:
     def __init__(self, model: str, vocab_size: int) -> None:
         self.model = model
         self.vocab_size = vocab_size
-        self._compiler: Any = None
+        self._compiler: Any = None  # made (and used) on the worker thread only
+        self._compiled: OrderedDict[tuple[str, str], Any] = OrderedDict()  # LRU, CACHE_SIZE
+        self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="radixkv-grammar")
 
     def matcher(self, params: SamplingParams) -> Any:
-        """A fresh matcher for the request's grammar; raises GrammarError."""
+        """A fresh matcher for the request's grammar, compiled now if need be (blocking);
+        raises GrammarError."""
+        return self.matcher_async(params).result()
+
+    def ready_matcher(self, params: SamplingParams) -> Any | None:
+        """A fresh matcher if the grammar is compiled already, else None (no waiting)."""
         import xgrammar as xgr
 
-        kind, text = params.grammar or ("", "")
-        try:
-            compiled = self._compile(kind, text)
-        except Exception as exc:  # a client's grammar must never stop the scheduler
-            raise GrammarError(f"the {kind} does not compile: {exc}", kind) from None
+        with self._lock:
+            compiled = self._compiled.get(params.grammar or ("", ""))
+        return None if compiled is None else xgr.GrammarMatcher(compiled)
+
+    def matcher_async(self, params: SamplingParams) -> Future[Any]:
+        """A matcher, compiled on the worker thread; the future raises GrammarError."""
+        return self._worker.submit(self._make_matcher, *(params.grammar or ("", "")))
+
+    def _make_matcher(self, kind: str, text: str) -> Any:
+        import xgrammar as xgr
+
+        with self._lock:
+            compiled = self._compiled.get((kind, text))
+        if compiled is None:
+            try:
+                compiled = self._compile(kind, text)
+            except Exception as exc:  # a client's grammar must never stop the scheduler
+                raise GrammarError(
+                    f"the {kind} does not compile: {str(exc).strip()}", kind
+                ) from None
+            with self._lock:
+                self._compiled[(kind, text)] = compiled
+                while len(self._compiled) > CACHE_SIZE:
+                    self._compiled.popitem(last=False)
+        with self._lock:
+            self._compiled.move_to_end((kind, text))
         return xgr.GrammarMatcher(compiled)
 
-    @functools.lru_cache(maxsize=CACHE_SIZE)  # noqa: B019 - one backend per scheduler
     def _compile(self, kind: str, text: str) -> Any:
         compiler = self._get_compiler()
         if kind == "json_schema":

@@ -79,12 +79,15 @@ class SchedulerLoop:
         last_parent_check = time.monotonic()
         while self.running:
             idle = not self.scheduler.has_work()
-            self._drain(block_ms=200 if idle else 0)
+            # only a grammar compiling on its thread: look again soon, without spinning
+            self._drain(block_ms=200 if idle else 2 if self.scheduler.only_compiling() else 0)
             if not self.running:
                 break
             outputs = self.scheduler.step()
             if outputs:
                 self.send.send(self.encoder.encode(BatchOutput(outputs)))
+            for error in self.scheduler.take_rejected():
+                self.send.send(self.encoder.encode(error))
             if time.monotonic() - last_parent_check > 1.0:
                 last_parent_check = time.monotonic()
                 if os.getppid() != self.parent:

@@ -10,6 +10,8 @@ import itertools
 import logging
 import math
 import time
+from concurrent.futures import Future
+from typing import Any
 
 import torch
 
@@ -18,7 +20,7 @@ from radixkv.mem import KVCacheManager
 from radixkv.model.forward_batch import ForwardBatch
 from radixkv.model.model_runner import ModelRunner
 from radixkv.model.stop_checker import FinishReason, StopChecker
-from radixkv.protocol import ReqOutput, SamplingParams, Stats, TokenLogprob
+from radixkv.protocol import ReqError, ReqOutput, SamplingParams, Stats, TokenLogprob
 from radixkv.scheduler.grammar import GrammarBackend, GrammarError
 from radixkv.scheduler.policy import SchedulePolicy
 from radixkv.scheduler.req import Req
@@ -58,6 +60,8 @@ class Scheduler:
         self.waiting: list[Req] = []
         self.running: list[Req] = []  # decoding
         self.chunked: Req | None = None  # part-way through a chunked prefill
+        self.compiling: list[tuple[Req, Future[Any]]] = []  # waiting for their grammar
+        self.rejected: list[ReqError] = []  # refused after add_request (take_rejected)
         self.new_token_ratio = args.new_token_ratio
         self.stats = Stats(kv_capacity=mgr.token_pool.capacity)
         self._order = itertools.count()
@@ -80,7 +84,7 @@ class Scheduler:
         if any(self.find(rid)):
             raise RequestRejected(f"request id {rid!r} is already in use")
         limit = self.args.max_queued_requests
-        if limit is not None and len(self.waiting) >= limit:
+        if limit is not None and len(self.waiting) + len(self.compiling) >= limit:
             raise RequestRejected(
                 f"{len(self.waiting)} requests are waiting, the limit (--max-queued-requests) is "
                 f"{limit}; retry later",
@@ -94,17 +98,43 @@ class Scheduler:
                 "lower max_new_tokens"
             )
         req = Req(rid, list(input_ids), params, self.runner.device, cache_salt)
-        if params.grammar is not None:
-            try:
-                req.matcher = self.grammar.matcher(params)
-            except GrammarError as exc:
-                raise RequestRejected(str(exc), param=exc.param) from None
         req.wait_order = next(self._order)
+        if params.grammar is not None:
+            req.matcher = self.grammar.ready_matcher(params)
+            if req.matcher is None:  # compiled meanwhile; queued (or refused) by _take_compiled
+                self.compiling.append((req, self.grammar.matcher_async(params)))
+                return
         self.waiting.append(req)
         self.stats.requests += 1
 
+    def _take_compiled(self) -> None:
+        """Queue the requests whose grammar is compiled; refuse those whose grammar failed."""
+        pending = []
+        for req, future in self.compiling:
+            if not future.done():
+                pending.append((req, future))
+                continue
+            try:
+                req.matcher = future.result()
+            except GrammarError as exc:
+                self.rejected.append(ReqError(rid=req.rid, message=str(exc), param=exc.param))
+                continue
+            self.waiting.append(req)
+            self.stats.requests += 1
+        self.compiling = pending
+
+    def take_rejected(self) -> list[ReqError]:
+        """Requests refused after add_request returned (a grammar that did not compile)."""
+        rejected, self.rejected = self.rejected, []
+        return rejected
+
+    def only_compiling(self) -> bool:
+        """Nothing to run until a grammar compiles (the loop may sleep briefly)."""
+        return bool(self.compiling) and not (self.waiting or self.running or self.chunked)
+
     def find(self, rid: str) -> list[Req]:
-        pool = [*self.waiting, *self.running, *([self.chunked] if self.chunked else [])]
+        pool = [*self.waiting, *self.running, *([self.chunked] if self.chunked else []),
+                *(req for req, _ in self.compiling)]  # fmt: skip
         return [r for r in pool if r.rid == rid]
 
     def abort(self, rid: str) -> list[ReqOutput]:
@@ -113,6 +143,7 @@ class Scheduler:
         for req in self.find(rid):
             if req in self.waiting:
                 self.waiting.remove(req)
+            self.compiling = [(r, f) for r, f in self.compiling if r is not req]
             if req in self.running:
                 self.running.remove(req)
             if req is self.chunked:
@@ -126,6 +157,7 @@ class Scheduler:
     def flush_cache(self) -> tuple[bool, str]:
         if self.has_work():
             n = len(self.waiting) + len(self.running) + (self.chunked is not None)
+            n += len(self.compiling)
             return False, f"cannot flush the cache with {n} requests in flight"
         self.mgr.reset()
         return True, ""
@@ -141,12 +173,14 @@ class Scheduler:
         return s
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked)
+        return bool(self.waiting or self.running or self.chunked or self.compiling)
 
     # ---- one iteration ------------------------------------------------------------------------
 
     def step(self) -> list[ReqOutput]:
         """Run one batch: a prefill (extend) batch if anything can be admitted, else a decode."""
+        if self.compiling:
+            self._take_compiled()
         admitted = self._admit()
         if admitted:
             return self._run_extend(admitted)

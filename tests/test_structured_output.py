@@ -13,7 +13,7 @@ from radixkv.config import ServerArgs
 from radixkv.model.loader import load_model
 from radixkv.protocol import SamplingParams
 from radixkv.scheduler.process import build_scheduler
-from radixkv.scheduler.scheduler import RequestRejected, Scheduler
+from radixkv.scheduler.scheduler import Scheduler
 from radixkv.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -90,8 +90,17 @@ def test_outputs_follow_their_grammars_beside_free_requests(model, tokenizer):
 
 
 def test_a_grammar_that_does_not_compile_is_refused(model):
+    """Grammars compile on a worker thread: the request is refused once it has failed (naming
+    its field), the scheduler serving the others meanwhile; one still compiling can be aborted."""
     s = build_scheduler(ServerArgs(dtype="float32", max_total_tokens=4096), model)
-    with pytest.raises(RequestRejected, match="does not compile") as err:
-        s.add_request("bad", [1, 2, 3], SamplingParams(ebnf="root ::= ("))
-    assert err.value.param == "ebnf"
-    assert not s.has_work()
+    s.add_request("bad", [1, 2, 3], SamplingParams(ebnf="root ::= ("))
+    s.add_request("free", [1, 2, 3], SamplingParams(max_new_tokens=2))
+    rejected, finished = [], []
+    while s.has_work():
+        finished += [o.rid for o in s.step() if o.finish_reason]
+        rejected += s.take_rejected()
+    (bad,) = rejected
+    assert bad.rid == "bad" and "does not compile" in bad.message and bad.param == "ebnf"
+    assert finished == ["free"] and s.get_stats().requests == 1
+    s.add_request("slow", [1, 2, 3], SamplingParams(regex="[a-z]{1,5}[0-9]{2}x"))
+    assert [o.finish_reason for o in s.abort("slow")] == ["abort"] and not s.has_work()
