@@ -72,6 +72,11 @@ class ServerArgs:
         choices=SCHEDULE_POLICIES,
     )  # fmt: skip
     disable_radix_cache: bool = option(False, "share no prefixes (an ablation)")
+    json_max_whitespace: int = option(
+        1, "structured JSON output: at most this many whitespace characters in a row between "
+        "its tokens (-1: any, SGLang's and vLLM's default; 0: compact); bounding it keeps small "
+        "models from padding until max_tokens",
+    )  # fmt: skip
     deterministic: bool = option(
         False, "batch-invariant inference: a request gets the same tokens whatever it is batched "
         "with, chunked, cached or retracted, in bf16 as in fp32 (CPU; docs/model.md has the cost)",

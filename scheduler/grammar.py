@@ -37,9 +37,16 @@ class GrammarBackend:
     """Compiles grammars with the model's tokenizer (loaded on the first constrained request)
     and masks logits. `model` is what `radixkv.tokenizer.load_tokenizer` takes."""
 
-    def __init__(self, model: str, vocab_size: int) -> None:
+    def __init__(self, model: str, vocab_size: int, json_max_whitespace: int = 1) -> None:
         self.model = model
         self.vocab_size = vocab_size
+        # Whitespace a JSON output may put between its tokens: -1 any, 0 none (compact), n at
+        # most n characters in a row. A small model given any whitespace often pads with spaces
+        # and newlines until max_tokens; given none, it may run a number's digits on instead of
+        # ending it. SmolLM2-135M, greedy (2026-12-01): 8 json_object chats of 96 tokens
+        # parsable 3/8 with any, 6/8 compact, 5/8 with 1; a {city, population} schema, 4 cities
+        # of 60 tokens: compact ran Rome's population to the limit, 1 finished 3 of 4.
+        self.json_max_whitespace = json_max_whitespace
         self._compiler: Any = None  # made (and used) on the worker thread only
         self._compiled: OrderedDict[tuple[str, str], Any] = OrderedDict()  # LRU, CACHE_SIZE
         self._lock = threading.Lock()
@@ -85,7 +92,10 @@ class GrammarBackend:
     def _compile(self, kind: str, text: str) -> Any:
         compiler = self._get_compiler()
         if kind == "json_schema":
-            return compiler.compile_json_schema(text)
+            n = self.json_max_whitespace
+            return compiler.compile_json_schema(
+                text, any_whitespace=n != 0, max_whitespace_cnt=None if n < 0 else n or None
+            )
         if kind == "regex":
             return compiler.compile_regex(text)
         return compiler.compile_grammar(text)

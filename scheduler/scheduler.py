@@ -48,7 +48,9 @@ class Scheduler:
         self.mgr = mgr
         self.page = mgr.page_size
         self.stop = StopChecker.for_model(runner.config.eos_token_ids)
-        self.grammar = GrammarBackend(args.model, runner.config.vocab_size)
+        self.grammar = GrammarBackend(
+            args.model, runner.config.vocab_size, args.json_max_whitespace
+        )
         self.policy = SchedulePolicy(
             args.effective_policy,
             mgr.tree,
