@@ -129,7 +129,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
           f"threads; {dtype}; matmul peak {peak / 1e9:.0f} GFLOP/s (2048^3)")  # fmt: skip
     rng = random.Random(0)
-    params = SamplingParams(max_new_tokens=1 << 20, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=args.steps + 4, ignore_eos=True)
     for i in range(args.requests):
         prompt = [rng.randrange(100, config.vocab_size) for _ in range(args.context)]
         sched.add_request(f"r{i}", prompt, params)
