@@ -92,7 +92,6 @@ def test_api_key_required_except_health(rt, http):
         ({"prompt": "hi", "max_tokens": 1.5}, "max_tokens"),
         ({"prompt": "hi", "seed": -1}, "seed"),
         ({"prompt": "hi", "n": 0}, "n"),
-        ({"prompt": "hi", "echo": True, "stream": True}, "echo"),
         ({"prompt": "hi", "stream": "yes"}, "stream"),
         ({"prompt": [1, "a"]}, "prompt"),
         ({"prompt": "hi", "max_tokens": 100_000}, "prompt"),  # prompt + max_tokens > context

@@ -223,6 +223,11 @@ def test_echo_and_prompt_logprobs(rt, oai):
     assert [t[1] for t in native] == ids[2:] and meta["cached_tokens"] <= 1
     assert [t[0] for t in native] == pytest.approx(lp.token_logprobs[2 : len(ids)], abs=1e-5)
     assert [len(top) for top in meta["input_top_logprobs"]] == [2] * (len(ids) - 2)
+    kw = {"max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 2, "stream": True}
+    pieces = list(oai.completions.create(model="smollm2-135m", prompt=ids, **kw))
+    assert "".join(c.choices[0].text for c in pieces) == r.choices[0].text
+    tokens = [t for c in pieces if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert tokens == lp.tokens
     res = rt.client.generate_ids(ids, max_new_tokens=1, logprobs=True, logprob_start_len=0)
     assert [p.token_id for p in res.prompt_logprobs] == ids
     assert math.isnan(res.prompt_logprobs[0].logprob)

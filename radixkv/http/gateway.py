@@ -252,13 +252,21 @@ class Gateway:
         self, prompt: Prompt, sp: SamplingParams, n: int, salt: str | None = None
     ) -> AsyncIterator[tuple[int, str | Result, list[TokenLogprob]]]:
         """`n` streamed copies of one prompt, merged: (copy index, text piece or final Result,
-        log probabilities of the tokens that came with it). Copy 0's first item comes first, so
-        the others, sent then, find its prompt cached (as in `complete_n`)."""
+        log probabilities of the tokens that came with it; with `logprob_start_len`, a copy's
+        first item's are preceded by its prompt's). Copy 0's first item comes first, so the
+        others, sent then, find its prompt cached (as in `complete_n`)."""
         streams = [await self.client.stream(prompt, params=copy_params(sp, 0), cache_salt=salt)]
+        prompt_given: set[int] = set()
+
+        def logprobs(i: int, stream: AsyncStream) -> list[TokenLogprob]:
+            if stream.prompt_logprobs is None or i in prompt_given:
+                return stream.take_logprobs()
+            prompt_given.add(i)
+            return [*stream.prompt_logprobs, *stream.take_logprobs()]
 
         async def merged() -> AsyncIterator[tuple[int, str | Result, list[TokenLogprob]]]:
             first = await streams[0].__anext__()
-            yield 0, first, streams[0].take_logprobs()
+            yield 0, first, logprobs(0, streams[0])
             queue: asyncio.Queue[Any] = asyncio.Queue()
             ended = int(isinstance(first, Result))
             for i in range(1, n):
@@ -268,7 +276,7 @@ class Gateway:
             async def pump(i: int, stream: AsyncStream) -> None:
                 try:
                     async for item in stream:
-                        queue.put_nowait((i, item, stream.take_logprobs()))
+                        queue.put_nowait((i, item, logprobs(i, stream)))
                 except Exception as exc:  # the consumer raises it
                     queue.put_nowait(exc)
 

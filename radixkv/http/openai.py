@@ -107,16 +107,27 @@ def openai_router(gw: Gateway) -> APIRouter:
 
         if req.stream:
             n, sent, ended = req.n or 1, [0] * (req.n or 1), []
+            echo = await echo_text(gw, prompts[0]) if req.echo else None
+            echoed: set[int] = set()
 
             def render(event: tuple[int, str | Result, list[TokenLogprob]]) -> list[bytes]:
                 i, item, lps = event
+                events = []
+                if echo is not None and i not in echoed:  # the prompt leads each choice's text
+                    echoed.add(i)
+                    if isinstance(item, str):
+                        item = echo + item
+                    else:  # nothing generated: the prompt alone, then the end
+                        sent[i] = len(echo)
+                        events.append(sse({**head, "choices": [choice(i, echo, None, lps, 0)]}))
+                        lps = []
                 if isinstance(item, str):
                     start, sent[i] = sent[i], sent[i] + len(item)
                     return [sse({**head, "choices": [choice(i, item, None, lps, start)]})]
                 ended.append(item)
                 last = choice(i, "", item.finish_reason, lps, sent[i])
                 # sglext on the finishing chunk: SGLang's benchmark reads it there
-                events = [sse({**head, "choices": [last], "sglext": sglext([item])})]
+                events.append(sse({**head, "choices": [last], "sglext": sglext([item])}))
                 if req.include_usage and len(ended) == n:
                     events.append(usage_chunk(head, ended))
                 return events

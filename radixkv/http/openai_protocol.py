@@ -167,8 +167,6 @@ class CompletionRequest(_Sampling, kw_only=True):
         return 0 if self.echo and self.logprobs is not None else -1
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.echo and self.stream:
-            return "echo", "echo is not streamed here; send it without stream"
         if self.stream and len(self.prompts()) > 1:
             return "prompt", "streaming takes one prompt; send a batch without stream"
         if self.best_of is not None and self.best_of < (self.n or 1):
