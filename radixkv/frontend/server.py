@@ -9,23 +9,21 @@ is handled inside one guard that logs an unexpected error, answers it, and goes 
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import itertools
 import logging
-import queue
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import zmq
 
 from radixkv.config import ServerArgs, is_loopback
+from radixkv.frontend.loop_worker import LoopWorker
 from radixkv.frontend.peer_tracker import PeerTracker
 from radixkv.frontend.scheduler_child import (
     DEFAULT_SCHEDULER,
@@ -83,13 +81,10 @@ class RuntimeServer:
         scheduler_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.args = args
-        # large prompts tokenized off the loop: (identity, client rid) -> arrival time while a
-        # worker has it; the worker's result comes back through `done_work` and a wake-up byte
+        # large prompts tokenized off the loop: (identity, client rid) -> arrival time while the
+        # worker has it
         self.tokenizing: dict[tuple[bytes, str], float] = {}
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="radixkv-tokenize")
-        self.done_work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self.wake_r, self.wake_w = socket.socketpair()
-        self.wake_r.setblocking(False)
+        self.worker = LoopWorker("radixkv-tokenize")
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 1000)
@@ -215,9 +210,7 @@ class RuntimeServer:
         self._close_sockets()
 
     def _close_sockets(self) -> None:
-        self.worker.shutdown(wait=False, cancel_futures=True)
-        self.wake_r.close()
-        self.wake_w.close()
+        self.worker.close()
         self.peers.close()
         self.router.close()
         self.ctx.term()
@@ -232,7 +225,7 @@ class RuntimeServer:
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.child.from_scheduler, zmq.POLLIN)
         poller.register(self.peers.monitor, zmq.POLLIN)
-        poller.register(self.wake_r, zmq.POLLIN)
+        poller.register(self.worker.fd, zmq.POLLIN)
         if extra_fd is not None:
             poller.register(extra_fd, zmq.POLLIN)
         next_check = time.monotonic() + LIVENESS_INTERVAL
@@ -242,8 +235,8 @@ class RuntimeServer:
                 self._drain_scheduler()
             if self.router in events:
                 self._drain_clients()
-            if self.wake_r.fileno() in events:
-                self._finish_work()
+            if self.worker.fd in events:
+                self.worker.run_finished()
             for identity in self.peers.take_gone():
                 self._client_gone(identity)
             if extra_fd is not None and extra_fd in events:
@@ -385,9 +378,9 @@ class RuntimeServer:
         arrival = time.perf_counter()
         if self.tm.prompt_size(msg) > INLINE_TOKENIZE_CHARS:
             self.tokenizing[key] = arrival
-            future = self.worker.submit(self.tm.tokenize, msg)
-            future.add_done_callback(
-                lambda f: self._post(lambda: self._tokenized(identity, msg, f))
+            tm = self.tm
+            self.worker.submit(
+                lambda: tm.tokenize(msg), lambda done: self._tokenized(identity, msg, done)
             )
             return
         try:
@@ -433,23 +426,6 @@ class RuntimeServer:
             salt = key_cache_salt(msg.api_key, salt)  # (the HTTP gateway salts by its caller's)
         forward = TokenizedRequest(rid=rid, input_ids=ids, sampling=msg.sampling, cache_salt=salt)
         self.child.send(forward)
-
-    def _post(self, work: Callable[[], None]) -> None:
-        """Run `work` on the loop (from a worker thread)."""
-        self.done_work.put(work)
-        with contextlib.suppress(OSError):  # closed at shutdown: nothing waits for it any more
-            self.wake_w.send(b"\0")
-
-    def _finish_work(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while self.wake_r.recv(4096):
-                pass
-        while not self.done_work.empty():
-            work = self.done_work.get_nowait()
-            try:
-                work()
-            except Exception:
-                log.exception("unexpected error finishing a tokenized request; the loop goes on")
 
     def _client_gone(self, identity: bytes) -> None:
         for key in [key for key in self.tokenizing if key[0] == identity]:
