@@ -142,6 +142,15 @@ class ServerArgs:
             )
         if self.isolate_cache_per_key and not self.api_keys:
             raise ValueError("isolate_cache_per_key needs API keys (--api-key KEY1,KEY2,...)")
+        if self.json_max_whitespace < -1:
+            raise ValueError(
+                f"json_max_whitespace must be -1 (any), 0 (compact) or a count, got "
+                f"{self.json_max_whitespace}"
+            )
+        if self.max_scheduler_restarts < 0:
+            raise ValueError(
+                f"max_scheduler_restarts must be >= 0, got {self.max_scheduler_restarts}"
+            )
         if not 0 <= self.drain_timeout < float("inf"):
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if not 0 < self.stream_stall_timeout < float("inf"):

@@ -63,6 +63,14 @@ def test_bad_options_fail_before_any_process():
     assert ServerArgs(api_key=" a, b ,,c").api_keys == ("a", "b", "c")
     with pytest.raises(ValueError, match="isolate_cache_per_key needs API keys"):
         ServerArgs(isolate_cache_per_key=True)
+    for bad, message in (
+        ({"json_max_whitespace": -2}, "json_max_whitespace must be -1"),
+        ({"max_scheduler_restarts": -1}, "max_scheduler_restarts must be >= 0"),
+        ({"drain_timeout": -1.0}, "drain_timeout must be >= 0"),
+        ({"stream_stall_timeout": 0.0}, "stream_stall_timeout must be > 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            ServerArgs(**bad)
 
 
 def test_fatal_scheduler_start_is_reported(tmpdir_env):
