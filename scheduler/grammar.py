@@ -3,7 +3,7 @@
 A request with `json_schema`, `regex` or `ebnf` gets a matcher before it is admitted.
 Compilations are cached by grammar text, so a schema many requests share compiles once; one not
 compiled yet is compiled on a worker thread (xgrammar releases the GIL), and so is the compiler
-itself (~1 s: the tokenizer's vocabulary), so the scheduler goes on serving everyone else
+itself (0.6–1 s here: the tokenizer's vocabulary), so the scheduler goes on serving everyone else
 meanwhile. Each step, the rows of
 constrained requests get their allowed-token mask applied to a copy of their logits (the other
 requests' logits are untouched, and log probabilities stay the model's); after sampling, the
@@ -43,9 +43,7 @@ class GrammarBackend:
         # Whitespace a JSON output may put between its tokens: -1 any, 0 none (compact), n at
         # most n characters in a row. A small model given any whitespace often pads with spaces
         # and newlines until max_tokens; given none, it may run a number's digits on instead of
-        # ending it. SmolLM2-135M, greedy (2026-12-01): 8 json_object chats of 96 tokens
-        # parsable 3/8 with any, 6/8 compact, 5/8 with 1; a {city, population} schema, 4 cities
-        # of 60 tokens: compact ran Rome's population to the limit, 1 finished 3 of 4.
+        # ending it: `bench/json_output.py` (docs/api.md has its figures).
         self.json_max_whitespace = json_max_whitespace
         self._compiler: Any = None  # made (and used) on the worker thread only
         self._compiled: OrderedDict[tuple[str, str], Any] = OrderedDict()  # LRU, CACHE_SIZE

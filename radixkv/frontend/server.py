@@ -67,7 +67,7 @@ SCHEDULER_DIED = 3  # the exit status of a runtime whose scheduler died for good
 MAX_CLIENT_FRAMES_PER_TURN = 256  # then serve the scheduler's outputs before reading more
 # A prompt larger than this (characters, see TokenizerManager.prompt_size) is templated and
 # tokenized on a worker thread, so that it does not hold up everyone else's tokens: the fast
-# tokenizer releases the GIL. (~5 ms of tokenizing at this size; 600k characters take ~0.35 s.)
+# tokenizer releases the GIL (bench/loop_stall.py measures the difference).
 INLINE_TOKENIZE_CHARS = 16_384
 
 

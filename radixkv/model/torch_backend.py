@@ -32,8 +32,8 @@ from radixkv.model.forward_batch import ForwardBatch, ForwardMode
 
 RAGGED_WASTE = 1.5  # pad an extend batch only while padded queries <= 1.5x the real ones
 # Prompts of one length with nothing cached attend to their fresh K/V with one `is_causal` SDPA
-# call (no gather, no mask): [4, 9, 1024, 64] bf16 takes 45.8 ms a layer against 64.6 ms with
-# the additive mask (AMD EPYC, 2026-12-01). RADIXKV_BATCHED_CAUSAL=0 turns it off (A/B runs).
+# call (no gather, no mask), faster than the additive mask (docs/model.md: `bench/profile_step.py`
+# with and without it). RADIXKV_BATCHED_CAUSAL=0 turns it off (A/B runs).
 BATCHED_CAUSAL = os.environ.get("RADIXKV_BATCHED_CAUSAL", "1") != "0"
 
 
