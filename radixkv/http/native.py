@@ -71,18 +71,15 @@ def native_router(gw: Gateway) -> APIRouter:
         """Text, token ids or chat messages with our sampling parameters; meta info per request."""
         req = await gw.body(request, GenerateBody)
         req.check_supported()
+        salt = gw.cache_salt(request, req.cache_salt)
         prompt, sp, rid = native_prompt(req), req.sampling, uuid.uuid4().hex
         with_text = bool(req.return_text_in_logprobs)
         if req.stream:
-            return await stream_generate(
-                gw, request, prompt, sp, rid, with_text, gw.cache_salt(request, req.cache_salt)
-            )
+            return await stream_generate(gw, request, prompt, sp, rid, with_text, salt)
         try:
             r = await gw.call(
                 request,
-                lambda: gw.client.complete(
-                    prompt, params=sp, cache_salt=gw.cache_salt(request, req.cache_salt)
-                ),
+                lambda: gw.client.complete(prompt, params=sp, cache_salt=salt),
             )
         except ClientGone:
             return closed()

@@ -94,6 +94,7 @@ def openai_router(gw: Gateway) -> APIRouter:
     async def completions(request: Request) -> Response:
         req = await gw.body(request, CompletionRequest)
         check(gw, req)
+        salt = gw.cache_salt(request, req.cache_salt)
         prompts = req.prompts()
         sp = req.sampling(DEFAULT_COMPLETION_TOKENS)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
@@ -135,7 +136,7 @@ def openai_router(gw: Gateway) -> APIRouter:
             return await event_stream(
                 gw,
                 request,
-                lambda: gw.stream_n(prompts[0], sp, n, gw.cache_salt(request, req.cache_salt)),
+                lambda: gw.stream_n(prompts[0], sp, n, salt),
                 render,
             )
 
@@ -143,10 +144,7 @@ def openai_router(gw: Gateway) -> APIRouter:
 
         async def run() -> list[list[Result]]:
             tasks = [
-                asyncio.ensure_future(
-                    gw.complete_n(p, sp, k, gw.cache_salt(request, req.cache_salt))
-                )
-                for p in prompts
+                asyncio.ensure_future(gw.complete_n(p, sp, k, salt)) for p in prompts
             ]  # they batch
             try:
                 return list(await asyncio.gather(*tasks))
@@ -179,6 +177,7 @@ def openai_router(gw: Gateway) -> APIRouter:
     async def chat_completions(request: Request) -> Response:
         req = await gw.body(request, ChatCompletionRequest)
         check(gw, req)
+        salt = gw.cache_salt(request, req.cache_salt)
         messages = chat_messages(req.messages)
         plan = req.tool_plan()
         if plan is not None:
@@ -187,13 +186,11 @@ def openai_router(gw: Gateway) -> APIRouter:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": gw.config.model}  # fmt: skip
         if req.stream:
-            return await stream_chat(gw, request, req, messages, sp, head, plan)
+            return await stream_chat(gw, request, req, messages, sp, head, salt, plan)
         try:
             results = await gw.call(
                 request,
-                lambda: gw.complete_n(
-                    messages, sp, req.n or 1, gw.cache_salt(request, req.cache_salt)
-                ),
+                lambda: gw.complete_n(messages, sp, req.n or 1, salt),
             )
         except ClientGone:
             return closed()
@@ -232,6 +229,7 @@ async def stream_chat(
     messages: list[Message],
     sp: SamplingParams,
     head: dict[str, Any],
+    salt: str | None,
     plan: ToolPlan | None = None,
 ) -> Response:
     """A chat completion as SSE: per choice the role first, then content deltas, then the finish
@@ -273,6 +271,6 @@ async def stream_chat(
     return await event_stream(
         gw,
         request,
-        lambda: gw.stream_n(messages, sp, n, gw.cache_salt(request, req.cache_salt)),
+        lambda: gw.stream_n(messages, sp, n, salt),
         render,
     )
