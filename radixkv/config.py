@@ -7,6 +7,7 @@ the command line of `radixkv launch` and `radixkv bench` is generated from these
 
 from __future__ import annotations
 
+import hmac
 import logging
 import re
 from dataclasses import dataclass, field
@@ -172,6 +173,16 @@ class ServerArgs:
         if self.disable_radix_cache and self.schedule_policy in ("lpm", "dfs-weight"):
             return "fcfs"
         return self.schedule_policy
+
+
+def matching_key(given: bytes, keys: tuple[str, ...]) -> str | None:
+    """The key of `keys` that `given` is, compared in constant time against every one (so the
+    time does not say which key, or how much of one, matched); None if none is."""
+    found = None
+    for key in keys:
+        if hmac.compare_digest(given, key.encode()):
+            found = key
+    return found
 
 
 def is_loopback(host: str) -> bool:

@@ -9,7 +9,6 @@ is handled inside one guard that logs an unexpected error, answers it, and goes 
 
 from __future__ import annotations
 
-import hmac
 import itertools
 import logging
 import secrets
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import zmq
 
-from radixkv.config import ServerArgs, is_loopback
+from radixkv.config import ServerArgs, is_loopback, matching_key
 from radixkv.frontend.loop_worker import LoopWorker
 from radixkv.frontend.peer_tracker import PeerTracker
 from radixkv.frontend.scheduler_child import (
@@ -320,7 +319,7 @@ class RuntimeServer:
         except (msgspec.DecodeError, RecursionError) as exc:  # ValidationError included
             self._error(identity, _salvage_rid(payload), f"malformed or unknown message: {exc}")
             return
-        if self.keys and not _known_key(msg.api_key, self.keys):
+        if self.keys and matching_key((msg.api_key or "").encode(), self.keys) is None:
             self._error(identity, msg.rid, "missing or wrong API key", "unauthorized")
             return
         if isinstance(msg, GenerateRequest):
@@ -542,12 +541,6 @@ class RuntimeServer:
         self.by_client.clear()
         self.control.clear()
         self.tokenizing.clear()
-
-
-def _known_key(given: str | None, keys: tuple[str, ...]) -> bool:
-    """Whether `given` is one of `keys`, compared in constant time against every one."""
-    given_bytes = (given or "").encode()
-    return sum(hmac.compare_digest(given_bytes, key.encode()) for key in keys) > 0
 
 
 def _source_fd(frame: zmq.Frame) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from radixkv.client.aio import AsyncClient
 from radixkv.client.core import DEFAULT_TIMEOUT, Prompt
 from radixkv.client.results import ConnectionLost, RequestError, Result
 from radixkv.client.streams import AsyncStream
+from radixkv.config import matching_key
 from radixkv.http.errors import ApiError, decode_body
 from radixkv.http.metrics import RuntimeMetrics
 from radixkv.protocol import MAX_SEED, SamplingParams, TokenLogprob, key_cache_salt
@@ -117,12 +117,7 @@ class Gateway:
         if scheme.lower() != "bearer":
             return None
         # bytes: compare_digest refuses non-ASCII str, and a header may hold any latin-1 byte
-        given_bytes = given.strip().encode("utf-8", "surrogateescape")
-        found = None
-        for key in self.config.api_keys:
-            if hmac.compare_digest(given_bytes, key.encode()):
-                found = key
-        return found
+        return matching_key(given.strip().encode("utf-8", "surrogateescape"), self.config.api_keys)
 
     def cache_salt(self, request: Request, salt: str | None) -> str | None:
         """The salt a request is sent with: its own, and its caller's key's under
