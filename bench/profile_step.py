@@ -66,6 +66,28 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 3) -> float:
+    """Memory read bandwidth (bytes/s): the best of `repeats` sums over a tensor far larger than
+    the caches, on this process's threads."""
+    x = torch.ones(nbytes // 4)
+    best = min(_time(x.sum) for _ in range(repeats))
+    return nbytes / best
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads of the weights: every tensor the model holds (prepacked copies
+    included, the embedding table excluded: a step reads only its rows for the batch's tokens)."""
+    seen: dict[int, int] = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if "embed_tokens" not in name:
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            size = module.out_features * module.in_features * module.weight_dtype.itemsize
+            seen[id(module)] = size  # an opaque oneDNN tensor: no data pointer to key it by
+    return sum(seen.values())
+
+
 def _time(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -157,6 +179,17 @@ def main() -> None:
     flops = args.requests * (config.flops_per_token(args.context + args.steps) + head)
     show(f"decode: batch {args.requests}, contexts ~{args.context}", decode, args.steps, flops,
          peak)  # fmt: skip
+    # The floor of a decode step: its FLOPs at the matmul peak, or reading every weight and every
+    # request's K/V once at the memory read bandwidth, whichever is longer (both measured here).
+    bandwidth = read_bandwidth()
+    weights = weight_bytes(runner.model)
+    kv_bytes = sched.mgr.token_pool.layout.bytes_per_token * args.requests * (args.context + 6)
+    floor = max(flops / peak, (weights + kv_bytes) / bandwidth)
+    step = decode["total"] / args.steps
+    print(f"\ndecode floor: {flops / peak * 1e3:.1f} ms of FLOPs at the peak, "
+          f"{(weights + kv_bytes) / bandwidth * 1e3:.1f} ms to read {weights / 1e9:.2f} GB of "
+          f"weights and {kv_bytes / 1e9:.2f} GB of K/V at {bandwidth / 1e9:.1f} GB/s (measured); "
+          f"the step is {step / floor:.2f}x its floor")  # fmt: skip
     if args.torch_profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             sched.step()

@@ -7,11 +7,14 @@ head; the grouped query heads of a KV head share each K/V row read (GQA). It is 
 counterpart of `radixkv.kernels`' Triton decode kernel, and what closes most of the gap between
 fp32 decode and the memory roofline (docs/model.md).
 
-The C source below is compiled on first use with the system C compiler (`cc -O3 -march=native
--fopenmp`, under a second) into `$RADIXKV_CACHE_DIR/kernels/` (default `~/.cache/radixkv`), keyed
-by the source, the compiler, the flags and the CPU's model and feature flags, and loaded with
-ctypes: no torch headers, no build step at install time. Without a compiler (or with
-`RADIXKV_CPU_KERNEL=0`) the backend keeps the gather + SDPA path; `available()` says which.
+The C source (`decode_attention.c`, beside this file) is compiled on first use with the system
+C compiler (`cc -O3 -march=native -fopenmp`, under a second) into `$RADIXKV_CACHE_DIR/kernels/`
+(default `~/.cache/radixkv`), keyed by the source, the compiler, the flags and the CPU's model
+and feature flags, and loaded with ctypes: no torch headers, no build step at install time.
+Without a compiler (or with `RADIXKV_CPU_KERNEL=0`) the backend keeps the gather + SDPA path;
+`available()` says which.
+Where the compiler targets AVX512-BF16, bf16 K/V take the kernel's vector path (`fast_bf16()`);
+`RADIXKV_CPU_KERNEL_AVX512=0` keeps them on the portable C loops (for A/B runs).
 """
 
 from __future__ import annotations
@@ -35,124 +38,7 @@ MAX_HEADS = 64  # query heads the kernel supports
 MAX_HEAD_DIM = 256
 BLOCK = 32  # keys scored per block of the online softmax
 
-_SOURCE = r"""
-#include <math.h>
-#include <omp.h>
-#include <stdint.h>
-#include <string.h>
-
-#define MAX_HEADS 64
-#define MAX_HEAD_DIM 256
-#define BLOCK 32
-
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t bits = ((uint32_t)x) << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);  /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-/* Query heads [qh0, qh1) of one request attend to its n keys. A key's K (and V) row holds every
-   KV head ([kvh, d], contiguous), so one pass over the slots reads each row once for all heads.
-   q: the request's [heads, d] floats; out: the same layout. */
-#define ATTEND(T, LOAD)                                                                          \
-static void attend_##T(const float *q, const T *k, const T *v, const int64_t *slots, int64_t n,  \
-                       int kvh, int group, int d, int qh0, int qh1, float scale, float *out) {   \
-    float m[MAX_HEADS], l[MAX_HEADS], s[MAX_HEADS][BLOCK];                                       \
-    float acc[MAX_HEADS][MAX_HEAD_DIM];                                                          \
-    int64_t row = (int64_t)kvh * d;                                                              \
-    for (int qh = qh0; qh < qh1; qh++) {                                                         \
-        m[qh] = -INFINITY; l[qh] = 0.f;                                                          \
-        for (int i = 0; i < d; i++) acc[qh][i] = 0.f;                                            \
-    }                                                                                            \
-    for (int64_t t0 = 0; t0 < n; t0 += BLOCK) {                                                  \
-        int nb = (int)(n - t0 < BLOCK ? n - t0 : BLOCK);                                         \
-        for (int j = 0; j < nb; j++) {                                                           \
-            const T *kr = k + slots[t0 + j] * row;                                               \
-            for (int qh = qh0; qh < qh1; qh++) {                                                 \
-                const float *qq = q + qh * d;                                                    \
-                const T *kh = kr + (qh / group) * d;                                             \
-                float dot = 0.f;                                                                 \
-                _Pragma("omp simd reduction(+:dot)")                                             \
-                for (int i = 0; i < d; i++) dot += qq[i] * LOAD(kh[i]);                          \
-                s[qh][j] = dot * scale;                                                          \
-            }                                                                                    \
-        }                                                                                        \
-        for (int qh = qh0; qh < qh1; qh++) {                                                     \
-            float mb = m[qh], sum = 0.f;                                                         \
-            for (int j = 0; j < nb; j++) mb = s[qh][j] > mb ? s[qh][j] : mb;                     \
-            float c = expf(m[qh] - mb);                                                          \
-            _Pragma("omp simd reduction(+:sum)")                                                 \
-            for (int j = 0; j < nb; j++) { s[qh][j] = expf(s[qh][j] - mb); sum += s[qh][j]; }   \
-            l[qh] = l[qh] * c + sum;                                                             \
-            _Pragma("omp simd")                                                                  \
-            for (int i = 0; i < d; i++) acc[qh][i] *= c;                                         \
-            m[qh] = mb;                                                                          \
-        }                                                                                        \
-        for (int j = 0; j < nb; j++) {                                                           \
-            const T *vr = v + slots[t0 + j] * row;                                               \
-            for (int qh = qh0; qh < qh1; qh++) {                                                 \
-                const T *vh = vr + (qh / group) * d;                                             \
-                float p = s[qh][j];                                                              \
-                float *a = acc[qh];                                                              \
-                _Pragma("omp simd")                                                              \
-                for (int i = 0; i < d; i++) a[i] += p * LOAD(vh[i]);                             \
-            }                                                                                    \
-        }                                                                                        \
-    }                                                                                            \
-    for (int qh = qh0; qh < qh1; qh++) {                                                         \
-        float inv = l[qh] > 0.f ? 1.f / l[qh] : 0.f;                                             \
-        for (int i = 0; i < d; i++) out[qh * d + i] = acc[qh][i] * inv;                          \
-    }                                                                                            \
-}
-
-#define LOAD_F32(x) (x)
-#define LOAD_BF16(x) bf16_to_f32(x)
-ATTEND(float, LOAD_F32)
-ATTEND(uint16_t, LOAD_BF16)
-
-/* q, out: [bs, kvh * group, d] (float, or bf16 when is_bf16); kv_index: rows of `stride` slots;
-   query b reads row rows[b] (row b when rows is NULL) up to seq_lens[b] keys. One task per query
-   when there are enough for the threads; otherwise one per (query, KV head), so a single long
-   request still uses every thread. `split`: 1 or kvh forces one layout (tests), anything else
-   chooses. Either way each query head's result is computed the same way (the layout only says
-   which thread computes it): the kernel is batch-invariant. */
-void decode_attention(const void *q, const void *k, const void *v, const int64_t *kv_index,
-                      int64_t stride, const int64_t *rows, const int64_t *seq_lens, void *out,
-                      int bs, int kvh, int group, int d, float scale, int is_bf16, int split) {
-    int heads = kvh * group;
-    if (split != 1 && split != kvh) split = bs >= 2 * omp_get_max_threads() ? 1 : kvh;
-    #pragma omp parallel for schedule(static)
-    for (int task = 0; task < bs * split; task++) {
-        int b = task / split, part = task % split;
-        int qh0 = part * (heads / split), qh1 = qh0 + heads / split;
-        int64_t base = (int64_t)b * heads * d;
-        float qf[MAX_HEADS * MAX_HEAD_DIM], of[MAX_HEADS * MAX_HEAD_DIM];
-        for (int i = qh0 * d; i < qh1 * d; i++)
-            qf[i] = is_bf16 ? bf16_to_f32(((const uint16_t *)q)[base + i])
-                            : ((const float *)q)[base + i];
-        const int64_t *slots = kv_index + (rows ? rows[b] : (int64_t)b) * stride;
-        if (is_bf16)
-            attend_uint16_t(qf, (const uint16_t *)k, (const uint16_t *)v, slots, seq_lens[b],
-                            kvh, group, d, qh0, qh1, scale, of);
-        else
-            attend_float(qf, (const float *)k, (const float *)v, slots, seq_lens[b], kvh, group,
-                         d, qh0, qh1, scale, of);
-        for (int i = qh0 * d; i < qh1 * d; i++) {
-            if (is_bf16) ((uint16_t *)out)[base + i] = f32_to_bf16(of[i]);
-            else ((float *)out)[base + i] = of[i];
-        }
-    }
-}
-"""
+_SOURCE = (Path(__file__).parent / "decode_attention.c").read_text()
 
 # -ffast-math vectorises expf and the reductions; -fno-finite-math-only keeps -inf (the softmax's
 # starting maximum) meaning -inf. Only for compiling: linked with -ffast-math, the library would
@@ -200,13 +86,26 @@ def _library() -> ctypes.CDLL | None:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
-                   ctypes.c_int, ctypes.c_int]  # fmt: skip
+                   ctypes.c_int, ctypes.c_int, ctypes.c_int]  # fmt: skip
+    lib.has_avx512_bf16.restype = ctypes.c_int
+    lib.has_avx512_bf16.argtypes = []
     return lib
 
 
 def available() -> bool:
     """True when the compiled kernel can be used on this machine."""
     return _library() is not None
+
+
+@functools.cache
+def _avx512_enabled() -> bool:
+    return os.environ.get("RADIXKV_CPU_KERNEL_AVX512", "1") != "0"
+
+
+def fast_bf16() -> bool:
+    """True when bf16 K/V with a head dim that is a multiple of 32 take the AVX512-BF16 path."""
+    lib = _library()
+    return lib is not None and bool(lib.has_avx512_bf16()) and _avx512_enabled()
 
 
 def supports(dtype: torch.dtype, num_heads: int, head_dim: int) -> bool:
@@ -227,6 +126,7 @@ def decode_attention(
     scale: float,
     split: int = 0,
     rows: torch.Tensor | None = None,
+    portable: bool = False,
 ) -> torch.Tensor:
     """`q [bs, heads, d]` attends to `kv_index[b, :seq_lens[b]]` rows of the pool buffers
     `[slots, kv_heads, d]`; returns `[bs, heads, d]` in q's dtype. All on the CPU; K/V in q's
@@ -269,6 +169,6 @@ def decode_attention(
     lib.decode_attention(
         q.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(), kv_index.data_ptr(),
         kv_index.shape[1], rows_ptr, seq_lens.data_ptr(), out.data_ptr(), bs, kvh, group, d,
-        scale, int(q.dtype == torch.bfloat16), split,
+        scale, int(q.dtype == torch.bfloat16), split, int(portable or not _avx512_enabled()),
     )  # fmt: skip
     return out
