@@ -15,6 +15,7 @@ from typing import Any
 
 SCHEDULE_POLICIES = ("lpm", "dfs-weight", "fcfs", "lof", "random")
 DTYPES = ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
+KV_CACHE_DTYPES = (*DTYPES, "fp8_e4m3", "fp8_e5m2", "int8")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -43,9 +44,11 @@ class ServerArgs:
     model: str = option("smollm2-135m", "smollm2-135m, a .gguf file or a Hugging Face directory")
     dtype: str = option("auto", "weights and activations; auto: bf16 where this machine is fast "
                         "at it, else fp32 (float16 on CUDA only)", choices=DTYPES)  # fmt: skip
-    kv_dtype: str | None = option(
-        None, "KV cache dtype (default: follows --dtype)", choices=DTYPES[1:]
-    )
+    kv_cache_dtype: str = option(
+        "auto", "KV cache dtype; auto: --dtype's; int8 and fp8 store one-byte codes with a scale "
+        "per token and KV head (about half the bytes of bf16)", choices=KV_CACHE_DTYPES,
+        aliases=("--kv-dtype",),
+    )  # fmt: skip
     device: str = option("cpu", "torch device of the scheduler process (cpu, cuda, cuda:1, ...)")
     attention_backend: str = option(
         "auto", "auto: triton on CUDA, torch otherwise (triton on a CPU needs TRITON_INTERPRET=1)",

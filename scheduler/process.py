@@ -44,7 +44,7 @@ def build_scheduler(args: ServerArgs, model: LlamaForCausalLM | None = None) -> 
     """Load the model (unless given) and size the KV hierarchy from `args`."""
     if model is None:
         model = load_model(args.model, dtype=args.dtype, device=args.device)
-    layout = kv_layout(model.config, args.kv_dtype, model.dtype)
+    layout = kv_layout(model.config, args.kv_cache_dtype, model.dtype)
     if args.max_total_tokens is not None:
         slots = max(args.page_size, args.max_total_tokens // args.page_size * args.page_size)
         token_pool = TokenToKVPool(layout, slots, page_size=args.page_size, device=args.device)
@@ -155,9 +155,11 @@ def run_scheduler(args: ServerArgs, in_addr: str, out_addr: str) -> None:
         raise SystemExit(1) from exc
     runner, pool = scheduler.runner, scheduler.mgr.token_pool
     log.info(
-        "KV cache: %d slots (page %d, %s, %.1f MiB), %d request rows x %d positions",
-        pool.capacity, pool.page_size, pool.layout.dtype, pool.memory_bytes / 2**20,
-        scheduler.mgr.req_pool.size, scheduler.mgr.req_pool.max_context_len,
+        "KV cache: %d slots (page %d, %s%s, %d bytes per token, %.1f MiB), %d request rows x "
+        "%d positions", pool.capacity, pool.page_size, pool.layout.dtype,
+        " codes + bf16 scale per token and KV head" if pool.layout.quantized else "",
+        pool.layout.bytes_per_token, pool.memory_bytes / 2**20, scheduler.mgr.req_pool.size,
+        scheduler.mgr.req_pool.max_context_len,
     )  # fmt: skip
     ready = Ready(
         model=args.model,

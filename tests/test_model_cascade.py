@@ -56,7 +56,7 @@ def test_cascade_equals_plain_attention(dtype, tol, kv_heads, monkeypatch):
     lens = torch.tensor(seq_lens)
     plan = plan_shared_prefixes(kv_index, lens, dtype)
     assert plan is not None and plan.prefix_index.shape[0] == 2
-    got = cascade_decode(q, k_buf, v_buf, plan, dim**-0.5).float()
+    got = cascade_decode(q, lambda i: (k_buf[i], v_buf[i]), plan, dim**-0.5).float()
     want = reference(q, k_buf, v_buf, kv_index, lens, dim**-0.5)
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 

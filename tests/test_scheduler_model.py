@@ -69,8 +69,11 @@ def test_shared_prefix_batch_matches_requests_run_alone(model, alone, policy):
     assert stats.cached_tokens == sum(cached) and stats.protected == 0
 
 
-def test_memory_pressure_evicts_chunks_and_retracts_with_identical_outputs(model):
-    unpressured = run(make(model), prompts(), max_new=40)
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_memory_pressure_evicts_chunks_and_retracts_with_identical_outputs(model, kv_cache_dtype):
+    """Also with a quantized KV cache: every attention reads K/V as stored, so chunked,
+    evicted-and-recomputed and retracted requests give the tokens of the unpressured run."""
+    unpressured = run(make(model, kv_cache_dtype=kv_cache_dtype), prompts(), max_new=40)
     # ~650 distinct tokens in 420 slots, and a decode reserve far too small: the scheduler must
     # evict, chunk every prompt and retract running requests to finish them all
     s = make(
@@ -80,6 +83,7 @@ def test_memory_pressure_evicts_chunks_and_retracts_with_identical_outputs(model
         max_prefill_tokens=128,
         new_token_ratio=0.02,
         min_new_token_ratio=0.0,
+        kv_cache_dtype=kv_cache_dtype,
     )
     results = run(s, prompts(), max_new=40)
     assert {rid: r[0] for rid, r in results.items()} == {

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from radixkv.mem.kv_quant import SCALE_DTYPE, dequantize, is_quantized, quantize
+
 
 @dataclass(frozen=True)
 class KVLayout:
@@ -21,9 +23,21 @@ class KVLayout:
         return torch.empty((), dtype=self.dtype).element_size()
 
     @property
+    def quantized(self) -> bool:
+        """One-byte codes with a bf16 scale per token and KV head (`kv_quant.py`)."""
+        return is_quantized(self.dtype)
+
+    @property
+    def head_bytes(self) -> int:
+        """One token's K (or V) of one KV head: the values, plus the scale when quantized."""
+        scale = SCALE_DTYPE.itemsize if self.quantized else 0
+        return self.head_dim * self.dtype_bytes + scale
+
+    @property
     def bytes_per_token(self) -> int:
-        """K and V of every layer for one token: 2 × layers × KV heads × head dim × dtype bytes."""
-        return 2 * self.num_layers * self.kv_heads * self.head_dim * self.dtype_bytes
+        """K and V of every layer for one token: 2 × layers × KV heads × head bytes (head dim ×
+        dtype bytes, plus a 2-byte scale in a quantized pool)."""
+        return 2 * self.num_layers * self.kv_heads * self.head_bytes
 
 
 class TokenToKVPool:
@@ -65,6 +79,12 @@ class TokenToKVPool:
             torch.zeros(shape, dtype=layout.dtype, device=self.device)
             for _ in range(layout.num_layers)
         ]
+        # a quantized pool: one scale per slot and KV head, beside the codes
+        scales = (num_slots + page_size, layout.kv_heads) if layout.quantized else (0,)
+        self.k_scale = [torch.ones(scales, dtype=SCALE_DTYPE, device=self.device)
+                        for _ in range(layout.num_layers)]  # fmt: skip
+        self.v_scale = [torch.ones(scales, dtype=SCALE_DTYPE, device=self.device)
+                        for _ in range(layout.num_layers)]  # fmt: skip
         self._page_offsets = torch.arange(page_size, dtype=torch.int64)
         self.clear()
 
@@ -84,8 +104,8 @@ class TokenToKVPool:
             raise ValueError(
                 f"a KV memory budget of {budget_bytes} bytes holds no page: one page of "
                 f"{page_size} token(s) takes {page_bytes} bytes (2 x {layout.num_layers} layers x "
-                f"{layout.kv_heads} KV heads x {layout.head_dim} head dim x {layout.dtype_bytes} "
-                f"bytes per token) and one more page is reserved for padding; give at least "
+                f"{layout.kv_heads} KV heads x {layout.head_bytes} bytes per head) and one more "
+                f"page is reserved for padding; give at least "
                 f"{2 * page_bytes} bytes or lower the page size"
             )
         return cls(layout, num_pages * page_size, page_size=page_size, device=device)
@@ -189,9 +209,31 @@ class TokenToKVPool:
     # ---- K/V access --------------------------------------------------------------------------
 
     def set_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write `k`, `v` of shape `[len(slots), kv_heads, head_dim]` into `slots` of `layer`."""
+        """Write `k`, `v` of shape `[len(slots), kv_heads, head_dim]` into `slots` of `layer`
+        (quantized to codes and scales in a quantized pool)."""
+        if self.layout.quantized:
+            codes, scale = quantize(k, self.layout.dtype)
+            self.k_buffer[layer][slots], self.k_scale[layer][slots] = codes, scale
+            codes, scale = quantize(v, self.layout.dtype)
+            self.v_buffer[layer][slots], self.v_scale[layer][slots] = codes, scale
+            return
         self.k_buffer[layer][slots] = k.to(self.layout.dtype)
         self.v_buffer[layer][slots] = v.to(self.layout.dtype)
+
+    def read_kv(
+        self, layer: int, index: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the slots in `index` (any shape) as `[*index.shape, kv_heads, head_dim]`
+        in `dtype`: gathered, and decoded in a quantized pool."""
+        k, v = self.k_buffer[layer][index], self.v_buffer[layer][index]
+        if not self.layout.quantized:
+            return k.to(dtype), v.to(dtype)
+        ks, vs = self.k_scale[layer][index], self.v_scale[layer][index]
+        return dequantize(k, ks, dtype), dequantize(v, vs, dtype)
+
+    def get_kv_scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `[slots, kv_heads]` bf16 scales of a quantized pool's codes (empty otherwise)."""
+        return self.k_scale[layer], self.v_scale[layer]
 
     def get_key_buffer(self, layer: int) -> torch.Tensor:
         return self.k_buffer[layer]

@@ -13,6 +13,7 @@ same result as attending to everything at once (up to float rounding).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -98,27 +99,27 @@ def _attend(
 
 def cascade_decode(
     q: torch.Tensor,
-    k_buf: torch.Tensor,
-    v_buf: torch.Tensor,
+    read_kv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     plan: CascadePlan,
     scale: float,
 ) -> torch.Tensor:
-    """Decode attention for `q [bs, heads, head_dim]` over the pool `k_buf`/`v_buf`
-    `[slots, kv_heads, head_dim]`; returns `[bs, heads * head_dim]` in q's dtype."""
+    """Decode attention for `q [bs, heads, head_dim]` over the pool; `read_kv(index)` returns
+    the K and V of the slots in `index` as `[*index.shape, kv_heads, head_dim]` in q's dtype
+    (`TokenToKVPool.read_kv`: decoded when the pool is quantized). Returns `[bs, heads *
+    head_dim]` in q's dtype."""
     bs, heads, dim = q.shape
-    kv_heads = k_buf.shape[1]
+    ks, vs = read_kv(plan.suffix_index)
+    ks, vs = ks.transpose(1, 2), vs.transpose(1, 2)  # [bs, kv, Smax, d]
+    kv_heads = ks.shape[1]
     group = heads // kv_heads
     qg = q.view(bs, kv_heads, group, dim)
-
-    ks = k_buf[plan.suffix_index].transpose(1, 2).to(q.dtype)  # [bs, kv, Smax, d]
-    vs = v_buf[plan.suffix_index].transpose(1, 2).to(q.dtype)
     out_s, lse_s = _attend(qg, ks, vs, plan.suffix_mask, scale)  # [bs, kv, group, d], [bs, kv, g]
 
     num, mmax = plan.members.shape
     q_pad = torch.cat([qg, qg.new_zeros((1, kv_heads, group, dim))])[plan.members]
     q_pad = q_pad.permute(0, 2, 1, 3, 4).reshape(num, kv_heads, mmax * group, dim)
-    kp = k_buf[plan.prefix_index].transpose(1, 2).to(q.dtype)  # [G, kv, Lmax, d]
-    vp = v_buf[plan.prefix_index].transpose(1, 2).to(q.dtype)
+    kp, vp = read_kv(plan.prefix_index)
+    kp, vp = kp.transpose(1, 2), vp.transpose(1, 2)  # [G, kv, Lmax, d]
     out_p, lse_p = _attend(q_pad, kp, vp, plan.prefix_mask, scale)  # [G, kv, M*g, d]
     out_p = out_p.view(num, kv_heads, mmax, group, dim).permute(0, 2, 1, 3, 4)
     lse_p = lse_p.view(num, kv_heads, mmax, group).permute(0, 2, 1, 3)

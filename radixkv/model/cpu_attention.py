@@ -83,10 +83,11 @@ def _library() -> ctypes.CDLL | None:
         return None
     fn = lib.decode_attention
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float,
-                   ctypes.c_int, ctypes.c_int, ctypes.c_int]  # fmt: skip
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # q, k, v
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,  # scales, kv kind
+                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                   ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int]  # fmt: skip
     lib.has_avx512_bf16.restype = ctypes.c_int
     lib.has_avx512_bf16.argtypes = []
     return lib
@@ -108,10 +109,18 @@ def fast_bf16() -> bool:
     return lib is not None and bool(lib.has_avx512_bf16()) and _avx512_enabled()
 
 
-def supports(dtype: torch.dtype, num_heads: int, head_dim: int) -> bool:
-    """Shapes and dtypes the kernel handles (its per-thread buffers are sized for these)."""
+# one-byte codes of a quantized pool, by the kernel's kv_kind (decode_attention.c)
+_CODE_KINDS = {torch.int8: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
+
+
+def supports(
+    dtype: torch.dtype, num_heads: int, head_dim: int, kv_dtype: torch.dtype | None = None
+) -> bool:
+    """Shapes and dtypes the kernel handles (its per-thread buffers are sized for these): q in
+    float32 or bf16, K/V in q's dtype (`kv_dtype` None) or one-byte codes with scales."""
     return (
         dtype in (torch.float32, torch.bfloat16)
+        and kv_dtype in (None, dtype, *_CODE_KINDS)
         and num_heads <= MAX_HEADS
         and (head_dim <= MAX_HEAD_DIM)
     )
@@ -127,23 +136,38 @@ def decode_attention(
     split: int = 0,
     rows: torch.Tensor | None = None,
     portable: bool = False,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`q [bs, heads, d]` attends to `kv_index[b, :seq_lens[b]]` rows of the pool buffers
     `[slots, kv_heads, d]`; returns `[bs, heads, d]` in q's dtype. All on the CPU; K/V in q's
-    dtype; `kv_index` and `seq_lens` int64. The slots themselves are trusted (they come from
-    `ReqToTokenPool` rows). `split` (tests): 1 = a task per request, kv_heads = a task per
+    dtype, or one-byte codes (int8, fp8) with `scales` (the pool's bf16 `[slots, kv_heads]` K
+    and V scales); `kv_index` and `seq_lens` int64. The slots themselves are trusted (they come
+    from `ReqToTokenPool` rows). `split` (tests): 1 = a task per request, kv_heads = a task per
     (request, KV head), 0 = chosen by batch size and threads. With `rows` (int64 `[bs]`), query b
     reads `kv_index[rows[b]]`: the queries of an extend, each with its own causal length, share
-    their request's row (deterministic mode: every attention is this kernel's)."""
+    their request's row (deterministic mode: every attention is this kernel's). `portable`
+    keeps the portable C loops where the AVX512-BF16 path would run (tests, A/B)."""
     lib = _library()
     if lib is None:
         raise RuntimeError("the CPU decode attention kernel is not available")
     bs, heads, d = q.shape
     kvh = k_buf.shape[1]
     group = heads // kvh
-    if not (supports(q.dtype, heads, d) and k_buf.dtype == v_buf.dtype == q.dtype):
+    kind = _CODE_KINDS.get(k_buf.dtype, 0)
+    if not (
+        supports(q.dtype, heads, d, k_buf.dtype)
+        and k_buf.dtype == v_buf.dtype
+        and (scales is not None) == bool(kind)
+    ):
         raise ValueError(f"unsupported decode attention: q {q.dtype} {tuple(q.shape)}, K/V "
-                         f"{k_buf.dtype} {tuple(k_buf.shape)}")  # fmt: skip
+                         f"{k_buf.dtype} {tuple(k_buf.shape)}, scales given: "
+                         f"{scales is not None}")  # fmt: skip
+    k_scale = v_scale = None
+    if scales is not None:
+        k_scale, v_scale = scales
+        if k_scale.dtype != torch.bfloat16 or k_scale.shape != k_buf.shape[:2]:
+            raise ValueError(f"scales must be bf16 {tuple(k_buf.shape[:2])}")
+        assert k_scale.is_contiguous() and v_scale.is_contiguous()
     if heads % kvh:
         raise ValueError(f"{heads} query heads do not group evenly over {kvh} KV heads")
     if kv_index.dtype != torch.int64 or seq_lens.dtype != torch.int64:
@@ -167,7 +191,9 @@ def decode_attention(
         rows_ptr = rows.data_ptr()
     out = torch.empty_like(q)
     lib.decode_attention(
-        q.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(), kv_index.data_ptr(),
+        q.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(),
+        None if k_scale is None else k_scale.data_ptr(),
+        None if v_scale is None else v_scale.data_ptr(), kind, kv_index.data_ptr(),
         kv_index.shape[1], rows_ptr, seq_lens.data_ptr(), out.data_ptr(), bs, kvh, group, d,
         scale, int(q.dtype == torch.bfloat16), split, int(portable or not _avx512_enabled()),
     )  # fmt: skip

@@ -32,15 +32,40 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
     return (uint16_t)(bits >> 16);
 }
 
+/* What the pool stores (kv_kind): the query's dtype (float or bf16), or one-byte codes with a
+   bf16 scale per slot and KV head (radixkv/mem/kv_quant.py): value = code * scale. */
+enum { KV_SAME = 0, KV_INT8 = 1, KV_E4M3 = 2, KV_E5M2 = 3 };
+
+/* The value of every one-byte code of a kind (the portable path decodes through this table). */
+static float code_table[4][256];
+
+static float decode_fp8(uint8_t x, int mant_bits, int bias) {
+    int e = (x & 0x7f) >> mant_bits, m = x & ((1 << mant_bits) - 1);
+    float mag = e ? ldexpf(1.f + (float)m / (float)(1 << mant_bits), e - bias)
+                  : ldexpf((float)m / (float)(1 << mant_bits), 1 - bias);
+    return x & 0x80 ? -mag : mag;
+}
+
+static void fill_code_tables(void) {
+    for (int x = 0; x < 256; x++) {
+        code_table[KV_INT8][x] = (float)(int8_t)x;
+        code_table[KV_E4M3][x] = decode_fp8((uint8_t)x, 3, 7);
+        code_table[KV_E5M2][x] = decode_fp8((uint8_t)x, 2, 15);
+    }
+}
+
 /* Query heads [qh0, qh1) of one request attend to its n keys. A key's K (and V) row holds every
    KV head ([kvh, d], contiguous), so one pass over the slots reads each row once for all heads.
-   q: the request's [heads, d] floats; out: the same layout. */
+   q: the request's [heads, d] floats; out: the same layout. ks, vs: the codes' scales ([slots,
+   kvh] bf16) when the pool is quantized, else NULL. */
 #define ATTEND(T, LOAD)                                                                          \
-static void attend_##T(const float *q, const T *k, const T *v, const int64_t *slots, int64_t n,  \
+static void attend_##T(const float *q, const T *k, const T *v, const uint16_t *ks,               \
+                       const uint16_t *vs, const float *table, const int64_t *slots, int64_t n,  \
                        int kvh, int group, int d, int qh0, int qh1, float scale, float *out) {   \
     float m[MAX_HEADS], l[MAX_HEADS], s[MAX_HEADS][BLOCK];                                       \
     float acc[MAX_HEADS][MAX_HEAD_DIM];                                                          \
     int64_t row = (int64_t)kvh * d;                                                              \
+    (void)table;                                                                                 \
     for (int qh = qh0; qh < qh1; qh++) {                                                         \
         m[qh] = -INFINITY; l[qh] = 0.f;                                                          \
         for (int i = 0; i < d; i++) acc[qh][i] = 0.f;                                            \
@@ -55,6 +80,7 @@ static void attend_##T(const float *q, const T *k, const T *v, const int64_t *sl
                 float dot = 0.f;                                                                 \
                 _Pragma("omp simd reduction(+:dot)")                                             \
                 for (int i = 0; i < d; i++) dot += qq[i] * LOAD(kh[i]);                          \
+                if (ks) dot *= bf16_to_f32(ks[slots[t0 + j] * kvh + qh / group]);               \
                 s[qh][j] = dot * scale;                                                          \
             }                                                                                    \
         }                                                                                        \
@@ -74,6 +100,7 @@ static void attend_##T(const float *q, const T *k, const T *v, const int64_t *sl
             for (int qh = qh0; qh < qh1; qh++) {                                                 \
                 const T *vh = vr + (qh / group) * d;                                             \
                 float p = s[qh][j];                                                              \
+                if (vs) p *= bf16_to_f32(vs[slots[t0 + j] * kvh + qh / group]);                 \
                 float *a = acc[qh];                                                              \
                 _Pragma("omp simd")                                                              \
                 for (int i = 0; i < d; i++) a[i] += p * LOAD(vh[i]);                             \
@@ -88,9 +115,10 @@ static void attend_##T(const float *q, const T *k, const T *v, const int64_t *sl
 
 #define LOAD_F32(x) (x)
 #define LOAD_BF16(x) bf16_to_f32(x)
+#define LOAD_CODE(x) table[x]
 ATTEND(float, LOAD_F32)
 ATTEND(uint16_t, LOAD_BF16)
-
+ATTEND(uint8_t, LOAD_CODE)
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -132,44 +160,83 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* Keys between a row's prefetch and its use. The K and V rows of a KV head are 128-256 bytes
-   every kvh * d * 2 bytes; the hardware prefetchers follow that stride, but not far enough ahead:
-   prefetching 64 keys on made the kernel ~15 % faster at batch 64 with 1k contexts. */
+/* Keys between a row's prefetch and its use. The K and V rows of a KV head are 64-512 bytes
+   every kvh * d * element bytes; the hardware prefetchers follow that stride, but not far enough
+   ahead: prefetching 64 keys on made the kernel ~15 % faster at batch 64 with 1k contexts. */
 #define AHEAD 64
 
-static inline void prefetch_head(const uint16_t *row, int g, int d) {
-    const char *p = (const char *)(row + (int64_t)g * d);
-    for (int c = 0; c < 2 * d; c += 64) _mm_prefetch(p + c, _MM_HINT_T0);
+static inline void prefetch_bytes(const uint8_t *p, int bytes) {
+    for (int c = 0; c < bytes; c += 64) _mm_prefetch((const char *)p + c, _MM_HINT_T0);
 }
 
 static inline __mmask16 first_lanes(int count) {
     return count >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (count > 0 ? count : 0)) - 1u);
 }
 
+/* 32 consecutive K or V values of a head as bf16, from the pool's `kind`. int8 codes convert
+   exactly (through float32). fp8 codes are moved into bf16 bits with shifts: sign, exponent and
+   mantissa land in their bf16 fields with the exponent not rebiased, so the bf16 value is the
+   code's value times 2^-KIND_SHIFT (exactly, subnormals included; VDPBF16PS treats bf16
+   subnormals, codes below 2^-6 (e4m3) or 2^-14 (e5m2) of the scale, as zero). */
+static inline __m512i load_bf16x32(const uint8_t *p, const int kind) {
+    if (kind == KV_SAME) return _mm512_loadu_si512(p);
+    __m256i b = _mm256_loadu_si256((const __m256i *)p);
+    if (kind == KV_INT8) {
+        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+        return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    }
+    __m512i w = _mm512_slli_epi16(_mm512_cvtepu8_epi16(b), 8);  /* the code in the high byte */
+    if (kind == KV_E4M3)  /* s eeee mmm -> s 0000eeee mmm0000 */
+        return _mm512_and_si512(_mm512_srai_epi16(w, 4), _mm512_set1_epi16((short)0x87ff));
+    return _mm512_and_si512(_mm512_srai_epi16(w, 3), _mm512_set1_epi16((short)0x8fff));
+}
+
+/* bf16 value of a code = code value * 2^-kind_shift(kind) (see load_bf16x32). */
+static inline int kind_shift(int kind) { return kind == KV_E4M3 ? 120 : kind == KV_E5M2 ? 112 : 0; }
+
 /* The `group` query heads of KV head g (q: the request's bf16 [heads, d]) over n keys; out: the
    request's float [heads, d]. Keys in blocks of 32 (two sets of 16 dot products); P.V over pairs
    of keys, whose V rows are interleaved so that VDPBF16PS sums the pair. The accumulators then
    hold a head's dimensions permuted (per 128-bit lane of a 32-value chunk: d = 8L + k from the
    low interleave, 8L + 4 + k from the high one), undone when the result is written. Inlined
-   with constant group and d for the common shapes, so the accumulators live in registers. */
+   with constant group, d and kind for the common shapes, so the accumulators live in registers.
+   Quantized pools: a key's score is its dot product with the codes times its K scale, and its
+   probability is multiplied by its V scale before P.V; for fp8 the query is scaled by 2^60 and
+   the probabilities by 2^shift (powers of two: exact) so that no product of bf16 values falls
+   below float32's normal range, which VDPBF16PS would flush to zero. */
 static inline __attribute__((always_inline)) void attend_bf16_avx512_g(
-        const uint16_t *q, const uint16_t *k, const uint16_t *v, const int64_t *slots, int64_t n,
-        int kvh, int g, const int group, const int d, float scale, float *out) {
-    const int dc = d / 32;
-    const int64_t row = (int64_t)kvh * d;
+        const uint16_t *q, const uint8_t *k, const uint8_t *v, const uint16_t *ks,
+        const uint16_t *vs, const int64_t *slots, int64_t n, int kvh, int g, const int group,
+        const int d, const int kind, float scale, float *out) {
+    const int dc = d / 32, esz = kind == KV_SAME ? 2 : 1;
+    const int64_t row = (int64_t)kvh * d * esz, off = (int64_t)g * d * esz;
+    const int q_shift = kind == KV_E4M3 || kind == KV_E5M2 ? 60 : 0;
+    const float score_mul = scale * ldexpf(1.f, kind_shift(kind) - q_shift);
+    const float p_mul = ldexpf(1.f, kind_shift(kind));
     const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
-    float m[MAX_HEADS], l[MAX_HEADS];
+    float m[MAX_HEADS], l[MAX_HEADS], kscale[BLOCK], vscale[BLOCK];
     uint32_t pw[MAX_HEADS][BLOCK / 2];
     __m512 acc[MAX_HEADS][MAX_HEAD_DIM / 16];
     __m512i qv[MAX_HEADS][MAX_HEAD_DIM / 32];
     for (int h = 0; h < group; h++) {
         m[h] = -INFINITY; l[h] = 0.f;
         for (int c = 0; c < 2 * dc; c++) acc[h][c] = _mm512_setzero_ps();
-        for (int c = 0; c < dc; c++)
-            qv[h][c] = _mm512_loadu_si512(q + (int64_t)(g * group + h) * d + 32 * c);
+        for (int c = 0; c < dc; c++) {
+            __m512i x = _mm512_loadu_si512(q + (int64_t)(g * group + h) * d + 32 * c);
+            if (q_shift)  /* bf16 exponent + 60, zeros kept zero */
+                x = _mm512_maskz_add_epi16(_mm512_test_epi16_mask(x, _mm512_set1_epi16(0x7fff)),
+                                           x, _mm512_set1_epi16(q_shift << 7));
+            qv[h][c] = x;
+        }
     }
     for (int64_t t0 = 0; t0 < n; t0 += BLOCK) {
         int nb = (int)(n - t0 < BLOCK ? n - t0 : BLOCK);
+        if (kind != KV_SAME)
+            for (int j = 0; j < BLOCK; j++) {
+                kscale[j] = j < nb ? bf16_to_f32(ks[slots[t0 + j] * kvh + g]) : 1.f;
+                vscale[j] = j < nb ? bf16_to_f32(vs[slots[t0 + j] * kvh + g]) : 1.f;
+            }
         __m512 s[MAX_HEADS][2];
         for (int half = 0; half < 2; half++) {
             int j0 = 16 * half;
@@ -177,18 +244,18 @@ static inline __attribute__((always_inline)) void attend_bf16_avx512_g(
                 for (int h = 0; h < group; h++) s[h][half] = neg_inf;
                 continue;
             }
-            const uint16_t *kr[16];
+            const uint8_t *kr[16];
             for (int j = 0; j < 16; j++)  /* past the end: the last key again, masked below */
-                kr[j] = k + slots[t0 + (j0 + j < nb ? j0 + j : nb - 1)] * row + (int64_t)g * d;
+                kr[j] = k + slots[t0 + (j0 + j < nb ? j0 + j : nb - 1)] * row + off;
             __mmask16 valid = first_lanes(nb - j0);
             if (t0 + j0 + AHEAD + 16 <= n)  /* rows alone stream, but not far enough ahead */
                 for (int j = 0; j < 16; j++)
-                    prefetch_head(k + slots[t0 + j0 + AHEAD + j] * row, g, d);
+                    prefetch_bytes(k + slots[t0 + j0 + AHEAD + j] * row + off, d * esz);
             /* each K row loaded once for the group's query heads; 16 keys' sums reduced at once */
             __m512 dots[MAX_HEADS][16];
             for (int j = 0; j < 16; j++) {
                 __m512i kc[MAX_HEAD_DIM / 32];
-                for (int c = 0; c < dc; c++) kc[c] = _mm512_loadu_si512(kr[j] + 32 * c);
+                for (int c = 0; c < dc; c++) kc[c] = load_bf16x32(kr[j] + 32 * c * esz, kind);
                 for (int h = 0; h < group; h++) {
                     __m512 a = _mm512_setzero_ps();
                     for (int c = 0; c < dc; c++)
@@ -196,12 +263,17 @@ static inline __attribute__((always_inline)) void attend_bf16_avx512_g(
                     dots[h][j] = a;
                 }
             }
-            for (int h = 0; h < group; h++) {
-                __m512 sc = _mm512_mul_ps(sum16(dots[h]), _mm512_set1_ps(scale));
-                s[h][half] = _mm512_mask_blend_ps(valid, neg_inf, sc);
-            }
+            __m512 mul = _mm512_set1_ps(score_mul);
+            if (kind != KV_SAME) mul = _mm512_mul_ps(_mm512_loadu_ps(kscale + j0), mul);
+            for (int h = 0; h < group; h++)
+                s[h][half] = _mm512_mask_blend_ps(valid, neg_inf, _mm512_mul_ps(sum16(dots[h]), mul));
         }
         __mmask16 valid0 = first_lanes(nb), valid1 = first_lanes(nb - 16);
+        __m512 vmul0 = _mm512_set1_ps(p_mul), vmul1 = vmul0;
+        if (kind != KV_SAME) {
+            vmul0 = _mm512_mul_ps(_mm512_loadu_ps(vscale), vmul0);
+            vmul1 = _mm512_mul_ps(_mm512_loadu_ps(vscale + 16), vmul1);
+        }
         for (int h = 0; h < group; h++) {
             float mb = _mm512_reduce_max_ps(_mm512_max_ps(s[h][0], s[h][1]));
             mb = mb > m[h] ? mb : m[h];
@@ -213,19 +285,22 @@ static inline __attribute__((always_inline)) void attend_bf16_avx512_g(
             m[h] = mb;
             __m512 vc = _mm512_set1_ps(corr);
             for (int c = 0; c < 2 * dc; c++) acc[h][c] = _mm512_mul_ps(acc[h][c], vc);
-            /* bf16 probabilities in key order: 32-bit word jj is the pair (2jj, 2jj + 1) */
+            /* bf16 probabilities (times the V scales) in key order: 32-bit word jj is the pair
+               (2jj, 2jj + 1) */
+            if (kind != KV_SAME) { p0 = _mm512_mul_ps(p0, vmul0); p1 = _mm512_mul_ps(p1, vmul1); }
             _mm512_storeu_si512(pw[h], (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
         }
         for (int jj = 0; jj < (nb + 1) / 2; jj++) {
             if (t0 + 2 * jj + AHEAD + 1 < n) {
-                prefetch_head(v + slots[t0 + 2 * jj + AHEAD] * row, g, d);
-                prefetch_head(v + slots[t0 + 2 * jj + AHEAD + 1] * row, g, d);
+                prefetch_bytes(v + slots[t0 + 2 * jj + AHEAD] * row + off, d * esz);
+                prefetch_bytes(v + slots[t0 + 2 * jj + AHEAD + 1] * row + off, d * esz);
             }
-            const uint16_t *va = v + slots[t0 + 2 * jj] * row + (int64_t)g * d;
-            const uint16_t *vb = 2 * jj + 1 < nb ? v + slots[t0 + 2 * jj + 1] * row
-                                                   + (int64_t)g * d : va;  /* its p is 0 */
+            const uint8_t *va = v + slots[t0 + 2 * jj] * row + off;
+            const uint8_t *vb = 2 * jj + 1 < nb ? v + slots[t0 + 2 * jj + 1] * row + off
+                                                : va;  /* its p is 0 */
             for (int c = 0; c < dc; c++) {
-                __m512i a = _mm512_loadu_si512(va + 32 * c), b = _mm512_loadu_si512(vb + 32 * c);
+                __m512i a = load_bf16x32(va + 32 * c * esz, kind);
+                __m512i b = load_bf16x32(vb + 32 * c * esz, kind);
                 __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
                 for (int h = 0; h < group; h++) {
                     __m512bh pp = (__m512bh)_mm512_set1_epi32((int)pw[h][jj]);
@@ -249,21 +324,25 @@ static inline __attribute__((always_inline)) void attend_bf16_avx512_g(
     }
 }
 
-/* KV heads [g0, g1) of one request; constant (group, d) for the shapes models use. */
-static void attend_bf16_avx512(const uint16_t *q, const uint16_t *k, const uint16_t *v,
-                               const int64_t *slots, int64_t n, int kvh, int g0, int g1,
-                               int group, int d, float scale, float *out) {
-#define SHAPE(G, D)                                                                              \
-    if (group == G && d == D) {                                                                  \
+/* KV heads [g0, g1) of one request; constants for the shapes and pool kinds of SmolLM2 (3 x 64)
+   and the Llama/Mistral families (4 or 8 x 128); other shapes run the same code, slower (each
+   constant shape adds ~0.3 s to the first-use compile). */
+static void attend_bf16_avx512(const uint16_t *q, const uint8_t *k, const uint8_t *v,
+                               const uint16_t *ks, const uint16_t *vs, const int64_t *slots,
+                               int64_t n, int kvh, int g0, int g1, int group, int d, int kind,
+                               float scale, float *out) {
+#define SHAPE(G, D, KIND)                                                                        \
+    if (group == G && d == D && kind == KIND) {                                                  \
         for (int g = g0; g < g1; g++)                                                            \
-            attend_bf16_avx512_g(q, k, v, slots, n, kvh, g, G, D, scale, out);                   \
+            attend_bf16_avx512_g(q, k, v, ks, vs, slots, n, kvh, g, G, D, KIND, scale, out);     \
         return;                                                                                  \
     }
-    SHAPE(1, 64) SHAPE(2, 64) SHAPE(3, 64) SHAPE(4, 64) SHAPE(5, 64) SHAPE(8, 64)
-    SHAPE(1, 128) SHAPE(2, 128) SHAPE(4, 128) SHAPE(7, 128) SHAPE(8, 128)
+#define SHAPES(KIND) SHAPE(3, 64, KIND) SHAPE(4, 128, KIND) SHAPE(8, 128, KIND)
+    SHAPES(KV_SAME) SHAPES(KV_INT8) SHAPES(KV_E4M3) SHAPES(KV_E5M2)
+#undef SHAPES
 #undef SHAPE
     for (int g = g0; g < g1; g++)
-        attend_bf16_avx512_g(q, k, v, slots, n, kvh, g, group, d, scale, out);
+        attend_bf16_avx512_g(q, k, v, ks, vs, slots, n, kvh, g, group, d, kind, scale, out);
 }
 #else
 #define HAVE_AVX512_BF16 0
@@ -272,18 +351,21 @@ static void attend_bf16_avx512(const uint16_t *q, const uint16_t *k, const uint1
 /* 1 when this build has the AVX512-BF16 path (the flags it was compiled with target it). */
 int has_avx512_bf16(void) { return HAVE_AVX512_BF16; }
 
-/* q, out: [bs, kvh * group, d] (float, or bf16 when is_bf16); kv_index: rows of `stride` slots;
-   query b reads row rows[b] (row b when rows is NULL) up to seq_lens[b] keys. One task per query
-   when there are enough for the threads; otherwise one per (query, KV head), so a single long
-   request still uses every thread. `split`: 1 or kvh forces one layout (tests), anything else
-   chooses. Either way each query head's result is computed the same way (the layout only says
-   which thread computes it): the kernel is batch-invariant. */
-void decode_attention(const void *q, const void *k, const void *v, const int64_t *kv_index,
-                      int64_t stride, const int64_t *rows, const int64_t *seq_lens, void *out,
-                      int bs, int kvh, int group, int d, float scale, int is_bf16, int split,
-                      int portable) {
+/* q, out: [bs, kvh * group, d] (float, or bf16 when is_bf16); k, v: the pool's [slots, kvh, d]
+   in q's dtype (kv_kind KV_SAME) or one-byte codes with bf16 scales ks, vs [slots, kvh];
+   kv_index: rows of `stride` slots; query b reads row rows[b] (row b when rows is NULL) up to
+   seq_lens[b] keys. One task per query when there are enough for the threads; otherwise one per
+   (query, KV head), so a single long request still uses every thread. `split`: 1 or kvh forces
+   one layout (tests), anything else chooses. Either way each query head's result is computed the
+   same way (the layout only says which thread computes it): the kernel is batch-invariant.
+   `portable`: 1 keeps the portable loops where the AVX512-BF16 path would apply (A/B, tests). */
+void decode_attention(const void *q, const void *k, const void *v, const uint16_t *ks,
+                      const uint16_t *vs, int kv_kind, const int64_t *kv_index, int64_t stride,
+                      const int64_t *rows, const int64_t *seq_lens, void *out, int bs, int kvh,
+                      int group, int d, float scale, int is_bf16, int split, int portable) {
     int heads = kvh * group;
     if (split != 1 && split != kvh) split = bs >= 2 * omp_get_max_threads() ? 1 : kvh;
+    if (kv_kind != KV_SAME && code_table[KV_E4M3][1] == 0.f) fill_code_tables();
     #pragma omp parallel for schedule(static)
     for (int task = 0; task < bs * split; task++) {
         int b = task / split, part = task % split;
@@ -293,9 +375,9 @@ void decode_attention(const void *q, const void *k, const void *v, const int64_t
         const int64_t *slots = kv_index + (rows ? rows[b] : (int64_t)b) * stride;
 #if HAVE_AVX512_BF16
         if (is_bf16 && d % 32 == 0 && !portable) {
-            attend_bf16_avx512((const uint16_t *)q + base, (const uint16_t *)k,
-                               (const uint16_t *)v, slots, seq_lens[b], kvh, qh0 / group,
-                               qh1 / group, group, d, scale, of);
+            attend_bf16_avx512((const uint16_t *)q + base, (const uint8_t *)k, (const uint8_t *)v,
+                               ks, vs, slots, seq_lens[b], kvh, qh0 / group, qh1 / group, group,
+                               d, kv_kind, scale, of);
             for (int i = qh0 * d; i < qh1 * d; i++) ((uint16_t *)out)[base + i] = f32_to_bf16(of[i]);
             continue;
         }
@@ -303,12 +385,16 @@ void decode_attention(const void *q, const void *k, const void *v, const int64_t
         for (int i = qh0 * d; i < qh1 * d; i++)
             qf[i] = is_bf16 ? bf16_to_f32(((const uint16_t *)q)[base + i])
                             : ((const float *)q)[base + i];
-        if (is_bf16)
-            attend_uint16_t(qf, (const uint16_t *)k, (const uint16_t *)v, slots, seq_lens[b],
-                            kvh, group, d, qh0, qh1, scale, of);
+        if (kv_kind != KV_SAME)
+            attend_uint8_t(qf, (const uint8_t *)k, (const uint8_t *)v, ks, vs,
+                           code_table[kv_kind], slots, seq_lens[b], kvh, group, d, qh0, qh1,
+                           scale, of);
+        else if (is_bf16)
+            attend_uint16_t(qf, (const uint16_t *)k, (const uint16_t *)v, NULL, NULL, NULL, slots,
+                            seq_lens[b], kvh, group, d, qh0, qh1, scale, of);
         else
-            attend_float(qf, (const float *)k, (const float *)v, slots, seq_lens[b], kvh, group,
-                         d, qh0, qh1, scale, of);
+            attend_float(qf, (const float *)k, (const float *)v, NULL, NULL, NULL, slots,
+                         seq_lens[b], kvh, group, d, qh0, qh1, scale, of);
         for (int i = qh0 * d; i < qh1 * d; i++) {
             if (is_bf16) ((uint16_t *)out)[base + i] = f32_to_bf16(of[i]);
             else ((float *)out)[base + i] = of[i];

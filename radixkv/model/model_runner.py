@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from radixkv.mem.kv_quant import QUANTIZED
 from radixkv.mem.req_to_token_pool import ReqToTokenPool
 from radixkv.mem.token_to_kv_pool import KVLayout, TokenToKVPool
 from radixkv.model.attention import AttentionBackend
@@ -25,8 +26,14 @@ def kv_layout(
     dtype: torch.dtype | str | None = None,
     model_dtype: torch.dtype = torch.float32,
 ) -> KVLayout:
-    """The KV pool layout of `config`; its dtype follows the model's unless `dtype` is given."""
-    kv_dtype = model_dtype if dtype is None else resolve_dtype(dtype)
+    """The KV pool layout of `config`; its dtype follows the model's unless `dtype` is given:
+    a dtype, its name, or `int8` / `fp8_e4m3` / `fp8_e5m2` (a quantized pool, `kv_quant.py`)."""
+    if dtype is None or dtype == "auto":
+        kv_dtype = model_dtype
+    elif isinstance(dtype, str) and dtype in QUANTIZED:
+        kv_dtype = QUANTIZED[dtype][0]
+    else:
+        kv_dtype = resolve_dtype(dtype)
     return KVLayout(config.num_layers, config.num_kv_heads, config.head_dim, kv_dtype)
 
 

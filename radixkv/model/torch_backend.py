@@ -85,18 +85,20 @@ class TorchNativeBackend(AttentionBackend):
         self._v_ws = torch.empty_like(self._k_ws)
         # Decode reads K/V straight from the pool with the C kernel where it works (CPU, K/V in
         # the model's dtype, the kernel compiled); otherwise gather + SDPA.
+        layout = token_pool.layout
+        self._quantized = layout.quantized
         self._decode_kernel = (
             token_pool.device.type == "cpu"
-            and token_pool.layout.dtype == dtype
-            and cpu_attention.supports(dtype, num_heads, head_dim)
+            and (layout.dtype == dtype or layout.quantized)
+            and cpu_attention.supports(dtype, num_heads, head_dim, layout.dtype)
             and cpu_attention.available()
         )
         self.deterministic = deterministic
         if deterministic and not self._decode_kernel:
             raise RuntimeError(
                 "deterministic inference runs every attention through the CPU attention kernel, "
-                "which is unavailable here (a CUDA device, a KV dtype other than the model's, no "
-                "C compiler, or RADIXKV_CPU_KERNEL=0)"
+                "which is unavailable here (a CUDA device, an unquantized KV dtype other than "
+                "the model's, no C compiler, or RADIXKV_CPU_KERNEL=0)"
             )
 
     # ---- per batch --------------------------------------------------------------------------
@@ -180,12 +182,11 @@ class TorchNativeBackend(AttentionBackend):
         return _Metadata(None, None, None, False, ragged=reqs)
 
     def _ragged_forward(self, q: torch.Tensor, layer: int, reqs: list[_RaggedReq]) -> torch.Tensor:
-        k_buf, v_buf = self.token_pool.get_kv_buffer(layer)
         out = q.new_empty((q.shape[0], self.num_heads * self.head_dim))
         for r in reqs:
             qr = q[r.start : r.end].transpose(0, 1)[None]  # [1, heads, ext, d]
-            kr = k_buf[r.kv_index].to(self.dtype).transpose(0, 1)[None]  # [1, kv, seq, d]
-            vr = v_buf[r.kv_index].to(self.dtype).transpose(0, 1)[None]
+            kr, vr = self.token_pool.read_kv(layer, r.kv_index, self.dtype)
+            kr, vr = kr.transpose(0, 1)[None], vr.transpose(0, 1)[None]  # [1, kv, seq, d]
             o = F.scaled_dot_product_attention(
                 qr, kr, vr, attn_mask=r.mask, is_causal=r.mask is None, scale=self.scale,
                 enable_gqa=True,
@@ -212,6 +213,9 @@ class TorchNativeBackend(AttentionBackend):
         self.token_pool.set_kv(layer, batch.out_cache_loc, k, v)
         md = self._md
         if md.self_causal:  # bs requests of `ext` fresh tokens each
+            if self._quantized:  # attend to the K/V as stored, as every other path does: a
+                # prompt then gives the same result computed at once, in chunks or from cache
+                k, v = self.token_pool.read_kv(layer, batch.out_cache_loc, q.dtype)
             bs = batch.batch_size
             ext = q.shape[0] // bs
             out = F.scaled_dot_product_attention(
@@ -226,13 +230,16 @@ class TorchNativeBackend(AttentionBackend):
         if md.ragged is not None:
             return self._ragged_forward(q, layer, md.ragged)
         if md.cascade is not None:
-            k_buf, v_buf = self.token_pool.get_kv_buffer(layer)
-            return cascade_decode(q, k_buf, v_buf, md.cascade, self.scale)
+            pool = self.token_pool
+            return cascade_decode(
+                q, lambda index: pool.read_kv(layer, index, q.dtype), md.cascade, self.scale
+            )
         if md.seq_lens is not None:
             assert md.kv_index is not None
             k_buf, v_buf = self.token_pool.get_kv_buffer(layer)
+            scales = self.token_pool.get_kv_scales(layer) if self._quantized else None
             out = cpu_attention.decode_attention(
-                q, k_buf, v_buf, md.kv_index, md.seq_lens, self.scale, rows=md.rows
+                q, k_buf, v_buf, md.kv_index, md.seq_lens, self.scale, rows=md.rows, scales=scales
             )
             return out.view(q.shape[0], -1)
         k_all, v_all = self._gather(layer, md)
@@ -248,6 +255,9 @@ class TorchNativeBackend(AttentionBackend):
     def _gather(self, layer: int, md: _Metadata) -> tuple[torch.Tensor, torch.Tensor]:
         assert md.kv_index is not None
         bs, seq = md.kv_index.shape
+        if self._quantized:  # decoded into fresh tensors
+            k_q, v_q = self.token_pool.read_kv(layer, md.kv_index, self.dtype)
+            return k_q.transpose(1, 2), v_q.transpose(1, 2)  # [bs, kv_heads, S, head_dim]
         flat = md.kv_index.view(-1)
         shape = (bs * seq, self.num_kv_heads, self.head_dim)
         k_buf, v_buf = self.token_pool.get_kv_buffer(layer)

@@ -66,6 +66,12 @@ class TritonAttentionBackend(AttentionBackend):
             )
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of kv heads {num_kv_heads}")
+        if token_pool.layout.quantized:
+            raise ValueError(
+                f"the triton attention backend does not read a quantized KV cache "
+                f"({token_pool.layout.dtype}) yet; use --attention-backend torch or a "
+                "bfloat16/float32 --kv-cache-dtype"
+            )
         self.token_pool = token_pool
         self.req_pool = req_pool
         self.num_heads = num_heads

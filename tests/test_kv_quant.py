@@ -1,0 +1,148 @@
+"""The quantized KV cache: codes and scales, the pool, the CPU kernel and the model runner."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixkv.mem import KVLayout, TokenToKVPool
+from radixkv.mem.kv_quant import QUANTIZED, dequantize, quantize
+from radixkv.model import cpu_attention
+from radixkv.model.model_runner import ModelRunner, kv_layout
+from radixkv.protocol import SamplingParams
+
+CODES = [dtype for dtype, _ in QUANTIZED.values()]
+
+
+@pytest.mark.parametrize(("name", "rel"), [("int8", 0.015), ("fp8_e4m3", 0.04), ("fp8_e5m2", 0.08)])
+def test_codes_round_trip_within_the_format_precision(name, rel):
+    code_dtype, qmax = QUANTIZED[name]
+    x = torch.randn(500, 3, 64) * torch.logspace(-3, 2, 500)[:, None, None]  # 5 decades of scale
+    codes, scale = quantize(x, code_dtype)
+    assert codes.dtype == code_dtype and scale.dtype == torch.bfloat16 and scale.shape == (500, 3)
+    back = dequantize(codes, scale, torch.float32)
+    # per token and head: the error is relative to that head's own magnitude
+    err = (back - x).norm(dim=-1) / x.norm(dim=-1)
+    assert float(err.max()) < rel
+    # the largest value of every head sits at the edge of the code range
+    assert torch.allclose(codes.float().abs().amax(-1), torch.full((500, 3), qmax), rtol=0.01)
+    if code_dtype == torch.int8:  # round to nearest: within half a step of the stored scale
+        assert bool(((back - x).abs() <= scale.float()[..., None] / 2 + 1e-6).all())
+
+
+@pytest.mark.parametrize("code_dtype", CODES)
+def test_zeros_and_tiny_heads_decode_exactly(code_dtype):
+    x = torch.zeros(4, 2, 8)
+    x[1, 1, 3] = 1e-30
+    codes, scale = quantize(x, code_dtype)
+    back = dequantize(codes, scale, torch.float32)
+    assert bool((back[0] == 0).all()) and bool(torch.isfinite(back).all())
+
+
+def test_a_quantized_token_costs_about_half_of_bf16_and_the_budget_holds_1_9x_the_tokens():
+    bf16 = KVLayout(30, 3, 64, torch.bfloat16)
+    assert bf16.bytes_per_token == 23040
+    for code_dtype in CODES:
+        layout = KVLayout(30, 3, 64, code_dtype)
+        assert layout.quantized and layout.bytes_per_token == 2 * 30 * 3 * (64 + 2)
+        budget = 64 * 2**20
+        ratio = (
+            TokenToKVPool.from_memory_budget(layout, budget).capacity
+            / TokenToKVPool.from_memory_budget(bf16, budget).capacity
+        )
+        assert 1.9 < ratio < 1.95
+
+
+@pytest.mark.parametrize("name", list(QUANTIZED))
+def test_the_pool_stores_codes_and_reads_back_decoded_values(name):
+    layout = kv_layout(_config(), name)
+    assert layout.dtype == QUANTIZED[name][0]
+    pool = TokenToKVPool(layout, 64)
+    slots = pool.alloc(5)
+    assert slots is not None
+    k, v = torch.randn(5, 2, 16), torch.randn(5, 2, 16)
+    pool.set_kv(1, slots, k, v)
+    assert pool.k_buffer[1].dtype == layout.dtype and pool.k_scale[1].shape == (65, 2)
+    k_back, v_back = pool.read_kv(1, slots.view(1, 5), torch.float32)
+    assert k_back.shape == (1, 5, 2, 16)
+    want_k = dequantize(*quantize(k, layout.dtype), torch.float32)
+    torch.testing.assert_close(k_back[0], want_k, rtol=0, atol=0)
+    assert float((v_back[0] - v).norm() / v.norm()) < 0.06
+
+
+def _config():
+    from test_model_tiny import tiny_hf  # tests/ is on sys.path
+
+    from radixkv.model.config import ModelConfig
+
+    return ModelConfig.from_hf_dict(tiny_hf(heads=4, kv_heads=2).config.to_dict())
+
+
+def reference(q, k_buf, v_buf, kv_index, seq_lens, scale):
+    group = q.shape[1] // k_buf.shape[1]
+    out = []
+    for b in range(q.shape[0]):
+        slots = kv_index[b, : seq_lens[b]]
+        k = k_buf[slots].float().repeat_interleave(group, dim=1)
+        v = v_buf[slots].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[b].float(), k) * scale
+        out.append(torch.einsum("hl,lhd->hd", scores.softmax(-1), v))
+    return torch.stack(out)
+
+
+@pytest.mark.skipif(not cpu_attention.available(), reason="no C compiler")
+@pytest.mark.parametrize("code_dtype", CODES)
+@pytest.mark.parametrize(("q_dtype", "tol"), [(torch.float32, 2e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize(("kv_heads", "group", "dim"), [(3, 3, 64), (2, 4, 128), (2, 6, 96)])
+@pytest.mark.parametrize("portable", [False, True])
+def test_kernel_reads_codes_as_the_decoded_values(code_dtype, q_dtype, tol, kv_heads, group, dim,
+                                                  portable):  # fmt: skip
+    """The C kernel over codes and scales equals attention over the decoded K/V (bf16 queries:
+    the AVX512-BF16 path where the CPU has it, and the portable loops; fp32: portable)."""
+    g = torch.Generator().manual_seed(dim + group)
+    seq_lens = [1, 2, 17, 33, 300, 0]
+    num_slots = 2048
+    x = torch.randn(2, num_slots, kv_heads, dim, generator=g) * 4
+    (k, ks), (v, vs) = quantize(x[0], code_dtype), quantize(x[1], code_dtype)
+    q = torch.randn(len(seq_lens), kv_heads * group, dim, generator=g).to(q_dtype)
+    kv_index = torch.randperm(num_slots - 1, generator=g)[: 6 * 300].view(6, 300) + 1
+    lens = torch.tensor(seq_lens)
+    got = cpu_attention.decode_attention(
+        q, k, v, kv_index, lens, dim**-0.5, portable=portable, scales=(ks, vs)
+    )
+    want = reference(
+        q, dequantize(k, ks, torch.float32), dequantize(v, vs, torch.float32), kv_index, lens,
+        dim**-0.5,
+    )  # fmt: skip
+    want[lens == 0] = 0.0
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+
+
+def test_kernel_refuses_codes_without_scales():
+    q = torch.randn(1, 2, 64)
+    codes = torch.zeros(4, 1, 64, dtype=torch.int8)
+    idx, lens = torch.zeros(1, 2, dtype=torch.int64), torch.tensor([1])
+    with pytest.raises(ValueError, match="scales given: False"):
+        cpu_attention.decode_attention(q, codes, codes, idx, lens, 0.125)
+
+
+@pytest.mark.parametrize("name", list(QUANTIZED))
+def test_runner_decodes_the_same_tokens_through_the_kernel_and_through_sdpa(name):
+    """fp32 tiny model: the C kernel over codes and the gather + SDPA path over decoded K/V."""
+    from test_model_tiny import ours_from, prompts, tiny_hf
+
+    from radixkv.testing import PoolDriver
+
+    outputs = []
+    for use_kernel in (True, False):
+        model = ours_from(tiny_hf(heads=8, kv_heads=2))
+        runner = ModelRunner.with_pools(
+            model, num_slots=4096, max_running_requests=16, kv_dtype=name
+        )
+        assert runner.token_pool.layout.quantized
+        runner.backend._decode_kernel = use_kernel  # type: ignore[attr-defined]
+        driver = PoolDriver(runner)
+        params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+        reqs = [driver.add(p, params) for p in prompts([5, 40, 17, 90, 3], seed=4)]
+        outputs.append(driver.generate(reqs))
+    assert outputs[0] == outputs[1]
