@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from radixkv.mem.kv_quant import is_quantized
+
 LOG2E = 1.4426950408889634
 BLOCK_H = 16  # query heads per program: tl.dot needs M >= 16 on GPUs; unused rows are masked
 BLOCK_N = 64  # keys per inner step
@@ -39,6 +41,40 @@ def tile_dot(a, b, DOT_F32: tl.constexpr):
     return out
 
 
+@triton.jit
+def load_kv(
+    buf_ptr, scale_ptr, slots, kv_head, offs_d, mask, stride_slot, stride_head, stride_scale,
+    QUANT: tl.constexpr,
+):  # fmt: skip
+    """A `[keys, head_dim]` tile of one KV head from the pool; from a quantized pool, the codes
+    times each key's scale (float32)."""
+    off = slots[:, None] * stride_slot + kv_head * stride_head + offs_d[None, :]
+    if QUANT:  # (no `other=` for fp8 pointers: zero the masked entries after the load)
+        scale = tl.load(scale_ptr + slots * stride_scale + kv_head).to(tl.float32)
+        x = tl.where(mask, tl.load(buf_ptr + off, mask=mask).to(tl.float32) * scale[:, None], 0.0)
+    else:
+        x = tl.load(buf_ptr + off, mask=mask, other=0.0)
+    return x
+
+
+def pool_scales(
+    k_buffer: torch.Tensor, v_buffer: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The scale tensors a kernel is given, and whether the pool is quantized (codes need them;
+    an unquantized pool passes its own buffers, never read)."""
+    quant = is_quantized(k_buffer.dtype)
+    if quant != (scales is not None):
+        raise ValueError(f"a {k_buffer.dtype} pool needs its scales exactly when quantized")
+    return (*(scales if scales is not None else (k_buffer, v_buffer)), quant)
+
+
+@triton.jit
+def dot_operand(x, q, DOT_F32: tl.constexpr):
+    """A K or V tile as a dot operand: float32 where dots run in fp32 (exact from any pool
+    dtype, decoded codes included), else q's dtype (tensor cores)."""
+    return x.to(tl.float32) if DOT_F32 else x.to(q.dtype)
+
+
 def use_f32_dot(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether kernels must widen dot operands to fp32 (see `tile_dot`)."""
     return dtype == torch.float32 or device.type != "cuda"
@@ -54,11 +90,14 @@ def _decode_split_kernel(
     kv_lens_ptr,
     mid_o_ptr,
     mid_lse_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     qk_scale,
     stride_q_tok,
     stride_q_head,
     stride_buf_slot,
     stride_buf_head,
+    stride_scale,
     stride_mid_b,
     stride_mid_h,
     stride_mid_s,
@@ -70,6 +109,7 @@ def _decode_split_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr,
+    QUANT: tl.constexpr,
 ):
     b = tl.program_id(0)
     head_block = tl.program_id(1)
@@ -102,15 +142,22 @@ def _decode_split_kernel(
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
         slots = tl.load(kv_indices_ptr + kv_start + offs_n, mask=mask_n, other=0).to(tl.int64)
-        kv_off = slots[:, None] * stride_buf_slot + kv_head * stride_buf_head + offs_d[None, :]
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_buf_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        k = load_kv(
+            k_buf_ptr, k_scale_ptr, slots, kv_head, offs_d, kv_mask, stride_buf_slot,
+            stride_buf_head, stride_scale, QUANT,
+        )  # fmt: skip
+        k = dot_operand(k, q, DOT_F32)
         qk = tile_dot(q, tl.trans(k), DOT_F32) * qk_scale
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
-        v = tl.load(v_buf_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        v = load_kv(
+            v_buf_ptr, v_scale_ptr, slots, kv_head, offs_d, kv_mask, stride_buf_slot,
+            stride_buf_head, stride_scale, QUANT,
+        )  # fmt: skip
+        v = dot_operand(v, q, DOT_F32)
         acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, DOT_F32)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
@@ -187,8 +234,10 @@ def decode_attention(
     out: torch.Tensor | None = None,
     mid_o: torch.Tensor | None = None,
     mid_lse: torch.Tensor | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Attention of one query token per request to its keys in the pool.
+    """Attention of one query token per request to its keys in the pool (one-byte codes with
+    their bf16 `[slots, kv_heads]` K and V `scales` when the pool is quantized).
 
     `q` `[bs, heads, head_dim]` (last dim contiguous); `k_buffer`/`v_buffer` `[slots, kv_heads,
     head_dim]`; `kv_indices` int32/int64 (any shape, read flat); `kv_start`, `kv_lens` `[bs]`
@@ -216,13 +265,14 @@ def decode_attention(
         return out
     block_d = triton.next_power_of_2(head_dim)
     grid = (bs, kv_heads * triton.cdiv(group, BLOCK_H), num_kv_splits)
+    k_scale, v_scale, quant = pool_scales(k_buffer, v_buffer, scales)
     _decode_split_kernel[grid](
-        q, k_buffer, v_buffer, kv_indices, kv_start, kv_lens, mid_o, mid_lse,
+        q, k_buffer, v_buffer, kv_indices, kv_start, kv_lens, mid_o, mid_lse, k_scale, v_scale,
         scale * LOG2E,
-        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1),
+        q.stride(0), q.stride(1), k_buffer.stride(0), k_buffer.stride(1), k_scale.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
-        DOT_F32=use_f32_dot(q.dtype, q.device),
+        DOT_F32=use_f32_dot(q.dtype, q.device), QUANT=quant,
     )  # fmt: skip
     _decode_merge_kernel[(bs, heads)](
         mid_o, mid_lse, out, num_kv_splits,

@@ -19,7 +19,14 @@ import torch
 import triton
 import triton.language as tl
 
-from radixkv.kernels.decode_attention import LOG2E, tile_dot, use_f32_dot
+from radixkv.kernels.decode_attention import (
+    LOG2E,
+    dot_operand,
+    load_kv,
+    pool_scales,
+    tile_dot,
+    use_f32_dot,
+)
 
 BLOCK_M = 64  # new tokens (queries) per program
 
@@ -37,6 +44,8 @@ def _extend_kernel(
     prefix_lens_ptr,
     extend_start_ptr,
     extend_lens_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     qk_scale,
     stride_q_tok,
     stride_q_head,
@@ -48,12 +57,14 @@ def _extend_kernel(
     stride_o_head,
     stride_buf_slot,
     stride_buf_head,
+    stride_scale,
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr,
+    QUANT: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
@@ -85,15 +96,22 @@ def _extend_kernel(
             offs_n = start + tl.arange(0, BLOCK_N)
             mask_n = offs_n < prefix_len
             slots = tl.load(kv_indices_ptr + kv_start + offs_n, mask=mask_n, other=0).to(tl.int64)
-            off = slots[:, None] * stride_buf_slot + kv_head * stride_buf_head + offs_d[None, :]
             kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(k_buf_ptr + off, mask=kv_mask, other=0.0).to(q.dtype)
+            k = load_kv(
+                k_buf_ptr, k_scale_ptr, slots, kv_head, offs_d, kv_mask, stride_buf_slot,
+                stride_buf_head, stride_scale, QUANT,
+            )  # fmt: skip
+            k = dot_operand(k, q, DOT_F32)
             qk = tile_dot(q, tl.trans(k), DOT_F32) * qk_scale
             qk = tl.where(mask_n[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(qk - m_new[:, None])
-            v = tl.load(v_buf_ptr + off, mask=kv_mask, other=0.0).to(q.dtype)
+            v = load_kv(
+                v_buf_ptr, v_scale_ptr, slots, kv_head, offs_d, kv_mask, stride_buf_slot,
+                stride_buf_head, stride_scale, QUANT,
+            )  # fmt: skip
+            v = dot_operand(v, q, DOT_F32)
             acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, DOT_F32)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
@@ -106,24 +124,37 @@ def _extend_kernel(
             mask_n = offs_n < ext_len
             kv_rows = ext_start + offs_n
             kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(
-                k_ptr + kv_rows[:, None] * stride_k_tok + kv_head * stride_k_head + offs_d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            )
-            k = k.to(kv_dtype).to(q.dtype)
+            if QUANT:  # as stored (the new tokens' slots follow the prefix in the slot list)
+                slots = tl.load(
+                    kv_indices_ptr + kv_start + prefix_len + offs_n, mask=mask_n, other=0
+                ).to(tl.int64)
+                k = load_kv(
+                    k_buf_ptr, k_scale_ptr, slots, kv_head, offs_d, kv_mask, stride_buf_slot,
+                    stride_buf_head, stride_scale, QUANT,
+                )  # fmt: skip
+            else:
+                k = tl.load(
+                    k_ptr + kv_rows[:, None] * stride_k_tok + kv_head * stride_k_head
+                    + offs_d[None, :], mask=kv_mask, other=0.0,
+                ).to(kv_dtype)  # fmt: skip
+            k = dot_operand(k, q, DOT_F32)
             qk = tile_dot(q, tl.trans(k), DOT_F32) * qk_scale
             visible = mask_n[None, :] & (offs_n[None, :] <= offs_m[:, None])
             qk = tl.where(visible, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(qk - m_new[:, None])
-            v = tl.load(
-                v_ptr + kv_rows[:, None] * stride_v_tok + kv_head * stride_v_head + offs_d[None, :],
-                mask=kv_mask,
-                other=0.0,
-            )
-            v = v.to(kv_dtype).to(q.dtype)
+            if QUANT:
+                v = load_kv(
+                    v_buf_ptr, v_scale_ptr, slots, kv_head, offs_d, kv_mask, stride_buf_slot,
+                    stride_buf_head, stride_scale, QUANT,
+                )  # fmt: skip
+            else:
+                v = tl.load(
+                    v_ptr + kv_rows[:, None] * stride_v_tok + kv_head * stride_v_head
+                    + offs_d[None, :], mask=kv_mask, other=0.0,
+                ).to(kv_dtype)  # fmt: skip
+            v = dot_operand(v, q, DOT_F32)
             acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, DOT_F32)
             l_i = l_i * alpha + tl.sum(p, 1)
             m_i = m_new
@@ -151,8 +182,11 @@ def extend_attention(
     *,
     scale: float,
     out: torch.Tensor | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of a packed batch of new tokens over their prefixes and themselves.
+    A quantized pool (one-byte codes, its bf16 K and V `scales`) is read as stored for every
+    key, the new tokens' too (they were stored first): the same values a cached prefix gives.
 
     `q` `[num_tokens, heads, head_dim]`, `k`/`v` `[num_tokens, kv_heads, head_dim]` (this step's
     new K/V, packed like `q`; last dims contiguous); `k_buffer`/`v_buffer` the layer's pool;
@@ -177,13 +211,14 @@ def extend_attention(
         return out
     block_n = 64 if head_dim <= 64 else 32  # keep the K/V tiles of a 128-dim head in registers
     grid = (bs, heads, triton.cdiv(max_extend_len, BLOCK_M))
+    k_scale, v_scale, quant = pool_scales(k_buffer, v_buffer, scales)
     _extend_kernel[grid](
         q, k, v, out, k_buffer, v_buffer, kv_indices, kv_start, prefix_lens, extend_start,
-        extend_lens,
+        extend_lens, k_scale, v_scale,
         scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), k_buffer.stride(0), k_buffer.stride(1),
+        out.stride(0), out.stride(1), k_buffer.stride(0), k_buffer.stride(1), k_scale.stride(0),
         GROUP=heads // kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, DOT_F32=use_f32_dot(q.dtype, q.device),
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, DOT_F32=use_f32_dot(q.dtype, q.device), QUANT=quant,
     )  # fmt: skip
     return out

@@ -26,6 +26,7 @@ pytest.importorskip("triton")
 from radixkv.kernels.decode_attention import decode_attention
 from radixkv.kernels.extend_attention import extend_attention
 from radixkv.kernels.kv_store import store_kv
+from radixkv.mem.kv_quant import CODE_DTYPES, quantize
 from radixkv.mem.req_to_token_pool import ReqToTokenPool
 from radixkv.mem.token_to_kv_pool import KVLayout, TokenToKVPool
 
@@ -56,8 +57,14 @@ class Pools:
         layout = KVLayout(1, KV_HEADS, head_dim, dtype)
         num_slots = (sum(pages) + 3) * page_size
         self.kv = TokenToKVPool(layout, num_slots, page_size=page_size, device=DEVICE)
-        for buffer in self.kv.get_kv_buffer(0):
-            buffer.copy_(self.randn(buffer.shape, dtype))
+        if layout.quantized:  # codes and scales as the pool writes them
+            everything = torch.arange(self.kv.k_buffer[0].shape[0], device=DEVICE)
+            shape = (len(everything), KV_HEADS, head_dim)
+            self.kv.set_kv(0, everything, 3 * self.randn(shape, torch.float32),
+                           3 * self.randn(shape, torch.float32))  # fmt: skip
+        else:
+            for buffer in self.kv.get_kv_buffer(0):
+                buffer.copy_(self.randn(buffer.shape, dtype))
         self.req = ReqToTokenPool(len(seq_lens) + 2, max(seq_lens) + 5, device=DEVICE)
         # Random distinct pages (never page 0), rows 2.. (row 1 stays unused: offsets matter).
         order = torch.randperm(self.kv.num_pages, generator=self.gen) + 1
@@ -213,7 +220,8 @@ def test_extend_rounds_new_tokens_through_a_bf16_pool() -> None:
     run_extend([0, 21], [12, 5], 3, 64, torch.float32, 16, kv_dtype=torch.bfloat16)
 
 
-def test_model_runner_with_triton_backend_matches_torch_backend() -> None:
+@pytest.mark.parametrize("kv_cache_dtype", [None, "int8", "fp8_e4m3"])
+def test_model_runner_with_triton_backend_matches_torch_backend(kv_cache_dtype: str | None) -> None:
     """A tiny random Llama (2 layers, 4 heads over 2 KV heads, head dim 64) generates the same
     greedy tokens with both backends, through a mixed extend batch with a prefix hit and batched
     decodes over ragged lengths; logits agree to fp32 round-off."""
@@ -240,7 +248,8 @@ def test_model_runner_with_triton_backend_matches_torch_backend() -> None:
 
     def run(backend_cls: type, **extra: int) -> tuple[list[list[int]], list[torch.Tensor]]:
         config = model.config
-        token_pool = TokenToKVPool(kv_layout(config, None, model.dtype), 512, device=DEVICE)
+        layout = kv_layout(config, kv_cache_dtype, model.dtype)
+        token_pool = TokenToKVPool(layout, 512, device=DEVICE)
         req_pool = ReqToTokenPool(8, 256, device=DEVICE)
         backend = backend_cls(
             token_pool=token_pool, req_pool=req_pool, num_heads=config.num_heads,
@@ -267,3 +276,74 @@ def test_model_runner_with_triton_backend_matches_torch_backend() -> None:
     assert triton_tokens == torch_tokens
     for ours, ref in zip(triton_logits, torch_logits, strict=True):
         torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+# ---- a quantized pool: one-byte codes and a bf16 scale per slot and KV head ---------------------
+
+
+@pytest.mark.parametrize("code_dtype", list(CODE_DTYPES))
+def test_store_kv_quantizes_as_the_pool_does(code_dtype: torch.dtype) -> None:
+    pools = Pools([5, 19, 33], 64, code_dtype, 16)
+    loc = torch.cat(pools.slots).to(DEVICE)
+    k, v = (pools.randn((len(loc), KV_HEADS, 64), torch.float32).to(DEVICE) for _ in range(2))
+    k_buf, v_buf = pools.kv.get_kv_buffer(0)
+    scales = pools.kv.get_kv_scales(0)
+    with pytest.raises(ValueError, match="scales"):
+        store_kv(k_buf, v_buf, loc, k, v)
+    store_kv(k_buf, v_buf, loc, k, v, scales)
+    for buf, scale_buf, new in ((k_buf, scales[0], k), (v_buf, scales[1], v)):
+        want_codes, want_scale = quantize(new, code_dtype)  # what the torch backend writes
+        assert torch.equal(scale_buf[loc], want_scale)
+        assert torch.equal(buf[loc].float(), want_codes.float())
+
+
+QUANT_CASES = [(3, 64, torch.float32, 1), (1, 128, torch.bfloat16, 16)]
+
+
+@pytest.mark.parametrize("code_dtype", list(CODE_DTYPES))
+@pytest.mark.parametrize(("group", "head_dim", "dtype", "page_size"), QUANT_CASES)
+def test_decode_reads_a_quantized_pool(
+    code_dtype: torch.dtype, group: int, head_dim: int, dtype: torch.dtype, page_size: int
+) -> None:
+    seq_lens = [1, 18, 150]
+    pools = Pools(seq_lens, head_dim, code_dtype, page_size)
+    q = pools.randn((len(seq_lens), KV_HEADS * group, head_dim), dtype).to(DEVICE)
+    k_buf, v_buf = pools.kv.get_kv_buffer(0)
+    lens = torch.tensor(seq_lens, device=DEVICE)
+    scale = head_dim**-0.5
+    out = decode_attention(
+        q, k_buf, v_buf, pools.table, pools.kv_start, lens, scale=scale, num_kv_splits=2,
+        scales=pools.kv.get_kv_scales(0),
+    )  # fmt: skip
+    for b, slots in enumerate(pools.slots):
+        pos = torch.tensor([seq_lens[b] - 1], device=DEVICE)
+        # decoded as the kernel's dots see them: in q's dtype on a GPU, fp32 under the interpreter
+        k, v = pools.kv.read_kv(0, slots, torch.float32 if INTERPRET else dtype)
+        check(out[b : b + 1], reference(q[b : b + 1], k, v, pos, scale), dtype)
+
+
+@pytest.mark.parametrize("code_dtype", list(CODE_DTYPES))
+def test_extend_reads_a_quantized_pool_new_tokens_included(code_dtype: torch.dtype) -> None:
+    """Prefix and new tokens are both read as stored: the result a cached prefix would give."""
+    prefix_lens, extend_lens = [0, 13, 40], [9, 1, 70]
+    seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens, strict=True)]
+    pools = Pools(seq_lens, 64, code_dtype, 1)
+    n = sum(extend_lens)
+    q = pools.randn((n, KV_HEADS * 3, 64), torch.float32).to(DEVICE)
+    k, v = (pools.randn((n, KV_HEADS, 64), torch.float32).to(DEVICE) for _ in range(2))
+    k_buf, v_buf = pools.kv.get_kv_buffer(0)
+    scales = pools.kv.get_kv_scales(0)
+    loc = torch.cat([s[p:] for s, p in zip(pools.slots, prefix_lens, strict=True)]).to(DEVICE)
+    store_kv(k_buf, v_buf, loc, k, v, scales)
+    ext = torch.tensor(extend_lens, device=DEVICE)
+    ext_start = torch.cumsum(ext, 0) - ext
+    out = extend_attention(
+        q, k, v, k_buf, v_buf, pools.table, pools.kv_start,
+        torch.tensor(prefix_lens, device=DEVICE), ext_start, ext, max(extend_lens), scale=0.125,
+        scales=scales,
+    )  # fmt: skip
+    for b, slots in enumerate(pools.slots):
+        rows = slice(int(ext_start[b]), int(ext_start[b] + ext[b]))
+        pos = torch.arange(prefix_lens[b], seq_lens[b], device=DEVICE)
+        k_all, v_all = pools.kv.read_kv(0, slots, torch.float32)
+        check(out[rows], reference(q[rows], k_all, v_all, pos, 0.125), torch.float32)

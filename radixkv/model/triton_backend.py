@@ -66,12 +66,6 @@ class TritonAttentionBackend(AttentionBackend):
             )
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} is not a multiple of kv heads {num_kv_heads}")
-        if token_pool.layout.quantized:
-            raise ValueError(
-                f"the triton attention backend does not read a quantized KV cache "
-                f"({token_pool.layout.dtype}) yet; use --attention-backend torch or a "
-                "bfloat16/float32 --kv-cache-dtype"
-            )
         self.token_pool = token_pool
         self.req_pool = req_pool
         self.num_heads = num_heads
@@ -114,19 +108,20 @@ class TritonAttentionBackend(AttentionBackend):
         if md is None:
             raise RuntimeError("TritonAttentionBackend.forward called before init_forward")
         k_buf, v_buf = self.token_pool.get_kv_buffer(layer)
-        store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
+        scales = self.token_pool.get_kv_scales(layer) if self.token_pool.layout.quantized else None
+        store_kv(k_buf, v_buf, batch.out_cache_loc, k, v, scales)
         table = self.req_pool.req_to_token
         if batch.mode is ForwardMode.DECODE:
             assert md.mid_o is not None and md.mid_lse is not None
             out = decode_attention(
                 q, k_buf, v_buf, table, md.kv_start, batch.seq_lens,
                 scale=self.scale, num_kv_splits=md.mid_o.shape[2], mid_o=md.mid_o,
-                mid_lse=md.mid_lse,
+                mid_lse=md.mid_lse, scales=scales,
             )  # fmt: skip
         else:
             assert md.extend_start is not None
             out = extend_attention(
                 q, k, v, k_buf, v_buf, table, md.kv_start, batch.prefix_lens, md.extend_start,
-                batch.extend_lens, batch.max_extend_len, scale=self.scale,
+                batch.extend_lens, batch.max_extend_len, scale=self.scale, scales=scales,
             )  # fmt: skip
         return out.view(q.shape[0], self.num_heads * self.head_dim)
