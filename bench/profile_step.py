@@ -2,7 +2,7 @@
 the host work around the model (admission, batch building, output processing, encoding).
 
     python bench/profile_step.py [--requests 64] [--context 1024] [--steps 8] [--dtype auto]
-                                 [--torch-profile]
+                                 [--kv-cache-dtype auto] [--torch-profile]
 
 FLOPs are the model's (projections, attention scores and values, the LM head of each sampled
 row), as `ModelConfig.flops_per_token` counts them. The real `Scheduler` runs in this process
@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto, int8, fp8_e4m3, fp8_e5m2, ...")
     ap.add_argument("--max-prefill-tokens", type=int, default=4096)
     ap.add_argument("--torch-profile", action="store_true")
     args = ap.parse_args()
@@ -140,7 +141,8 @@ def main() -> None:
     instrument(timers)
     tokens = args.requests * (args.context + args.steps + 8)
     sched = build_scheduler(ServerArgs(
-        dtype=args.dtype, max_total_tokens=tokens + 1024, max_running_requests=args.requests,
+        dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, max_total_tokens=tokens + 1024,
+        max_running_requests=args.requests,
         max_prefill_tokens=args.max_prefill_tokens, chunked_prefill_size=args.max_prefill_tokens,
         max_context_len=args.context + args.steps + 64,
     ))  # fmt: skip
@@ -149,7 +151,8 @@ def main() -> None:
     config, dtype = runner.config, runner.dtype
     peak = matmul_peak(dtype)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-          f"threads; {dtype}; matmul peak {peak / 1e9:.0f} GFLOP/s (2048^3)")  # fmt: skip
+          f"threads; {dtype}, KV cache {sched.mgr.token_pool.layout.dtype}; matmul peak "
+          f"{peak / 1e9:.0f} GFLOP/s (2048^3)")  # fmt: skip
     rng = random.Random(0)
     warm = SamplingParams(max_new_tokens=2, ignore_eos=True)  # first-call costs, not counted
     for i in range(args.max_prefill_tokens // args.context or 1):
