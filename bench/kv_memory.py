@@ -19,23 +19,28 @@ import random
 import torch
 
 from radixkv.mem import KVCacheManager, KVLayout, RadixCache, ReqToTokenPool, TokenToKVPool
+from radixkv.mem.kv_quant import QUANTIZED
 
-MODELS = {  # layers, KV heads, head dim (bf16 KV cache)
+MODELS = {  # layers, KV heads, head dim
     "Llama-3.1-70B": (80, 8, 128),
     "Llama-2-13B": (40, 40, 128),
     "SmolLM2-135M": (30, 3, 64),
 }
 
 
-def calculator(budget_bytes: int, context: int) -> None:
+def calculator(budget_bytes: int, context: int, kv_dtype: str) -> None:
     gib = budget_bytes / 2**30
-    print(f"KV calculator: bf16 KV, {context}-token requests, {gib:.0f} GiB for KV")
-    print(f"  {'model':<15} {'bytes/token':>12} {'per request':>12} {'requests in budget':>19}")
+    plain = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+    code = QUANTIZED[kv_dtype][0] if kv_dtype in QUANTIZED else plain[kv_dtype]
+    print(f"KV calculator: {kv_dtype} KV, {context}-token requests, {gib:.0f} GiB for KV")
+    print(f"  {'model':<15} {'bytes/token':>12} {'per request':>12} {'requests in budget':>19} "
+          f"{'tokens in budget':>17}")  # fmt: skip
     for name, (layers, heads, dim) in MODELS.items():
-        layout = KVLayout(layers, heads, dim, torch.bfloat16)
+        layout = KVLayout(layers, heads, dim, code)
         per_req = layout.bytes_per_token * context
         print(f"  {name:<15} {layout.bytes_per_token:>12,d} {per_req / 2**20:>10,.0f}Mi "
-              f"{budget_bytes // per_req:>19,d}")  # fmt: skip
+              f"{budget_bytes // per_req:>19,d} "
+              f"{budget_bytes // layout.bytes_per_token:>17,d}")  # fmt: skip
 
 
 def workload(n: int, seed: int) -> list[tuple[int, int]]:
@@ -77,9 +82,14 @@ def main() -> None:
     ap.add_argument("--max-context", type=int, default=4096)
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv-cache-dtype", default="bfloat16,int8",
+                    help="calculator rows: bfloat16, float32, int8, fp8_e4m3, fp8_e5m2 (1-byte "
+                    "codes + a bf16 scale per token and KV head)")  # fmt: skip
     args = ap.parse_args()
     budget = int(args.budget_gib * 2**30)
-    calculator(int(args.calc_budget_gib * 2**30), args.max_context)
+    for kv_dtype in args.kv_cache_dtype.split(","):
+        calculator(int(args.calc_budget_gib * 2**30), args.max_context, kv_dtype)
+        print()
 
     smol = KVLayout(*MODELS["SmolLM2-135M"], torch.bfloat16)
     budget_tokens = budget // smol.bytes_per_token

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import hypothesis.strategies as st
+import torch
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import (
     Bundle,
@@ -99,6 +100,7 @@ class Running:
 
 class HierarchyMachine(RuleBasedStateMachine):
     page_size = 1
+    kv_dtype = torch.float32  # int8 / fp8: a quantized pool (codes and scales)
 
     requests = Bundle("requests")
 
@@ -107,7 +109,7 @@ class HierarchyMachine(RuleBasedStateMachine):
         p = self.page_size
         self.seg = max(p, 3)
         capacity = -(-10 * self.seg // p) * p
-        self.pool = TokenToKVPool(KVLayout(1, 1, 2), capacity, page_size=p)
+        self.pool = TokenToKVPool(KVLayout(1, 1, 2, self.kv_dtype), capacity, page_size=p)
         self.tree = RadixCache(self.pool)
         self.mgr = KVCacheManager(self.pool, ReqToTokenPool(4, 6 * self.seg + 40), self.tree)
         self.ref = Reference(p)
@@ -127,6 +129,27 @@ class HierarchyMachine(RuleBasedStateMachine):
     def next_token(self) -> int:
         self.sample += 1
         return 100 + self.sample % 3
+
+    def write_kv(self, r: Running, start: int, end: int) -> None:
+        """What the model would store for positions [start, end): K = V = (token + 1, pos + 1)."""
+        slots = self.mgr.req_pool.read(r.seq.row, start, end)
+        values = self.expected_kv(r.tokens, start, end)
+        self.pool.set_kv(0, slots, values, values)
+
+    @staticmethod
+    def expected_kv(tokens: list[int], start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end, dtype=torch.float32)
+        return torch.stack([torch.tensor(tokens[start:end]) + 1.0, pos + 1], -1)[:, None, :]
+
+    def check_cached_kv(self, r: Running, n: int) -> None:
+        """The slots the tree gave for a prefix hold that prefix's K/V (decoded, in a quantized
+        pool: within its precision)."""
+        if n:
+            slots = self.mgr.req_pool.read(r.seq.row, 0, n)
+            k, v = self.pool.read_kv(0, slots, torch.float32)
+            want = self.expected_kv(r.tokens, 0, n)
+            tol = 0.07 * want.abs().amax(-1, keepdim=True)  # fp8_e4m3: 2^-4 relative, + margin
+            assert bool(((k - want).abs() <= tol).all()) and bool(((v - want).abs() <= tol).all())
 
     def finish_prefill_step(self, r: Running) -> None:
         """After the model runs the allocated part: cache a chunk or sample the first token."""
@@ -188,23 +211,29 @@ class HierarchyMachine(RuleBasedStateMachine):
             prompt, expected
         )
         r = Running(seq, prompt, len(prompt), chunk_units * max(1, self.page_size // 4))
+        self.check_cached_kv(r, expected)
         self.running.append(r)
-        if self.alloc_step(r, min(len(prompt), seq.kv_len + r.chunk)):
-            self.finish_prefill_step(r)
+        self.prefill_step(r)
         return r
+
+    def prefill_step(self, r: Running) -> None:
+        start = r.seq.kv_len
+        if self.alloc_step(r, min(r.prompt_len, start + r.chunk)):
+            self.write_kv(r, start, r.seq.kv_len)
+            self.finish_prefill_step(r)
 
     @rule(r=requests)
     def prefill_chunk(self, r):
         if r not in self.running or r.done:
             return
-        if self.alloc_step(r, min(r.prompt_len, r.seq.kv_len + r.chunk)):
-            self.finish_prefill_step(r)
+        self.prefill_step(r)
 
     @rule(r=requests)
     def decode(self, r):
         if r not in self.running or not r.done:
             return
-        if self.alloc_step(r, None):
+        if self.alloc_step(r, None):  # the slot of the last sampled token
+            self.write_kv(r, r.seq.kv_len - 1, r.seq.kv_len)
             r.tokens.append(self.next_token())
 
     @rule(r=consumes(requests))
@@ -276,9 +305,23 @@ class HierarchyPage16(HierarchyMachine):
     page_size = 16
 
 
+class HierarchyPage1Int8(HierarchyMachine):
+    page_size = 1
+    kv_dtype = torch.int8
+
+
+class HierarchyPage4Fp8(HierarchyMachine):
+    page_size = 4
+    kv_dtype = torch.float8_e4m3fn
+
+
 TestHierarchyPage1 = HierarchyPage1.TestCase
 TestHierarchyPage1.settings = SETTINGS
 TestHierarchyPage4 = HierarchyPage4.TestCase
 TestHierarchyPage4.settings = SETTINGS
 TestHierarchyPage16 = HierarchyPage16.TestCase
 TestHierarchyPage16.settings = SETTINGS
+TestHierarchyPage1Int8 = HierarchyPage1Int8.TestCase
+TestHierarchyPage1Int8.settings = SETTINGS
+TestHierarchyPage4Fp8 = HierarchyPage4Fp8.TestCase
+TestHierarchyPage4Fp8.settings = SETTINGS
