@@ -146,3 +146,26 @@ def test_runner_decodes_the_same_tokens_through_the_kernel_and_through_sdpa(name
         reqs = [driver.add(p, params) for p in prompts([5, 40, 17, 90, 3], seed=4)]
         outputs.append(driver.generate(reqs))
     assert outputs[0] == outputs[1]
+
+
+def test_deterministic_mode_reads_a_quantized_cache_batch_invariantly():
+    """--deterministic sends every attention through the C kernel, codes included: a request
+    gives the same tokens alone and in a batch."""
+    from test_model_tiny import ours_from, prompts, tiny_hf
+
+    from radixkv.mem import ReqToTokenPool
+    from radixkv.testing import PoolDriver
+
+    model = ours_from(tiny_hf(heads=8, kv_heads=2))
+
+    def driver() -> PoolDriver:
+        pool = TokenToKVPool(kv_layout(model.config, "int8", model.dtype), 4096)
+        rows = ReqToTokenPool(16, model.config.max_position_embeddings)
+        return PoolDriver(ModelRunner(model, pool, rows, "torch", deterministic=True))
+
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    batch = driver()
+    together = batch.generate([batch.add(p, params) for p in prompts([5, 40, 17, 90], seed=6)])
+    for prompt, want in zip(prompts([5, 40, 17, 90], seed=6), together, strict=True):
+        alone = driver()
+        assert alone.generate([alone.add(prompt, params)]) == [want]

@@ -2,7 +2,8 @@
 support desk, a chess tutor, a travel agent, a cooking helper) ask their questions at once, and
 report a few answers, the cache hit rate against the best possible, throughput and latency.
 
-python -m radixkv.tools.demo [--assistants 4] [--questions 8] [--output-len 48] ...
+python -m radixkv.tools.demo [--assistants 4] [--questions 8] [--output-len 48]
+                             [--kv-cache-dtype auto] ...
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--questions", type=int, default=8, help="questions per assistant")
     ap.add_argument("--output-len", type=int, default=48)
     ap.add_argument("--schedule-policy", default="lpm")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto, int8, fp8_e4m3, fp8_e5m2, ...")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -50,11 +52,13 @@ def main(argv: list[str] | None = None) -> None:
 
     requests = assistant_chats(args.assistants, args.questions, args.output_len, args.seed)
     print(f"starting a runtime on {args.model} ...", flush=True)
-    with radixkv.Runtime(model=args.model, schedule_policy=args.schedule_policy) as rt:
+    with radixkv.Runtime(
+        model=args.model, schedule_policy=args.schedule_policy, kv_cache_dtype=args.kv_cache_dtype
+    ) as rt:
         info = rt.ready_info
         print(
-            f"ready: {info.model} ({info.dtype}), KV cache {info.kv_capacity} tokens, "
-            f"page size {info.page_size}, endpoint {rt.endpoint}"
+            f"ready: {info.model} ({info.dtype}), KV cache {info.kv_capacity} tokens "
+            f"({args.kv_cache_dtype}), page size {info.page_size}, endpoint {rt.endpoint}"
         )
         start = time.perf_counter()
         with tqdm(total=len(requests), desc="requests", unit="req", file=sys.stdout) as bar:
