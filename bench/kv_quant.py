@@ -18,8 +18,9 @@ with the model's own KV dtype, in one run.
    With `--dtype float32` a bf16 KV cache is measured too, as a yardstick.
 
 4. `--speed` (instead of 1-3): decode speed at batch 64 with 1024-token contexts (random tokens,
-   no shared prefix), 8 timed decode steps per KV dtype after the prompts are in, tokens/s and
-   the ratio to the model's own KV dtype, all in this process one after the other.
+   no shared prefix): every KV dtype's batch is prefilled, then 4 rounds time 4 decode steps of
+   each dtype in turn (interleaved: a noisy moment hits all alike); the median per dtype,
+   tokens/s and the ratio to the model's own KV dtype.
 
 The real scheduler runs in this process (chunked prefill as configured by default).
 """
@@ -30,6 +31,7 @@ import argparse
 import math
 import platform
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -86,31 +88,42 @@ def run(sched, prompts: list[list[int]], params: SamplingParams) -> dict[str, tu
     return {rid: (tokens[rid], prompt_lp.get(rid, [])) for rid in tokens}
 
 
-def decode_speed(model, own: str, steps: int = 8, bs: int = 64, context: int = 1024) -> None:
-    print(f"## decode speed: batch {bs}, {context}-token contexts, model {own}")
-    print("| KV cache | ms per step | tokens/s | x own dtype |\n|---|---:|---:|---:|")
+def decode_speed(
+    model, own: str, steps: int = 4, rounds: int = 4, bs: int = 64, context: int = 1024
+) -> None:
+    """Every KV dtype's batch is prefilled first; then `rounds` rounds time `steps` decode steps
+    of each dtype in turn, so a noisy moment hits every dtype alike; median of the rounds."""
+    print(f"## decode speed: batch {bs}, {context}-token contexts, model {own}, median of "
+          f"{rounds} interleaved rounds of {steps} steps")  # fmt: skip
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 30000) for _ in range(context)] for _ in range(bs)]
-    base = 0.0
+    total = steps * rounds + 2
+    scheds = {}
     for kv in [own, *KV_DTYPES]:
         sched = build_scheduler(ServerArgs(
-            dtype=own, kv_cache_dtype=kv, max_total_tokens=bs * (context + steps + 8) + 1024,
-            max_running_requests=bs, max_context_len=context + steps + 64,
+            dtype=own, kv_cache_dtype=kv, max_total_tokens=bs * (context + total + 8) + 1024,
+            max_running_requests=bs, max_context_len=context + total + 64,
         ), model)  # fmt: skip
         for i, ids in enumerate(prompts):
-            sched.add_request(
-                f"r{i}", ids, SamplingParams(max_new_tokens=steps + 4, ignore_eos=True)
-            )
+            sched.add_request(f"r{i}", ids, SamplingParams(max_new_tokens=total, ignore_eos=True))
         while sched.waiting or sched.chunked:
             sched.step()
         sched.step()  # the first decode step, untimed
-        start = time.perf_counter()
-        for _ in range(steps):
-            sched.step()
-        per_step = (time.perf_counter() - start) / steps
-        base = base or per_step
-        print(f"| {kv} | {per_step * 1e3:.1f} | {bs / per_step:.0f} | {base / per_step:.2f}x |")
-        del sched
+        scheds[kv] = sched
+    times: dict[str, list[float]] = {kv: [] for kv in scheds}
+    for _ in range(rounds):
+        for kv, sched in scheds.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                sched.step()
+            times[kv].append((time.perf_counter() - start) / steps)
+    print("| KV cache | ms per step (median) | rounds (ms) | tokens/s | x own dtype |")
+    print("|---|---:|---|---:|---:|")
+    base = statistics.median(times[own])
+    for kv, ts in times.items():
+        med = statistics.median(ts)
+        each = " ".join(f"{t * 1e3:.0f}" for t in ts)
+        print(f"| {kv} | {med * 1e3:.1f} | {each} | {bs / med:.0f} | {base / med:.2f}x |")
 
 
 def main() -> None:

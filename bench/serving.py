@@ -1,6 +1,7 @@
 """Serving throughput on one shared-prefix workload, side by side in one run.
 
     python bench/serving.py [--only radix,policy,page,transformers] [--groups 8 ...]
+    (--only lpm: the radix-on row alone)
 
 Rows: radixkv with the radix cache (lpm), without it, with fcfs and dfs-weight, with page size 16;
 and a plain transformers loop on the same requests: `generate` per request, and static batches.
@@ -37,6 +38,7 @@ CONFIGS = {
         ("dfs-weight", {"schedule_policy": "dfs-weight"}),
     ],
     "page": [("page size 16", {"page_size": 16})],
+    "lpm": [("radix on (lpm)", {})],  # the first row alone, for A/B runs of a switch
 }
 
 

@@ -9,6 +9,11 @@ decode attention gathers and reads that prefix once per request; here it is read
 
 Both parts are exact softmax attention over disjoint key sets, so the merge by log-sum-exp gives the
 same result as attending to everything at once (up to float rounding).
+
+`extend_over_prefix` does the same for an extend batch whose requests add one number of tokens to
+cached prefixes of one length (questions after a shared system prompt): the prefix part needs no
+mask (every query sees every prefix key) and the new-token part is plain causal, so both run as
+mask-free flash SDPA instead of one call over a padded `[bs, extend, seq]` additive mask.
 """
 
 from __future__ import annotations
@@ -136,3 +141,43 @@ def cascade_decode(
     w_p = torch.exp(prefix_lse - m)[..., None]
     out = (out_s * w_s + prefix_out * w_p) / (w_s + w_p)
     return out.to(q.dtype).reshape(bs, heads * dim)
+
+
+def extend_over_prefix(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_prefix: torch.Tensor,
+    v_prefix: torch.Tensor,
+    bs: int,
+    scale: float,
+) -> torch.Tensor:
+    """`q [bs * ext, heads, d]` and its new `k`, `v` `[bs * ext, kv_heads, d]` (packed, request
+    after request) over each request's cached prefix `k_prefix`, `v_prefix` `[bs, kv_heads,
+    prefix, d]`; returns `[bs * ext, heads * d]` in q's dtype. CPU: SDPA's flash kernel, which
+    returns the log-sum-exp."""
+    ext, heads, dim = q.shape[0] // bs, q.shape[1], q.shape[2]
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    qh = q.view(bs, ext, heads, dim).transpose(1, 2)  # [bs, heads, ext, d]
+    # every query sees every prefix key: a KV head's query heads fold into the query axis
+    out_p, lse_p = _flash(qh.reshape(bs, kv_heads, group * ext, dim), k_prefix, v_prefix, False,
+                          scale)  # fmt: skip
+    out_p, lse_p = out_p.reshape(bs, heads, ext, dim), lse_p.reshape(bs, heads, ext)
+    kn = k.view(bs, ext, kv_heads, dim).transpose(1, 2).repeat_interleave(group, dim=1)
+    vn = v.view(bs, ext, kv_heads, dim).transpose(1, 2).repeat_interleave(group, dim=1)
+    out_n, lse_n = _flash(qh, kn, vn, True, scale)
+    top = torch.maximum(lse_p, lse_n)
+    w_p, w_n = torch.exp(lse_p - top)[..., None], torch.exp(lse_n - top)[..., None]
+    out = (out_p.float() * w_p + out_n.float() * w_n) / (w_p + w_n)
+    return out.to(q.dtype).transpose(1, 2).reshape(bs * ext, heads * dim)
+
+
+def _flash(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA's CPU flash kernel, which also returns the log-sum-exp `[bs, heads, q_len]`."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, scale=scale
+    )
+    return out, lse

@@ -8,11 +8,11 @@ counterpart of `radixkv.kernels`' Triton decode kernel, and what closes most of 
 fp32 decode and the memory roofline (docs/model.md).
 
 The C source (`decode_attention.c`, beside this file) is compiled on first use with the system
-C compiler (`cc -O3 -march=native -fopenmp`, under a second) into `$RADIXKV_CACHE_DIR/kernels/`
-(default `~/.cache/radixkv`), keyed by the source, the compiler, the flags and the CPU's model
-and feature flags, and loaded with ctypes: no torch headers, no build step at install time.
-Without a compiler (or with `RADIXKV_CPU_KERNEL=0`) the backend keeps the gather + SDPA path;
-`available()` says which.
+C compiler (`cc -O3 -march=native -fopenmp`, ~6 s, once per source and CPU) into
+`$RADIXKV_CACHE_DIR/kernels/` (default `~/.cache/radixkv`), keyed by the source, the compiler,
+the flags and the CPU's model and feature flags, and loaded with ctypes: no torch headers, no
+build step at install time. Without a compiler (or with `RADIXKV_CPU_KERNEL=0`) the backend
+keeps the gather + SDPA path; `available()` says which.
 Where the compiler targets AVX512-BF16, bf16 K/V take the kernel's vector path (`fast_bf16()`);
 `RADIXKV_CPU_KERNEL_AVX512=0` keeps them on the portable C loops (for A/B runs).
 """

@@ -27,7 +27,12 @@ from radixkv.mem.req_to_token_pool import ReqToTokenPool
 from radixkv.mem.token_to_kv_pool import TokenToKVPool
 from radixkv.model import cpu_attention
 from radixkv.model.attention import AttentionBackend
-from radixkv.model.cascade import CascadePlan, cascade_decode, plan_shared_prefixes
+from radixkv.model.cascade import (
+    CascadePlan,
+    cascade_decode,
+    extend_over_prefix,
+    plan_shared_prefixes,
+)
 from radixkv.model.forward_batch import ForwardBatch, ForwardMode
 
 RAGGED_WASTE = 1.5  # pad an extend batch only while padded queries <= 1.5x the real ones
@@ -35,6 +40,11 @@ RAGGED_WASTE = 1.5  # pad an extend batch only while padded queries <= 1.5x the 
 # call (no gather, no mask), faster than the additive mask (docs/model.md: `bench/profile_step.py`
 # with and without it). RADIXKV_BATCHED_CAUSAL=0 turns it off (A/B runs).
 BATCHED_CAUSAL = os.environ.get("RADIXKV_BATCHED_CAUSAL", "1") != "0"
+# Requests that extend a cached prefix of one length by one length (questions after a shared
+# system prompt) attend in two mask-free SDPA calls, the prefix (every query sees every key) and
+# their own new tokens (causal), merged by log-sum-exp, instead of one call over the padded
+# [bs, extend, seq] mask. RADIXKV_PREFIX_SPLIT=0 turns it off (A/B runs).
+PREFIX_SPLIT = os.environ.get("RADIXKV_PREFIX_SPLIT", "1") != "0"
 
 
 @dataclass(slots=True)
@@ -47,6 +57,7 @@ class _Metadata:
     ragged: list[_RaggedReq] | None = None  # extend with very uneven lengths: one call per request
     seq_lens: torch.Tensor | None = None  # the CPU kernel: per query, its keys (`kv_index` rows)
     rows: torch.Tensor | None = None  # the CPU kernel over extend queries: each one's kv_index row
+    prefix_split: bool = False  # extend of one length over cached prefixes of one length
 
 
 @dataclass(slots=True)
@@ -113,6 +124,19 @@ class TorchNativeBackend(AttentionBackend):
             and (batch.batch_size == 1 or (BATCHED_CAUSAL and _equal(batch.extend_lens_list)))
         ):
             self._md = _Metadata(None, None, None, True)  # the fresh K/V, causally
+            return
+        if (
+            PREFIX_SPLIT
+            and batch.mode is ForwardMode.EXTEND
+            and batch.max_seq_len > batch.max_extend_len  # a cached prefix
+            and _equal(batch.extend_lens_list)
+            and int(batch.seq_lens.min()) == batch.max_seq_len  # so every prefix is as long
+            and self.token_pool.device.type == "cpu"
+        ):
+            prefix = batch.max_seq_len - batch.max_extend_len
+            rows = self.req_pool.req_to_token[batch.req_rows, :prefix].to(torch.int64)
+            self._reserve_workspace(rows.numel())
+            self._md = _Metadata(rows, None, None, False, prefix_split=True)
             return
         seq_lens = batch.seq_lens
         cols = torch.arange(batch.max_seq_len, device=seq_lens.device)
@@ -229,6 +253,11 @@ class TorchNativeBackend(AttentionBackend):
             return out.transpose(1, 2).reshape(q.shape[0], -1)
         if md.ragged is not None:
             return self._ragged_forward(q, layer, md.ragged)
+        if md.prefix_split:
+            if self._quantized:  # the new tokens as stored, as every other path reads them
+                k, v = self.token_pool.read_kv(layer, batch.out_cache_loc, q.dtype)
+            k_pre, v_pre = self._gather(layer, md)  # [bs, kv_heads, prefix, d]
+            return extend_over_prefix(q, k, v, k_pre, v_pre, batch.batch_size, self.scale)
         if md.cascade is not None:
             pool = self.token_pool
             return cascade_decode(
