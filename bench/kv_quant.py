@@ -11,13 +11,15 @@ with the model's own KV dtype, in one run.
 2. Perplexity of `bench/data/perplexity.txt` (the Apache License 2.0 and Python's LICENSE.txt,
    fixed English text shipped in the repo; ~5.9k tokens, read in one request with prompt
    logprobs: every position attends to the K/V as the pool stores them).
-3. Greedy agreement: `--prompts` windows of `--prompt-len` tokens of the same text (different
+3. Whether a fixed per-channel offset removed from K before quantizing would help (the ratio of
+   K's squared quantization error without and with it, on the same text).
+4. Greedy agreement: `--prompts` windows of `--prompt-len` tokens of the same text (different
    start offsets, so no prefix is shared), `--new` greedy tokens each, EOS ignored; against the
    model with its own-dtype KV cache: the mean fraction of generated tokens identical before the
    first divergence, and the share of prompts whose whole output is identical.
    With `--dtype float32` a bf16 KV cache is measured too, as a yardstick.
 
-4. `--speed` (instead of 1-3): decode speed at batch 64 with 1024-token contexts (random tokens,
+5. `--speed` (instead of 1-4): decode speed at batch 64 with 1024-token contexts (random tokens,
    no shared prefix): every KV dtype's batch is prefilled, then 4 rounds time 4 decode steps of
    each dtype in turn (interleaved: a noisy moment hits all alike); the median per dtype,
    tokens/s and the ratio to the model's own KV dtype.
@@ -38,7 +40,8 @@ from pathlib import Path
 import torch
 
 from radixkv.config import ServerArgs
-from radixkv.mem.kv_quant import QUANTIZED, quantize
+from radixkv.mem import TokenToKVPool
+from radixkv.mem.kv_quant import QUANTIZED, dequantize, quantize
 from radixkv.model import cpu_attention
 from radixkv.model.loader import load_model
 from radixkv.protocol import SamplingParams
@@ -73,6 +76,40 @@ def attention_error() -> None:
         out = cpu_attention.decode_attention(q, k, v, index, lens, d**-0.5, scales=scales)
         err = (out.float() - exact).abs()
         print(f"| {name} | {float(err.max()):.2e} | {float(err.mean()):.2e} |")
+
+
+def k_centering(model, own: str, text: list[int]) -> None:
+    """Would a fixed per-channel offset help? Subtract from each layer's and KV head's keys the
+    mean of the first 1024 tokens' keys (softmax ignores a constant shift of every key) and
+    compare the quantization error of the remaining keys with and without it."""
+    keys: dict[int, list[torch.Tensor]] = {}
+    store = TokenToKVPool.set_kv
+
+    def record(pool, layer, slots, k, v):  # this bench only: see the keys as the model stores them
+        keys.setdefault(layer, []).append(k.float().clone())
+        return store(pool, layer, slots, k, v)
+
+    TokenToKVPool.set_kv = record  # type: ignore[method-assign]
+    try:
+        sched = build_scheduler(ServerArgs(dtype=own, max_total_tokens=len(text) + 1024,
+                                           max_context_len=len(text) + 64), model)  # fmt: skip
+        run(sched, [text], SamplingParams(max_new_tokens=1))
+    finally:
+        TokenToKVPool.set_kv = store  # type: ignore[method-assign]
+    print("\n## K quantization error with a fixed per-channel offset removed (calibrated on the "
+          "first 1024 tokens, measured on the rest)")  # fmt: skip
+    print("| KV cache | K squared error, plain / centred |\n|---|---:|")
+    for name in ("int8", "fp8_e4m3"):
+        code = QUANTIZED[name][0]
+        plain = centred = 0.0
+        for chunks in keys.values():
+            k = torch.cat(chunks)
+            offset, rest = k[:1024].mean(0), k[1024:]
+            plain += float((dequantize(*quantize(rest, code), torch.float32) - rest).pow(2).sum())
+            shifted = rest - offset
+            back = dequantize(*quantize(shifted, code), torch.float32)
+            centred += float((back - shifted).pow(2).sum())
+        print(f"| {name} | {plain / centred:.2f}x |")
 
 
 def run(sched, prompts: list[list[int]], params: SamplingParams) -> dict[str, tuple[list, list]]:
@@ -166,6 +203,7 @@ def main() -> None:
         base_ppl = base_ppl or ppl
         layout = sched.mgr.token_pool.layout
         print(f"| {kv} | {layout.bytes_per_token} | {ppl:.4f} | {ppl / base_ppl - 1:+.2%} |")
+    k_centering(model, own, text)
     if args.skip_greedy:
         return
     print(f"\n## greedy agreement: {args.prompts} prompts of {args.prompt_len} tokens, "

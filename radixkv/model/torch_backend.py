@@ -238,7 +238,7 @@ class TorchNativeBackend(AttentionBackend):
         md = self._md
         if md.self_causal:  # bs requests of `ext` fresh tokens each
             if self._quantized:  # attend to the K/V as stored, as every other path does: a
-                # prompt then gives the same result computed at once, in chunks or from cache
+                # prompt then sees the same codes computed at once, in chunks or from cache
                 k, v = self.token_pool.read_kv(layer, batch.out_cache_loc, q.dtype)
             bs = batch.batch_size
             ext = q.shape[0] // bs
