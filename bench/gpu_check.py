@@ -20,7 +20,8 @@ Steps of gpu_check.sh; each check is PASS or FAIL (INFO: measured, with no bound
      GGUF and device: weights, prefill logits, greedy tokens of one batch; the prefix-hit and
      mixed-batch checks of tests/test_model_smollm2.py; the in-process scheduler: chat prompts
      and its idle integrity check, the 64 shared-prefix prompts of tests/test_runtime_e2e.py and
-     their prefix hits, memory pressure equal to roomy; bf16 logits (the bound of
+     their prefix hits, memory pressure equal to roomy; int8 and fp8_e4m3 KV caches through the
+     scheduler (the Triton kernels' quantized paths; agreement INFO); bf16 logits (the bound of
      test_bf16_logits_close_to_fp32; INFO on a model of fewer than 30 blocks) and tokens (INFO);
   5. `throughput` (INFO): a prompt's prefill and a batch's decode through PoolDriver, a bare
      forward, and transformers on the same shapes, random weights in SmolLM2-135M's 30 layers;
@@ -338,6 +339,21 @@ class Greedy:
         detail = f"outputs equal {tight == roomy}; retractions {st.retractions}, "
         return verdict(ok), f"{detail}evicted {st.evicted_tokens}, kv_used after {st.kv_used}"
 
+    def check_quantized_kv(self) -> Result:
+        """int8 and fp8_e4m3 KV caches through the scheduler (the Triton kernels on CUDA): every
+        request finishes, the pool is whole when idle, and the greedy agreement with the fp32 KV
+        cache's outputs is reported (quantized K/V may change tokens: INFO, not a failure)."""
+        assert self.refs is not None
+        parts, ok = [], True
+        for kv in ("int8", "fp8_e4m3"):
+            outs, _, s = self.schedule(self.prompts, self.args.new_tokens, max_total_tokens=16384,
+                                       kv_cache_dtype=kv)  # fmt: skip
+            s.check_idle()
+            ok = ok and all(len(o) == self.args.new_tokens for o in outs)
+            same = sum(o == r for o, r in zip(outs, self.refs, strict=True))
+            parts.append(f"{kv}: {same}/{len(outs)} outputs equal fp32 transformers'")
+        return ("INFO" if ok else "FAIL"), "; ".join(parts) + "; idle integrity checks passed"
+
     def check_bf16(self) -> Result:
         """test_bf16_logits_close_to_fp32's criterion. Its bound was set on the whole 30-layer
         model, so on a model cut to fewer blocks (off-distribution) it is only reported. Greedy
@@ -369,6 +385,7 @@ GREEDY_CHECKS = [  # (name, method, seconds it needs before the deadline, what i
     ("scheduler chat prompts vs transformers", Greedy.check_scheduler_chat, 0, "refs"),
     ("scheduler shared-prefix requests vs transformers", Greedy.check_shared_prefix, 60, "hf"),
     ("scheduler under memory pressure equals roomy", Greedy.check_pressure, 45, None),
+    ("int8 / fp8_e4m3 KV cache through the scheduler", Greedy.check_quantized_kv, 30, "refs"),
     ("bf16 prefill logits close to fp32", Greedy.check_bf16, 30, "refs"),
 ]
 
