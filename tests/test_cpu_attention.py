@@ -124,7 +124,10 @@ def test_kernel_refuses_what_it_cannot_do():
         cpu_attention.decode_attention(q[:, :3], buf, buf, idx, lens, 0.125)
 
 
-def test_runner_decodes_the_same_tokens_with_and_without_the_kernel():
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "fp8_e4m3", "fp8_e5m2"])
+def test_runner_decodes_the_same_tokens_with_and_without_the_kernel(kv_dtype):
+    """fp32 tiny model: the C kernel (over codes, in a quantized pool) and the gather + SDPA
+    path (over the decoded K/V) give the same greedy tokens."""
     from test_model_tiny import ours_from, prompts, tiny_hf  # tests/ is on sys.path
 
     from radixkv.testing import PoolDriver
@@ -132,7 +135,10 @@ def test_runner_decodes_the_same_tokens_with_and_without_the_kernel():
     outputs = []
     for use_kernel in (True, False):
         model = ours_from(tiny_hf(heads=8, kv_heads=2))
-        runner = ModelRunner.with_pools(model, num_slots=4096, max_running_requests=16)
+        runner = ModelRunner.with_pools(
+            model, num_slots=4096, max_running_requests=16, kv_dtype=kv_dtype
+        )
+        assert runner.token_pool.layout.quantized == (kv_dtype is not None)
         assert runner.backend._decode_kernel  # type: ignore[attr-defined]
         runner.backend._decode_kernel = use_kernel  # type: ignore[attr-defined]
         driver = PoolDriver(runner)

@@ -126,28 +126,6 @@ def test_kernel_refuses_codes_without_scales():
         cpu_attention.decode_attention(q, codes, codes, idx, lens, 0.125)
 
 
-@pytest.mark.parametrize("name", list(QUANTIZED))
-def test_runner_decodes_the_same_tokens_through_the_kernel_and_through_sdpa(name):
-    """fp32 tiny model: the C kernel over codes and the gather + SDPA path over decoded K/V."""
-    from test_model_tiny import ours_from, prompts, tiny_hf
-
-    from radixkv.testing import PoolDriver
-
-    outputs = []
-    for use_kernel in (True, False):
-        model = ours_from(tiny_hf(heads=8, kv_heads=2))
-        runner = ModelRunner.with_pools(
-            model, num_slots=4096, max_running_requests=16, kv_dtype=name
-        )
-        assert runner.token_pool.layout.quantized
-        runner.backend._decode_kernel = use_kernel  # type: ignore[attr-defined]
-        driver = PoolDriver(runner)
-        params = SamplingParams(max_new_tokens=10, ignore_eos=True)
-        reqs = [driver.add(p, params) for p in prompts([5, 40, 17, 90, 3], seed=4)]
-        outputs.append(driver.generate(reqs))
-    assert outputs[0] == outputs[1]
-
-
 def test_deterministic_mode_reads_a_quantized_cache_batch_invariantly():
     """--deterministic sends every attention through the C kernel, codes included: a request
     gives the same tokens alone and in a batch."""
