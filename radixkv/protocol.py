@@ -128,6 +128,26 @@ class GenerateRequest(msgspec.Struct, tag="generate", kw_only=True, forbid_unkno
     cache_salt: str | None = None
 
 
+def salted_key_head(first_token: int, salt: str) -> int:
+    """The radix-tree key of a salted request's first token (cache isolation, vLLM's
+    `cache_salt`); here because cache events carry tree keys and a router computes the same.
+
+    Keys are token ids (>= 0); a salted request's first key is instead a negative number mixed from
+    the salt and that token. Requests with the same salt and prompt meet on it and share as usual;
+    with another salt, or none, they differ from the first token on, so they never share a node,
+    and so never a KV slot. The KV stored is the token's own: only the key is salted.
+    """
+    digest = hashlib.blake2b(f"{first_token}:{salt}".encode(), digest_size=7).digest()
+    return -1 - int.from_bytes(digest, "little")
+
+
+def tree_key(input_ids: list[int], cache_salt: str | None) -> list[int]:
+    """The radix-tree key of a prompt: its ids, the first salted when it has a salt."""
+    if cache_salt is None or not input_ids:
+        return input_ids
+    return [salted_key_head(input_ids[0], cache_salt), *input_ids[1:]]
+
+
 def key_cache_salt(api_key: str, cache_salt: str | None) -> str:
     """The salt of a request under `--isolate-cache-per-key`: one per key (a digest, so the key
     itself is never a tree key), combined with the request's own salt if it gave one."""
@@ -167,6 +187,14 @@ class DetokenizeRequest(msgspec.Struct, tag="detokenize", kw_only=True, forbid_u
     api_key: str | None = None
 
 
+class GetServerInfoRequest(msgspec.Struct, tag="get_server_info", kw_only=True):
+    """The scheduler's start-up handshake (`Ready`): model, KV capacity, context length, and
+    where it publishes cache events; a router asks each worker for it."""
+
+    rid: str = ""
+    api_key: str | None = None
+
+
 ClientMessage = (
     GenerateRequest
     | AbortRequest
@@ -174,6 +202,7 @@ ClientMessage = (
     | GetStatsRequest
     | TokenizeRequest
     | DetokenizeRequest
+    | GetServerInfoRequest
 )
 
 
@@ -245,10 +274,24 @@ class Stats(msgspec.Struct, kw_only=True):
     protected: int = 0
     running: int = 0
     waiting: int = 0
+    # from a router: each worker's own (the fields above are their sums)
+    workers: list[WorkerStats] = msgspec.field(default_factory=list)
 
     @property
     def hit_rate(self) -> float:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+class WorkerStats(msgspec.Struct, kw_only=True):
+    """One worker behind a router: its endpoint, whether it is in the rotation, the requests the
+    router has in flight there and has sent there since it started, and its own `Stats` (None
+    while it is down)."""
+
+    worker: str
+    alive: bool
+    in_flight: int
+    routed: int
+    stats: Stats | None = None
 
 
 class StatsReply(msgspec.Struct, tag="stats", kw_only=True):
@@ -273,6 +316,11 @@ class DetokenizeReply(msgspec.Struct, tag="text", kw_only=True):
     text: str
 
 
+class ServerInfoReply(msgspec.Struct, tag="server_info", kw_only=True):
+    rid: str
+    ready: Ready
+
+
 RuntimeReply = (
     TokenChunk
     | GenerateResult
@@ -281,6 +329,7 @@ RuntimeReply = (
     | FlushReply
     | TokenizeReply
     | DetokenizeReply
+    | ServerInfoReply
 )
 
 
@@ -345,6 +394,7 @@ class Ready(msgspec.Struct, tag="ready", kw_only=True):
     max_running_requests: int
     dtype: str
     eos_token_ids: list[int]
+    cache_events: str | None = None  # the PUB endpoint of its cache events (--cache-events-port)
 
 
 class Fatal(msgspec.Struct, tag="fatal", kw_only=True):
@@ -354,6 +404,28 @@ class Fatal(msgspec.Struct, tag="fatal", kw_only=True):
 
 
 SchedulerReply = BatchOutput | ReqError | StatsReply | FlushReply | Ready | Fatal
+
+
+# ---- scheduler → router (PUB/SUB) ---------------------------------------------------------------
+
+
+class CacheEvent(msgspec.Struct, array_like=True, frozen=True):
+    """A change to a worker's radix tree. `tokens` is a path from the root in tree keys (token
+    ids; a salted request's first key salted, `tree_key`). "stored": the whole path is cached;
+    "removed": the path is cut back to its first `keep` tokens (a leaf evicted); "cleared": the
+    whole tree was flushed (no tokens)."""
+
+    kind: str
+    tokens: list[int]
+    keep: int = 0
+
+
+class CacheEvents(msgspec.Struct, tag="cache_events"):
+    """The events of one scheduler step, numbered: a router that sees a gap in `seq` (a slow
+    subscriber's messages were dropped) knows its view of that worker is incomplete."""
+
+    seq: int
+    events: list[CacheEvent]
 
 
 # ---- codec --------------------------------------------------------------------------------------
@@ -378,6 +450,11 @@ class Codec:
 
 class FrameTooLarge(ValueError):
     pass
+
+
+def cache_events_codec() -> Codec:
+    """What a router decodes from a worker's cache-event publisher."""
+    return Codec(CacheEvents)
 
 
 def client_codec() -> Codec:

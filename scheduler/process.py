@@ -7,6 +7,7 @@ parent process is gone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -24,6 +25,7 @@ from radixkv.model.model_runner import ModelRunner, kv_layout
 from radixkv.protocol import (
     AbortRequest,
     BatchOutput,
+    CacheEvents,
     Fatal,
     FlushCacheRequest,
     FlushReply,
@@ -65,10 +67,18 @@ def build_scheduler(args: ServerArgs, model: LlamaForCausalLM | None = None) -> 
 class SchedulerLoop:
     """Owns the sockets; translates messages into Scheduler calls and outputs into messages."""
 
-    def __init__(self, scheduler: Scheduler, recv: zmq.Socket, send: zmq.Socket) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        recv: zmq.Socket,
+        send: zmq.Socket,
+        events: zmq.Socket | None = None,
+    ) -> None:
         self.scheduler = scheduler
         self.recv = recv
         self.send = send
+        self.events = events  # PUB: the radix tree's stored/removed paths, for a router
+        self.events_seq = 0
         self.codec = scheduler_codec()
         self.encoder = msgspec.msgpack.Encoder()
         self.parent = os.getppid()
@@ -88,11 +98,22 @@ class SchedulerLoop:
                 self.send.send(self.encoder.encode(BatchOutput(outputs)))
             for error in self.scheduler.take_rejected():
                 self.send.send(self.encoder.encode(error))
+            if self.events is not None:
+                self._publish_events(self.events)
             if time.monotonic() - last_parent_check > 1.0:
                 last_parent_check = time.monotonic()
                 if os.getppid() != self.parent:
                     log.error("parent process is gone; scheduler exiting")
                     return
+
+    def _publish_events(self, events: zmq.Socket) -> None:
+        """The tree's stored/removed paths since the last step, as one numbered message (a PUB
+        drops rather than blocks: a subscriber that falls behind sees a gap in `seq`)."""
+        batch = self.scheduler.mgr.tree.take_events()
+        if batch:
+            self.events_seq += 1
+            with contextlib.suppress(zmq.Again):
+                events.send(self.encoder.encode(CacheEvents(self.events_seq, batch)), zmq.NOBLOCK)
 
     def _drain(self, block_ms: int) -> None:
         if block_ms and not self.recv.poll(block_ms):
@@ -143,12 +164,23 @@ def run_scheduler(args: ServerArgs, in_addr: str, out_addr: str) -> None:
     send.setsockopt(zmq.LINGER, 2000)
     send.connect(out_addr)
     encoder = msgspec.msgpack.Encoder()
+    events: zmq.Socket | None = None
     try:
+        if args.num_threads is not None:
+            torch.set_num_threads(args.num_threads)
         torch.manual_seed(args.seed)
         scheduler = build_scheduler(args)
+        if args.cache_events_port is not None:
+            events = ctx.socket(zmq.PUB)
+            events.setsockopt(zmq.LINGER, 0)
+            events.setsockopt(zmq.SNDHWM, 100_000)
+            events.bind(f"tcp://{args.host}:{args.cache_events_port or '*'}")
+            scheduler.mgr.tree.record_events()
     except Exception as exc:  # the runtime must hear why, not wait for a dead child
         detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
         send.send(encoder.encode(Fatal(message=f"scheduler failed to start: {detail}")))
+        if events is not None:
+            events.close()
         recv.close(linger=0)
         send.close()
         ctx.term()
@@ -169,11 +201,14 @@ def run_scheduler(args: ServerArgs, in_addr: str, out_addr: str) -> None:
         max_running_requests=scheduler.mgr.req_pool.size,
         dtype=str(runner.dtype).removeprefix("torch."),
         eos_token_ids=sorted(runner.config.eos_token_ids),
+        cache_events=events.getsockopt_string(zmq.LAST_ENDPOINT) if events is not None else None,
     )
     send.send(encoder.encode(ready))
     try:
-        SchedulerLoop(scheduler, recv, send).run()
+        SchedulerLoop(scheduler, recv, send, events).run()
     finally:
+        if events is not None:
+            events.close()
         recv.close(linger=0)
         send.close()
         ctx.term()

@@ -8,9 +8,8 @@ from typing import Any
 import torch
 
 from radixkv.mem import SeqSlots
-from radixkv.mem.radix_cache import salted_key_head
 from radixkv.model.sampler import make_generator
-from radixkv.protocol import SamplingParams, TokenLogprob
+from radixkv.protocol import SamplingParams, TokenLogprob, salted_key_head
 
 
 class Req:

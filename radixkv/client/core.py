@@ -31,8 +31,11 @@ from radixkv.protocol import (
     FlushReply,
     GenerateRequest,
     GenerateResult,
+    GetServerInfoRequest,
     GetStatsRequest,
+    Ready,
     SamplingParams,
+    ServerInfoReply,
     Stats,
     StatsReply,
     TokenChunk,
@@ -267,6 +270,12 @@ class ClientAPI(abc.ABC):
         """The scheduler's counters and gauges (`Stats.hit_rate` = cached / prompt tokens)."""
         return self._control(Control(GetStatsRequest, {}, _stats_of), self._timeout(timeout))
 
+    def server_info(self, timeout: float | None = None) -> Any:
+        """What the runtime serves (`Ready`: model, KV capacity in tokens, page size, context
+        length, dtype, EOS ids, and where it publishes cache events, if it does)."""
+        control = Control(GetServerInfoRequest, {}, _ready_of)
+        return self._control(control, self._timeout(timeout))
+
     def flush_cache(self, timeout: float | None = None) -> Any:
         """Empty the radix cache; raises RequestError while requests are in flight."""
         return self._control(Control(FlushCacheRequest, {}, _flushed), self._timeout(timeout))
@@ -413,6 +422,10 @@ def _expect(reply: Any, kind: type) -> Any:
 
 def _stats_of(reply: Any) -> Stats:
     return _expect(reply, StatsReply).stats
+
+
+def _ready_of(reply: Any) -> Ready:
+    return _expect(reply, ServerInfoReply).ready
 
 
 def _token_ids(reply: Any) -> list[int]:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -31,7 +31,38 @@ from radixkv.config import ServerArgs, setup_logging
 from radixkv.frontend.scheduler_child import DEFAULT_SCHEDULER, describe_exit
 from radixkv.protocol import Ready
 
+if TYPE_CHECKING:
+    from radixkv.frontend.endpoint import ClientEndpoint
+
 log = logging.getLogger("radixkv.runtime")
+
+
+def make_server(
+    args: ServerArgs,
+    scheduler: str = DEFAULT_SCHEDULER,
+    scheduler_kwargs: dict[str, Any] | None = None,
+    workers: list[str] | None = None,
+) -> ClientEndpoint:
+    """The process's server: one runtime; with `args.dp > 1` a router in front of that many
+    worker runtimes (local processes, or Ray actors with `args.ray_address`); with `workers`
+    (endpoints), a router in front of runtimes started elsewhere."""
+    if workers is None and args.dp == 1:
+        from radixkv.frontend.server import RuntimeServer
+
+        return RuntimeServer(args, scheduler, scheduler_kwargs)
+    from radixkv.router.server import RouterServer
+    from radixkv.router.workers import LocalWorkers, StaticWorkers, WorkerPool
+
+    pool: WorkerPool
+    if workers is not None:
+        pool = StaticWorkers(workers, args.worker_api_key)
+    elif args.ray_address is not None:
+        from radixkv.router.ray_workers import RayWorkers
+
+        pool = RayWorkers(args, scheduler, scheduler_kwargs)
+    else:
+        pool = LocalWorkers(args, scheduler, scheduler_kwargs)
+    return RouterServer(args, pool)
 
 
 def serve(
@@ -39,14 +70,14 @@ def serve(
     start_timeout: float,
     scheduler: str = DEFAULT_SCHEDULER,
     scheduler_kwargs: dict[str, Any] | None = None,
+    workers: list[str] | None = None,
 ) -> int:
-    """Be the runtime process, in the foreground, until SIGINT/SIGTERM; returns the exit status."""
-    from radixkv.frontend.server import RuntimeServer
-
+    """Be the runtime (or router) process, in the foreground, until SIGINT/SIGTERM; returns the
+    exit status."""
     setup_logging(args.log_level)
     try:
-        server = RuntimeServer(args, scheduler, scheduler_kwargs)
-    except OSError as exc:
+        server = make_server(args, scheduler, scheduler_kwargs, workers)
+    except (OSError, ValueError, ImportError) as exc:
         log.error("radixkv failed to start: %s", exc)
         return 1
     signal.signal(signal.SIGINT, lambda *_: server.drain())
@@ -57,10 +88,11 @@ def serve(
         except Exception as exc:
             log.error("radixkv failed to start: %s", exc)
             return 1
+        behind = f" behind a router, {server.describe()}" if server.describe() else ""
         log.info(
             "model %s (%s): KV cache %d tokens (page size %d), context %d, up to %d running "
-            "requests", ready.model, ready.dtype, ready.kv_capacity, ready.page_size,
-            ready.max_context_len, ready.max_running_requests,
+            "requests%s", ready.model, ready.dtype, ready.kv_capacity, ready.page_size,
+            ready.max_context_len, ready.max_running_requests, behind,
         )  # fmt: skip
         auth = " (API key required)" if args.api_keys else ""
         http = f", HTTP {server.http.url}" if server.http is not None else ""
@@ -100,14 +132,12 @@ def _child_main(fd: int) -> None:
     conn = Connection(fd)
     launch = msgspec.msgpack.decode(conn.recv_bytes(), type=Launch)
     sys.path[:] = launch.sys_path
-    from radixkv.frontend.server import RuntimeServer
-
     args = launch.args
     setup_logging(args.log_level)
     encoder = msgspec.msgpack.Encoder()
-    server: RuntimeServer | None = None
+    server: ClientEndpoint | None = None
     try:
-        server = RuntimeServer(args, launch.scheduler, launch.scheduler_kwargs)
+        server = make_server(args, launch.scheduler, launch.scheduler_kwargs)
         signal.signal(signal.SIGTERM, lambda *_: server.drain() if server else None)
         ready = server.start(launch.ready_timeout)
         http_url = server.http.url if server.http is not None else None

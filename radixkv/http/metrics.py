@@ -99,6 +99,45 @@ class StatsCollector(Collector):
             yield GaugeMetricFamily(name, doc, value=usage)
         doc = "cached_tokens / prompt_tokens since start."
         yield GaugeMetricFamily("sglang:cache_hit_rate", doc, value=s.hit_rate)
+        if s.workers:
+            yield from _worker_metrics(s)
+
+
+# behind a router: (WorkerStats field or Stats field, metric name, help), one sample per worker
+WORKER_GAUGES = (
+    ("alive", "worker_up", "1 while the worker is in the router's rotation."),
+    ("in_flight", "worker_in_flight_requests", "Requests the router has in flight there."),
+    ("routed", "worker_routed_requests", "Requests the router sent there since it started."),
+)
+WORKER_STATS = (
+    ("prompt_tokens", "worker_prompt_tokens", "Prompt tokens of requests it admitted."),
+    ("cached_tokens", "worker_cached_prompt_tokens", "Prompt tokens its radix cache served."),
+    ("kv_used", "worker_kv_used_tokens", "KV slots in use and not evictable there."),
+    ("running", "worker_running_requests", "Requests running there."),
+    ("waiting", "worker_waiting_requests", "Requests waiting for admission there."),
+)
+
+
+def _worker_metrics(s: Stats) -> Iterator[Metric]:
+    """Per-worker gauges, labelled by the worker's endpoint."""
+    for field, name, doc in WORKER_GAUGES:
+        family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["worker"])
+        for w in s.workers:
+            family.add_metric([w.worker], float(getattr(w, field)))
+        yield family
+    for field, name, doc in WORKER_STATS:
+        family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["worker"])
+        for w in s.workers:
+            if w.stats is not None:
+                family.add_metric([w.worker], float(getattr(w.stats, field)))
+        yield family
+    family = GaugeMetricFamily(f"{PREFIX}_worker_cache_hit_rate",
+                               "cached / prompt tokens of the worker since it started.",
+                               labels=["worker"])  # fmt: skip
+    for w in s.workers:
+        if w.stats is not None:
+            family.add_metric([w.worker], w.stats.hit_rate)
+    yield family
 
 
 class RuntimeMetrics:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -11,6 +10,7 @@ import torch
 from sortedcontainers import SortedKeyList
 
 from radixkv.mem.token_to_kv_pool import TokenToKVPool
+from radixkv.protocol import CacheEvent
 
 _EMPTY = torch.empty(0, dtype=torch.int64)
 
@@ -52,18 +52,6 @@ def _lru_key(node: TreeNode) -> tuple[int, int]:
     return (node.last_access, node.id)
 
 
-def salted_key_head(first_token: int, salt: str) -> int:
-    """The tree key of a salted request's first token (cache isolation, vLLM's `cache_salt`).
-
-    Keys are token ids (>= 0); a salted request's first key is instead a negative number mixed from
-    the salt and that token. Requests with the same salt and prompt meet on it and share as usual;
-    with another salt, or none, they differ from the first token on, so they never share a node,
-    and so never a KV slot. The KV stored is the token's own: only the key is salted.
-    """
-    digest = hashlib.blake2b(f"{first_token}:{salt}".encode(), digest_size=7).digest()
-    return -1 - int.from_bytes(digest, "little")
-
-
 def _as_list(tokens: Sequence[int] | torch.Tensor) -> list[int]:
     if isinstance(tokens, list):
         return tokens
@@ -94,7 +82,19 @@ class RadixCache:
         self.disable = disable
         self._ids = itertools.count()
         self.evicted_tokens = 0  # monotonic: every slot `evict` ever freed
+        # with `record_events()`: what was stored and removed since `take_events()` (a router's
+        # view of this tree; docs/scaling.md)
+        self.events: list[CacheEvent] | None = None
         self.reset_tree()
+
+    def record_events(self) -> None:
+        """From now on, note every path stored and every leaf evicted (`take_events`)."""
+        self.events = []
+
+    def take_events(self) -> list[CacheEvent]:
+        """The events since the last call (none unless `record_events` was called)."""
+        events, self.events = self.events, [] if self.events is not None else None
+        return events or []
 
     # ---- size info ---------------------------------------------------------------------------
 
@@ -197,6 +197,8 @@ class RadixCache:
             if child is None:
                 present = pos
                 node = self._add_leaf(node, key[pos:aligned], slots[pos:aligned])
+                if self.events is not None:
+                    self.events.append(CacheEvent("stored", key[:aligned]))
                 values.append(node.value)
                 break
             m = self._common_len(child.key, key, pos, aligned)
@@ -248,6 +250,9 @@ class RadixCache:
             assert parent is not None
             del parent.children[self._child_key(node.key, 0)]
             freed.append(node.value)
+            if self.events is not None:
+                path = self._path(node)
+                self.events.append(CacheEvent("removed", path, len(path) - len(node.key)))
             count += len(node.key)
             self._evictable -= len(node.key)
             if parent is not self.root and parent.lock_ref == 0 and not parent.children:
@@ -275,6 +280,8 @@ class RadixCache:
         self._evictable = 0
         self._protected = 0
         self._clock = 0
+        if self.events is not None:
+            self.events.append(CacheEvent("cleared", []))
 
     def cached_slots(self) -> torch.Tensor:
         """Every slot the tree holds (for integrity checks and tests; walks the tree)."""
@@ -368,6 +375,14 @@ class RadixCache:
         if not values:
             return MatchResult(_EMPTY, node)
         return MatchResult(values[0] if len(values) == 1 else torch.cat(values), node)
+
+    def _path(self, node: TreeNode) -> list[int]:
+        """The keys from the root to the end of `node`."""
+        parts: list[list[int]] = []
+        while node is not self.root:
+            parts.append(node.key)
+            node = node.parent  # type: ignore[assignment]
+        return [t for part in reversed(parts) for t in part]
 
     def _touch(self, node: TreeNode) -> None:
         if node.lock_ref == 0 and not node.children:

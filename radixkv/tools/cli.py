@@ -1,6 +1,9 @@
 """The `radixkv` command.
 
-radixkv launch ...   run a runtime (and its scheduler) in the foreground until Ctrl-C
+radixkv launch ...   run a runtime (and its scheduler) in the foreground until Ctrl-C;
+                     with --dp N, N runtimes behind a cache-aware router (--ray: on Ray)
+radixkv router --worker tcp://HOST:PORT ...
+                     a router in front of runtimes started elsewhere with `radixkv launch`
 radixkv bench ...    run a workload against a runtime and report hit rate, throughput, TTFT
 
 Every `ServerArgs` field is a flag of `launch` (and of `bench`, for the runtime it starts), with
@@ -28,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("launch", help="serve a model on a ZMQ endpoint until Ctrl-C")
     add_server_args(p)
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds to wait for ready")
+    r = sub.add_parser("router", help="route requests to runtimes started elsewhere")
+    r.add_argument("--worker", action="append", required=True, metavar="ENDPOINT",
+                   help="a worker's client endpoint (tcp://HOST:PORT, as `radixkv launch` prints "
+                        "it); once per worker")  # fmt: skip
+    add_server_args(r)
+    r.add_argument("--start-timeout", type=float, default=60.0,
+                   help="seconds to wait for the workers to answer")  # fmt: skip
     return parser
 
 
@@ -42,11 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = server_args(ns)
     except ValueError as exc:
-        print(f"radixkv launch: {exc}", file=sys.stderr)
+        print(f"radixkv {ns.command}: {exc}", file=sys.stderr)
         return 2
     from radixkv.frontend.launcher import serve
 
-    return serve(args, ns.start_timeout)
+    workers = ns.worker if ns.command == "router" else None
+    return serve(args, ns.start_timeout, workers=workers)
 
 
 if __name__ == "__main__":

@@ -32,13 +32,15 @@ def add_server_args(parser: argparse.ArgumentParser | Any, skip: Sequence[str] =
         default = f.default
         shown = "" if default is None or default is False else f" (default: {default})"
         kwargs: dict[str, Any] = {"default": None, "help": meta["help"] + shown, "dest": f.name}
-        if f.type == "bool":
-            kwargs.update(action="store_true")
+        if f.type == "bool":  # --flag, and --no-flag for those on by default
+            kwargs.update(action=argparse.BooleanOptionalAction if default else "store_true")
         else:
             kind = str(f.type).removesuffix(" | None")
             kwargs.update(type=_size if "parse" in meta else _TYPES[kind])
             if "choices" in meta:
                 kwargs["choices"] = meta["choices"]
+            if "const" in meta:  # the value may be left out: `--ray` means `--ray auto`
+                kwargs.update(nargs="?", const=meta["const"])
         target = parser
         if "exclusive" in meta:
             if meta["exclusive"] not in groups:
@@ -55,6 +57,6 @@ def server_args(ns: argparse.Namespace, skip: Sequence[str] = ()) -> ServerArgs:
         if f.name in skip:
             continue
         value = getattr(ns, f.name, None)
-        if value is not None and value is not False:  # a flag given (0 is a value)
+        if value is not None and value != f.default:  # a flag given (0 is a value)
             given[f.name] = value
     return ServerArgs(**given)

@@ -1,0 +1,131 @@
+"""Who runs the router's workers, and restarts one that died.
+
+- `StaticWorkers`: runtimes started elsewhere (`radixkv launch` on other machines, `radixkv router
+  --worker tcp://HOST:PORT`); the router reconnects to a fixed endpoint by itself, so a worker that
+  comes back rejoins without help.
+- `LocalWorkers`: `--dp N` on one machine: N runtime processes (`radixkv.Runtime`, each with its
+  own scheduler), started in parallel, each with a share of the CPU threads; one that dies is
+  started again.
+- `RayWorkers` (`radixkv.router.ray_workers`): the same as Ray actors on a cluster.
+
+Every worker started here listens on loopback (Ray: the node's address) with a key of its own that
+only the router knows, and publishes its cache events for the router.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import secrets
+import threading
+from typing import Any
+
+from radixkv.config import ServerArgs
+
+log = logging.getLogger("radixkv.router")
+
+
+class WorkerPool:
+    """What the router asks of whoever runs its workers."""
+
+    api_key: str | None = None  # the key the router sends them
+
+    def start(self, timeout: float) -> list[tuple[str, str]]:
+        """Start the workers (or find them); their (stable name, endpoint)."""
+        raise NotImplementedError
+
+    def restart(self, index: int, timeout: float) -> str | None:
+        """Start worker `index` again after it died; its new endpoint, or None when this pool
+        cannot (the router then waits for it to come back at the same endpoint)."""
+        return None
+
+    def shutdown(self) -> None:
+        pass
+
+
+class StaticWorkers(WorkerPool):
+    def __init__(self, endpoints: list[str], api_key: str | None) -> None:
+        if not endpoints:
+            raise ValueError("a router needs at least one --worker tcp://HOST:PORT")
+        self.endpoints = endpoints
+        self.api_key = api_key
+
+    def start(self, timeout: float) -> list[tuple[str, str]]:
+        return [(endpoint, endpoint) for endpoint in self.endpoints]
+
+
+def worker_args(args: ServerArgs, key: str, host: str = "127.0.0.1") -> ServerArgs:
+    """A worker's options: the router's, as one runtime on `host` that only the router uses,
+    with its share of the threads and its cache events published."""
+    threads = args.num_threads or max(1, (os.cpu_count() or 1) // args.dp)
+    return dataclasses.replace(
+        args, dp=1, host=host, port=0, http_port=None, api_key=key, isolate_cache_per_key=False,
+        allow_no_api_key=False, num_threads=threads, ray_address=None,
+        cache_events_port=0 if args.router_cache_events else None,
+    )  # fmt: skip
+
+
+class LocalWorkers(WorkerPool):
+    def __init__(
+        self, args: ServerArgs, scheduler: str, scheduler_kwargs: dict[str, Any] | None
+    ) -> None:
+        self.api_key = secrets.token_hex(16)
+        self.args = worker_args(args, self.api_key)
+        self.count = args.dp
+        self.scheduler, self.scheduler_kwargs = scheduler, scheduler_kwargs
+        self.runtimes: list[Any] = [None] * self.count
+        self.lock = threading.Lock()
+
+    def _start_one(self, index: int, timeout: float) -> str:
+        from radixkv.frontend.launcher import Runtime
+
+        fields = {f.name: getattr(self.args, f.name) for f in dataclasses.fields(self.args)}
+        model = fields.pop("model")
+        runtime = Runtime(
+            model, start_timeout=timeout, scheduler=self.scheduler,
+            scheduler_kwargs=self.scheduler_kwargs, **fields,
+        )  # fmt: skip
+        runtime.client.close()  # the router has its own connection
+        with self.lock:
+            self.runtimes[index] = runtime
+        return runtime.endpoint
+
+    def start(self, timeout: float) -> list[tuple[str, str]]:
+        endpoints: list[str | None] = [None] * self.count
+        errors: list[BaseException] = []
+
+        def run(i: int) -> None:
+            try:
+                endpoints[i] = self._start_one(i, timeout)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(self.count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            self.shutdown()
+            raise errors[0]
+        log.info("%d local workers, %d threads each", self.count, self.args.num_threads)
+        return [(f"worker-{i}", e) for i, e in enumerate(endpoints) if e is not None]
+
+    def restart(self, index: int, timeout: float) -> str | None:
+        with self.lock:
+            old, self.runtimes[index] = self.runtimes[index], None
+        if old is not None:
+            old.shutdown(timeout=5)
+        return self._start_one(index, timeout)
+
+    def shutdown(self) -> None:
+        with self.lock:
+            runtimes, self.runtimes = self.runtimes, [None] * self.count
+        threads = [
+            threading.Thread(target=r.shutdown, daemon=True) for r in runtimes if r is not None
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
