@@ -1,0 +1,1 @@
+"""The router: data-parallel workers behind one client endpoint (docs/scaling.md)."""
