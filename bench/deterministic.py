@@ -19,7 +19,7 @@ import platform
 import time
 
 from radixkv.client.aio import AsyncClient
-from radixkv.frontend.launcher import Runtime
+from radixkv.launcher import Runtime
 from radixkv.tools.bench import run_workload
 from radixkv.tools.workloads import GeneratedSharedPrefix
 

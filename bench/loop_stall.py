@@ -28,7 +28,7 @@ from radixkv.frontend.endpoint import INLINE_TOKENIZE_CHARS
 def serve(inline_chars: int) -> tuple[subprocess.Popen[str], str]:
     code = ("import sys; import radixkv.frontend.endpoint as s; "
             f"s.INLINE_TOKENIZE_CHARS = {inline_chars}; "
-            "from radixkv.frontend.launcher import serve; from radixkv.config import ServerArgs; "
+            "from radixkv.launcher import serve; from radixkv.config import ServerArgs; "
             "sys.exit(serve(ServerArgs(log_level='warning'), 300))")  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None

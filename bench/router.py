@@ -60,9 +60,12 @@ def run(args: argparse.Namespace, convs: list[Conversation], policy: str, events
         args.groups / 2 * args.system_len * 1.15
         + args.max_concurrency * (args.question_len + args.output_len)
     )
+    knobs = (
+        {"balance_abs_threshold": args.balance_abs_threshold} if args.balance_abs_threshold else {}
+    )
     with radixkv.Runtime(
         args.model, dp=args.dp, router_policy=policy, router_cache_events=events,
-        max_total_tokens=kv, log_level="warning", start_timeout=600,
+        max_total_tokens=kv, log_level="warning", start_timeout=600, **knobs,
     ) as rt:  # fmt: skip
 
         async def go() -> list[Any]:
@@ -107,6 +110,8 @@ def main() -> None:
     ap.add_argument("--worker-kv-tokens", type=int, default=None,
                     help="KV cache of each worker (default: half the groups' prefixes + 15 %% + "
                          "the in-flight requests' own tokens)")  # fmt: skip
+    ap.add_argument("--balance-abs-threshold", type=int, default=None,
+                    help="cache_aware's knob (default: the runtime's)")  # fmt: skip
     ap.add_argument("--policies", default="cache_aware,round_robin,least_load,random,prefix_hash")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from radixkv.client.aio import AsyncClient
-from radixkv.frontend.launcher import Runtime
+from radixkv.launcher import Runtime
 from radixkv.model.config import ModelConfig
 from radixkv.model.loader import load_config, resolve_model
 from radixkv.tools.bench import run_workload, summarize

@@ -17,7 +17,7 @@ import platform
 import time
 
 from radixkv.client.aio import AsyncClient
-from radixkv.frontend.launcher import Runtime
+from radixkv.launcher import Runtime
 
 SCHEMA = json.dumps({
     "type": "object",

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Runtime": "radixkv.frontend.launcher",
-    "RuntimeStartError": "radixkv.frontend.launcher",
+    "Runtime": "radixkv.launcher",
+    "RuntimeStartError": "radixkv.launcher",
     "Client": "radixkv.client.sync",
     "Stream": "radixkv.client.streams",
     "AsyncClient": "radixkv.client.aio",
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from radixkv.client.streams import AsyncStream, Stream
     from radixkv.client.sync import Client
     from radixkv.config import ServerArgs
-    from radixkv.frontend.launcher import Runtime, RuntimeStartError
+    from radixkv.launcher import Runtime, RuntimeStartError
     from radixkv.protocol import ChatMessage, SamplingParams, Stats
 
 

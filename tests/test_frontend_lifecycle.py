@@ -175,7 +175,7 @@ def test_cli_parses_launch_options():
 def serve_in_foreground(args: str = "") -> tuple[subprocess.Popen[str], str]:
     """`radixkv launch` with the fake scheduler, in its own process group; and its endpoint."""
     code = (
-        "import sys; from radixkv.frontend.launcher import serve; "
+        "import sys; from radixkv.launcher import serve; "
         "from radixkv.config import ServerArgs; "
         f"sys.exit(serve(ServerArgs(api_key='k', {args}), 60, scheduler={FAKE!r}))"
     )

@@ -13,7 +13,8 @@ from radixkv import tokenizer as frontend_tokenizer
 from radixkv.model_source import resolve_model
 from radixkv.tokenizer import load_tokenizer
 
-FRONT_END = ("radixkv.client", "radixkv.frontend", "radixkv.http")
+FRONT_END = ("radixkv.client", "radixkv.frontend", "radixkv.http", "radixkv.router",
+             "radixkv.launcher")  # fmt: skip
 
 
 def test_gguf_tokenizer_is_rebuilt_once_and_equals_transformers(tmp_path: Path, monkeypatch):
@@ -54,15 +55,17 @@ def test_a_directory_without_tokenizer_json_is_refused_clearly(tmp_path: Path):
 
 
 def test_the_front_end_never_imports_torch_or_the_model():
-    """Every module of the runtime process, the clients and the HTTP server, imported in a fresh
-    interpreter, and the tokenizer loaded: neither torch nor radixkv.model is imported."""
+    """Every module of the runtime and router processes, the clients and the HTTP server,
+    imported in a fresh interpreter, and the tokenizer loaded: neither torch nor radixkv.model is
+    imported."""
     root = Path(__file__).resolve().parents[1] / "radixkv"
     modules = sorted(
         "radixkv." + ".".join(path.relative_to(root).with_suffix("").parts)
-        for package in ("client", "frontend", "http")
+        for package in ("client", "frontend", "http", "router")
         for path in (root / package).glob("*.py")
         if path.name != "__init__.py"
     )
+    modules.append("radixkv.launcher")
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}: importlib.import_module(m)\n"

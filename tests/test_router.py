@@ -86,13 +86,18 @@ def test_prefix_tree_without_events_forgets_the_least_recently_routed():
 # ---- policies ------------------------------------------------------------------------------------
 
 
-def workers(loads: list[int], prefixes: list[list[list[int]]] | None = None) -> list[Candidate]:
+def workers(
+    loads: list[int],
+    prefixes: list[list[list[int]]] | None = None,
+    in_flight: list[list[list[int]]] | None = None,
+) -> list[Candidate]:
     out = []
     for i, load in enumerate(loads):
         tree = PrefixTree()
         for p in (prefixes or [[]] * len(loads))[i]:
             tree.insert(p)
-        out.append(Candidate(i, f"w{i}", load, tree))
+        keys = (in_flight or [[]] * len(loads))[i]
+        out.append(Candidate(i, f"w{i}", load, tree, lambda keys=keys: keys))
     return out
 
 
@@ -120,18 +125,34 @@ def test_prefix_hash_is_sticky_and_moves_only_the_leaving_workers_share():
     assert moved and all(before[k] == 1 for k in moved)
 
 
-def test_cache_aware_follows_the_prefix_then_balances_load():
-    policy = CacheAware(cache_threshold=0.3, abs_threshold=4, rel_threshold=1.5)
+def test_cache_aware_follows_the_prefix_and_spreads_only_hot_prefixes():
+    def policy():
+        return CacheAware(cache_threshold=0.3, abs_threshold=4, rel_threshold=1.5)
+
     prompt = [1] * 80 + [2] * 20
-    ws = workers([3, 0], [[[1] * 80], []])
-    assert policy.choose(prompt, ws)[0].index == 0  # 80 % cached there; load balanced enough
-    ws = workers([6, 1], [[[1] * 80], []])
-    pick, reason = policy.choose(prompt, ws)
-    assert pick.index == 1 and "imbalanced" in reason
-    ws = workers([0, 0], [[[1] * 10], [[5] * 300]])  # best match 10 %: under the threshold
-    assert policy.choose(prompt, ws)[0].index == 0  # the smallest tree
-    ws = workers([2, 1], [[[1] * 80], [[1] * 80]])  # equal matches: the less loaded
-    assert policy.choose(prompt, ws)[0].index == 1
+    owner = [[[1] * 80], []]  # worker 0 holds 80 % of the prompt
+    assert policy().choose(prompt, workers([3, 0], owner))[0].index == 0  # balanced enough
+    # imbalanced, but the prefix is cold there (one other request shares it): it stays
+    cold = [[[1] * 80 + [3]] + [[9]] * 7, []]
+    assert policy().choose(prompt, workers([8, 1], owner, cold))[0].index == 0
+    # hot there (3 in flight share it): spread to the other worker
+    hot = [[[1] * 80 + [i] for i in range(3)] + [[9]] * 5, []]
+    pick, reason = policy().choose(prompt, workers([8, 1], owner, hot))
+    assert pick.index == 1 and "share this prefix" in reason
+    # a passing burst does not move the moving average far; a lasting one does
+    steady = policy()
+    for _ in range(20):
+        assert steady.choose(prompt, workers([4, 4], owner, hot))[0].index == 0
+    assert steady.choose(prompt, workers([9, 1], owner, hot))[0].index == 0
+    for _ in range(20):
+        pick, _ = steady.choose(prompt, workers([9, 1], owner, hot))
+    assert pick.index == 1
+    # no cached prefix: the smallest tree, or the least loaded when imbalanced
+    small = [[[1] * 10], [[5] * 300]]
+    assert policy().choose(prompt, workers([0, 0], small))[0].index == 0
+    assert policy().choose(prompt, workers([9, 1], small))[0].index == 1
+    # equal matches: the less loaded
+    assert policy().choose(prompt, workers([2, 1], [[[1] * 80], [[1] * 80]]))[0].index == 1
 
 
 # ---- cache events: a router tree fed by a radix cache's events mirrors it ------------------------

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from radixkv.protocol import (
     MAX_FRAME_BYTES,
     CacheEvents,
+    Codec,
     Ready,
     Stats,
     WorkerStats,
@@ -81,6 +84,35 @@ class WorkerLink:
         self.sock.disable_monitor()
         self.monitor.close(linger=0)
         self.sock.close(linger=0)
+
+    def connection_closed(self) -> bool:
+        """Read the connection's monitor events: whether it closed (a connection made asks the
+        worker who it is at the next probe, once its handshake lets a send through)."""
+        closed = False
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return closed
+            if event["event"] == zmq.EVENT_CONNECTED:
+                self.next_probe = 0.0
+            elif event["event"] == zmq.EVENT_DISCONNECTED:
+                closed = True
+
+    def read_replies(self, codec: Codec) -> list[Any]:
+        """Every reply waiting from the worker (a malformed frame is logged and dropped)."""
+        replies: list[Any] = []
+        while True:
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return replies
+            try:
+                replies.append(codec.decode(frame))
+            except (msgspec.DecodeError, ValueError) as exc:
+                log.warning("dropped a malformed reply from worker %s: %s", self.name, exc)
+                continue
+            self.last_heard = time.monotonic()
 
     def send(self, frame: bytes) -> bool:
         try:
@@ -179,16 +211,3 @@ def events_address(published: str, worker_endpoint: str) -> str:
     if host.strip("[]") in ("0.0.0.0", "::", "*", ""):
         host = worker_endpoint.partition("://")[2].rpartition(":")[0]
     return f"{scheme}://{host}:{port}"
-
-
-def sum_stats(parts: list[Stats]) -> Stats:
-    """The fields of several workers' Stats added up."""
-    total = Stats()
-    for s in parts:
-        for name in Stats.__struct_fields__:
-            value = getattr(s, name)
-            if isinstance(value, int):
-                setattr(total, name, getattr(total, name) + value)
-        for reason, count in s.finished.items():
-            total.finished[reason] = total.finished.get(reason, 0) + count
-    return total

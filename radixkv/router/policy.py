@@ -5,11 +5,16 @@ there, the router's prefix tree of its cache) and the request's tree key (its to
 salted when it has a cache salt), and returns one with the reason, which the router logs at debug
 level.
 
-- `cache_aware` (SGLang's router, docs/scaling.md): when load is imbalanced (the busiest worker
-  has more than `balance_abs_threshold` requests more than the idlest and more than
-  `balance_rel_threshold` times as many), the least loaded; otherwise the worker whose tree holds
-  the longest prefix of the prompt if that covers more than `cache_threshold` of it (ties: the
-  least loaded), else the worker with the smallest tree (the most room), ties by load.
+- `cache_aware` (after SGLang's router, docs/scaling.md): the worker whose tree holds the longest
+  prefix of the prompt if that covers more than `cache_threshold` of it (ties: the least loaded),
+  else the worker with the smallest tree (the most room), ties by load. When load is imbalanced
+  (the busiest worker has more than `balance_abs_threshold` requests more than the idlest and
+  more than `balance_rel_threshold` times as many), a request without a cached prefix goes to the
+  least loaded, and one whose prefix sits on the busiest worker goes elsewhere only if that
+  prefix is hot there (more than `HOT` requests in flight share it): spreading a hot prefix costs
+  one recomputation and then balances all its requests, while moving a cold one recomputes it for
+  one request. Unlike SGLang's, the loads compared are moving averages of the requests in flight
+  (over about the last ten routed), so a passing burst does not scatter a group.
 - `round_robin`, `least_load`, `random`: ignore the prompt.
 - `prefix_hash`: consistent hashing of the first `prefix_hash_tokens` keys onto a ring of the
   workers' names, so requests sharing those tokens go to one worker, and a worker leaving or
@@ -21,6 +26,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from radixkv.config import ServerArgs
@@ -35,6 +41,12 @@ class Candidate:
     name: str
     load: int  # requests in flight there
     tree: PrefixTree
+    in_flight_keys: Callable[[], list[list[int]]] = lambda: []  # their tree keys, when asked
+
+    def sharing(self, prefix: list[int]) -> int:
+        """How many requests in flight here start with `prefix`."""
+        n = len(prefix)
+        return sum(1 for k in self.in_flight_keys() if k[:n] == prefix)
 
 
 class Policy:
@@ -93,23 +105,37 @@ class PrefixHash(Policy):
 
 class CacheAware(Policy):
     uses_trees = True
+    SMOOTHING = 0.1  # weight of the newest sample in each worker's average load
+    HOT = 2  # a prefix more requests than this share in flight on one worker is hot
 
     def __init__(self, cache_threshold: float, abs_threshold: int, rel_threshold: float) -> None:
         self.cache_threshold = cache_threshold
         self.abs_threshold = abs_threshold
         self.rel_threshold = rel_threshold
+        self.avg: dict[str, float] = {}  # a moving average of each worker's in-flight requests
 
     def choose(self, key: list[int], workers: list[Candidate]) -> tuple[Candidate, str]:
-        busiest = max(w.load for w in workers)
-        idlest = min(w.load for w in workers)
+        for w in workers:
+            prev = self.avg.get(w.name, float(w.load))
+            self.avg[w.name] = prev + self.SMOOTHING * (w.load - prev)
+        avg = {w.index: self.avg[w.name] for w in workers}
+        busiest, idlest = max(avg.values()), min(avg.values())
+        imbalanced = busiest - idlest > self.abs_threshold and busiest > idlest * self.rel_threshold
         matches = {w.index: w.tree.match(key) for w in workers}
-        if busiest - idlest > self.abs_threshold and busiest > idlest * self.rel_threshold:
-            pick = min(workers, key=lambda w: (w.load, -matches[w.index], w.index))
-            return pick, f"imbalanced ({busiest} vs {idlest} in flight): least loaded"
         best = max(matches.values())
+        by_match = sorted(workers, key=lambda w: (-matches[w.index], w.load, w.index))
         if key and best / len(key) > self.cache_threshold:
-            pick = min(workers, key=lambda w: (-matches[w.index], w.load, w.index))
+            pick = by_match[0]
+            if imbalanced and avg[pick.index] == busiest and len(workers) > 1:
+                sharing = pick.sharing(key[:best])
+                if sharing > self.HOT:  # a hot prefix on the busiest worker: spread it
+                    pick = next(w for w in by_match if avg[w.index] < busiest)
+                    why = f"imbalanced ({busiest:.1f} vs {idlest:.1f} in flight on average)"
+                    return pick, f"{why} and {sharing} in flight share this prefix: spread"
             return pick, f"longest cached prefix ({best} of {len(key)} tokens)"
+        if imbalanced:
+            pick = min(workers, key=lambda w: (w.load, -matches[w.index], w.index))
+            return pick, f"imbalanced ({busiest:.1f} vs {idlest:.1f}): least loaded"
         pick = min(workers, key=lambda w: (w.tree.size, w.load, w.index))
         return pick, f"best match {best} of {len(key)} tokens under the threshold: smallest tree"
 

@@ -16,7 +16,7 @@ import secrets
 from typing import Any
 
 from radixkv.config import ServerArgs
-from radixkv.router.workers import WorkerPool, worker_args
+from radixkv.router.workers import RuntimeFactory, WorkerPool, start_runtime, worker_args
 
 log = logging.getLogger("radixkv.router")
 
@@ -25,26 +25,26 @@ class WorkerActor:
     """One worker runtime, inside a Ray actor (wrapped by `ray.remote` in `RayWorkers.start`)."""
 
     def __init__(
-        self, args: ServerArgs, scheduler: str, kwargs: dict[str, Any] | None, timeout: float
+        self,
+        args: ServerArgs,
+        factory: RuntimeFactory,
+        scheduler: str,
+        kwargs: dict[str, Any] | None,
+        timeout: float,
     ) -> None:
         import ray
 
         host = ray.util.get_node_ip_address()
         self.args = dataclasses.replace(args, host=host)
-        self.scheduler, self.kwargs, self.timeout = scheduler, kwargs, timeout
+        self.factory, self.scheduler, self.kwargs = factory, scheduler, kwargs
+        self.timeout = timeout
         self.runtime: Any = None
         self._start()
 
     def _start(self) -> None:
-        from radixkv.frontend.launcher import Runtime
-
-        fields = {f.name: getattr(self.args, f.name) for f in dataclasses.fields(self.args)}
-        model = fields.pop("model")
-        self.runtime = Runtime(
-            model, start_timeout=self.timeout, scheduler=self.scheduler,
-            scheduler_kwargs=self.kwargs, **fields,
-        )  # fmt: skip
-        self.runtime.client.close()
+        self.runtime = start_runtime(
+            self.factory, self.args, self.timeout, self.scheduler, self.kwargs
+        )
 
     def endpoint(self) -> str:
         """The runtime's endpoint, starting it again first if it died."""
@@ -62,8 +62,13 @@ class WorkerActor:
 
 class RayWorkers(WorkerPool):
     def __init__(
-        self, args: ServerArgs, scheduler: str, scheduler_kwargs: dict[str, Any] | None
+        self,
+        args: ServerArgs,
+        factory: RuntimeFactory,
+        scheduler: str,
+        scheduler_kwargs: dict[str, Any] | None,
     ) -> None:
+        self.factory = factory
         try:
             import ray  # noqa: F401
         except ImportError as exc:
@@ -91,7 +96,7 @@ class RayWorkers(WorkerPool):
             num_cpus=self.cpus, num_gpus=self.gpus, max_restarts=-1, max_task_retries=-1
         )
         self.actors = [
-            actor.remote(self.args, self.scheduler, self.scheduler_kwargs, timeout)
+            actor.remote(self.args, self.factory, self.scheduler, self.scheduler_kwargs, timeout)
             for _ in range(self.count)
         ]
         endpoints = ray.get([a.endpoint.remote() for a in self.actors], timeout=timeout)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from radixkv.config import ServerArgs
 from radixkv.frontend.endpoint import ClientEndpoint
@@ -34,13 +34,13 @@ from radixkv.protocol import (
     GetStatsRequest,
     Ready,
     ServerInfoReply,
-    Stats,
     StatsReply,
     TokenChunk,
     reply_codec,
     tree_key,
 )
-from radixkv.router.links import WorkerLink, sum_stats
+from radixkv.router.gather import Gather, merged_ready, merged_reply
+from radixkv.router.links import WorkerLink
 from radixkv.router.policy import Candidate, make_policy
 from radixkv.router.workers import WorkerPool
 
@@ -55,18 +55,8 @@ class Routed:
     rid: str  # the client's
     link: WorkerLink
     offset: float  # seconds from arrival here to the forward (tokenizing, routing)
+    key: list[int]  # its radix-tree key
     last_token_at: float | None = None
-
-
-@dataclass(slots=True)
-class Gather:
-    """A stats or flush call sent to every worker, waiting for their replies."""
-
-    identity: bytes
-    rid: str
-    kind: type  # FlushCacheRequest | GetStatsRequest
-    waiting: set[int]
-    replies: dict[int, Any]
 
 
 class RouterServer(ClientEndpoint):
@@ -107,23 +97,12 @@ class RouterServer(ClientEndpoint):
         for link in self.links:
             if not link.alive:
                 log.warning("worker %s is not answering; it joins when it does", link.endpoint)
-        return self._ready(up)
+        return merged_ready([link.info for link in up if link.info is not None])
 
     def describe(self) -> str:
         up = sum(link.alive for link in self.links)
         events = "cache events" if self.args.router_cache_events else "no cache events"
         return f"{up} of {len(self.links)} workers, policy {self.args.router_policy}, {events}"
-
-    def _ready(self, up: list[WorkerLink]) -> Ready:
-        infos = [link.info for link in up if link.info is not None]
-        first = infos[0]
-        return msgspec.structs.replace(
-            first,
-            kv_capacity=sum(i.kv_capacity for i in infos),
-            max_running_requests=sum(i.max_running_requests for i in infos),
-            max_context_len=min(i.max_context_len for i in infos),
-            cache_events=None,
-        )
 
     def _close_backend(self) -> None:
         self.supervisor.close()
@@ -137,10 +116,11 @@ class RouterServer(ClientEndpoint):
         if self.supervisor.fd in events:
             self.supervisor.run_finished()
         for link in self.links:
-            if link.monitor in events:
-                self._on_monitor(link)
+            if link.monitor in events and link.connection_closed() and link.alive:
+                self._worker_down(link, "its connection closed")
             if link.sock in events:
-                self._drain_link(link)
+                for reply in link.read_replies(self.replies):
+                    self._on_reply(link, reply)
             if link.events_sock is not None and link.events_sock in events:
                 link.apply_events()
         now = time.monotonic()
@@ -160,35 +140,12 @@ class RouterServer(ClientEndpoint):
     def _to_worker(self, msg: Any) -> bytes:
         return self.encoder.encode(msgspec.structs.replace(msg, api_key=self.pool.api_key))
 
-    def _on_monitor(self, link: WorkerLink) -> None:
-        while True:
-            try:
-                event = recv_monitor_message(link.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if event["event"] == zmq.EVENT_CONNECTED:
-                link.next_probe = 0.0  # ask who it is (once the handshake lets a send through)
-            elif event["event"] == zmq.EVENT_DISCONNECTED and link.alive:
-                self._worker_down(link, "its connection closed")
-
-    def _drain_link(self, link: WorkerLink) -> None:
-        while True:
-            try:
-                frame = link.sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                reply = self.replies.decode(frame)
-            except (msgspec.DecodeError, ValueError) as exc:
-                log.warning("dropped a malformed reply from worker %s: %s", link.name, exc)
-                continue
-            link.last_heard = time.monotonic()
-            self._on_reply(link, reply)
-
     def _on_reply(self, link: WorkerLink, reply: Any) -> None:
         if isinstance(reply, ServerInfoReply):
             if not link.alive:  # (a second probe's answer changes nothing)
                 self._worker_up(link, reply.ready)
+        elif isinstance(reply, ErrorReply) and reply.rid in ("info", "hb"):
+            log.error("worker %s refuses the router: %s", link.endpoint, reply.message)
         elif isinstance(reply, StatsReply) and reply.rid == "hb":
             link.stats = reply.stats
         elif isinstance(reply, (StatsReply, FlushReply, ErrorReply)) and reply.rid in self.gathers:
@@ -232,10 +189,14 @@ class RouterServer(ClientEndpoint):
             return
         rejoined = link.info is not None
         link.join(ready)
+        if link.events_sock is not None:
+            self.poller.register(link.events_sock, zmq.POLLIN)
         log.info("worker %s %s the rotation (KV cache %d tokens)", link.name,
                  "rejoined" if rejoined else "joined", ready.kv_capacity)  # fmt: skip
 
     def _worker_down(self, link: WorkerLink, reason: str) -> None:
+        if link.events_sock is not None:
+            self.poller.unregister(link.events_sock)
         lost = link.leave(reason)
         message = (
             f"worker {link.name} ({link.endpoint}) left the rotation: {reason}; the request was "
@@ -289,7 +250,9 @@ class RouterServer(ClientEndpoint):
             return
         salt = self._cache_salt(msg)
         key = tree_key(ids, salt)
-        candidates = [Candidate(w.index, w.name, len(w.in_flight), w.tree) for w in up]
+        candidates = [
+            Candidate(w.index, w.name, len(w.in_flight), w.tree, self._keys_of(w)) for w in up
+        ]
         pick, reason = self.policy.choose(key, candidates)
         link = self.links[pick.index]
         rid = str(next(self.rids))
@@ -299,12 +262,16 @@ class RouterServer(ClientEndpoint):
             self._error(identity, msg.rid, f"worker {link.name} is not reachable", "unavailable")
             return
         log.debug("request %s -> %s: %s", msg.rid, link.name, reason)
-        self.requests[rid] = Routed(identity, msg.rid, link, time.perf_counter() - arrival)
+        self.requests[rid] = Routed(identity, msg.rid, link, time.perf_counter() - arrival, key)
         self.by_client[(identity, msg.rid)] = rid
         link.in_flight.add(rid)
         link.routed += 1
         if self.policy.uses_trees:
             link.tree.insert(key)
+
+    def _keys_of(self, link: WorkerLink) -> Callable[[], list[list[int]]]:
+        """The keys of the requests in flight at `link`, when a policy asks."""
+        return lambda: [self.requests[rid].key for rid in link.in_flight]
 
     def _forget(self, rid: str) -> Routed | None:
         routed = self.requests.pop(rid, None)
@@ -350,28 +317,7 @@ class RouterServer(ClientEndpoint):
 
     def _finish_gather(self, rid: str) -> None:
         gather = self.gathers.pop(rid)
-        replies = gather.replies
-        if gather.kind is GetStatsRequest:
-            for index, reply in replies.items():
-                if isinstance(reply, StatsReply):
-                    self.links[index].stats = reply.stats
-            parts = [r.stats for r in replies.values() if isinstance(r, StatsReply)]
-            total: Stats = sum_stats(parts)
-            total.workers = [link.worker_stats() for link in self.links]
-            self._reply(gather.identity, StatsReply(rid=gather.rid, stats=total))
-            return
-        failures = [
-            f"{self.links[i].name}: {r.message}"
-            for i, r in replies.items()
-            if not (isinstance(r, FlushReply) and r.ok)
-        ]
-        if not replies:
-            failures.append("no worker is serving")
-        for index, reply in replies.items():
-            if isinstance(reply, FlushReply) and reply.ok and not self.links[index].use_events:
-                self.links[index].tree.clear()
-        message = "; ".join(failures)
-        self._reply(gather.identity, FlushReply(rid=gather.rid, ok=not failures, message=message))
+        self._reply(gather.identity, merged_reply(gather, self.links))
 
     def _fail_all(self, message: str, code: str) -> None:
         for routed in self.requests.values():

@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from radixkv.config import ServerArgs
@@ -66,10 +67,36 @@ def worker_args(args: ServerArgs, key: str, host: str = "127.0.0.1") -> ServerAr
     )  # fmt: skip
 
 
+# `radixkv.Runtime` (passed in by the launcher, which sits above the router): called as
+# `factory(model, start_timeout=..., scheduler=..., scheduler_kwargs=..., **server_args)`
+RuntimeFactory = Callable[..., Any]
+
+
+def start_runtime(
+    factory: RuntimeFactory,
+    args: ServerArgs,
+    timeout: float,
+    scheduler: str,
+    scheduler_kwargs: dict[str, Any] | None,
+) -> Any:
+    """A worker runtime with these options; the router has its own connection to it."""
+    fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
+    model = fields.pop("model")
+    runtime = factory(model, start_timeout=timeout, scheduler=scheduler,
+                      scheduler_kwargs=scheduler_kwargs, **fields)  # fmt: skip
+    runtime.client.close()
+    return runtime
+
+
 class LocalWorkers(WorkerPool):
     def __init__(
-        self, args: ServerArgs, scheduler: str, scheduler_kwargs: dict[str, Any] | None
+        self,
+        args: ServerArgs,
+        factory: RuntimeFactory,
+        scheduler: str,
+        scheduler_kwargs: dict[str, Any] | None,
     ) -> None:
+        self.factory = factory
         self.api_key = secrets.token_hex(16)
         self.args = worker_args(args, self.api_key)
         self.count = args.dp
@@ -78,15 +105,9 @@ class LocalWorkers(WorkerPool):
         self.lock = threading.Lock()
 
     def _start_one(self, index: int, timeout: float) -> str:
-        from radixkv.frontend.launcher import Runtime
-
-        fields = {f.name: getattr(self.args, f.name) for f in dataclasses.fields(self.args)}
-        model = fields.pop("model")
-        runtime = Runtime(
-            model, start_timeout=timeout, scheduler=self.scheduler,
-            scheduler_kwargs=self.scheduler_kwargs, **fields,
-        )  # fmt: skip
-        runtime.client.close()  # the router has its own connection
+        runtime = start_runtime(
+            self.factory, self.args, timeout, self.scheduler, self.scheduler_kwargs
+        )
         with self.lock:
             self.runtimes[index] = runtime
         return runtime.endpoint

@@ -204,7 +204,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
     from radixkv.client.aio import AsyncClient
-    from radixkv.frontend.launcher import Runtime
+    from radixkv.launcher import Runtime
 
     workload = _workload(args)
     convs = workload.conversations()

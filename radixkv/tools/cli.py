@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"radixkv {ns.command}: {exc}", file=sys.stderr)
         return 2
-    from radixkv.frontend.launcher import serve
+    from radixkv.launcher import serve
 
     workers = ns.worker if ns.command == "router" else None
     return serve(args, ns.start_timeout, workers=workers)

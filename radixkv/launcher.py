@@ -59,9 +59,9 @@ def make_server(
     elif args.ray_address is not None:
         from radixkv.router.ray_workers import RayWorkers
 
-        pool = RayWorkers(args, scheduler, scheduler_kwargs)
+        pool = RayWorkers(args, Runtime, scheduler, scheduler_kwargs)
     else:
-        pool = LocalWorkers(args, scheduler, scheduler_kwargs)
+        pool = LocalWorkers(args, Runtime, scheduler, scheduler_kwargs)
     return RouterServer(args, pool)
 
 
@@ -186,9 +186,7 @@ class Runtime:
         self.args = ServerArgs(model=model, **server_args)
         self._closed = False
         self._conn, child_conn = multiprocessing.Pipe()
-        code = (
-            f"from radixkv.frontend.launcher import _child_main; _child_main({child_conn.fileno()})"
-        )
+        code = f"from radixkv.launcher import _child_main; _child_main({child_conn.fileno()})"
         self.process = subprocess.Popen(
             [sys.executable, "-c", code], pass_fds=(child_conn.fileno(),)
         )
