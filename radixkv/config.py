@@ -149,9 +149,9 @@ class ServerArgs:
         "above this; otherwise to the worker with the least cached (SGLang's)",
     )  # fmt: skip
     balance_abs_threshold: int = option(
-        4, "cache_aware: load is imbalanced (route away from the busiest) when the in-flight "
-        "requests of the busiest and idlest workers (moving averages) differ by more than "
-        "this ...",
+        4, "cache_aware: load is imbalanced (a hot prefix is spread, an uncached prompt goes to "
+        "the least loaded) when the in-flight requests of the busiest and idlest workers "
+        "(moving averages) differ by more than this ...",
     )  # fmt: skip
     balance_rel_threshold: float = option(1.5, "... and the busiest has more than this many "
                                           "times the idlest's")  # fmt: skip
