@@ -22,11 +22,11 @@ import threading
 import time
 
 import radixkv
-from radixkv.frontend.endpoint import INLINE_TOKENIZE_CHARS
+from radixkv.frontend.intake import INLINE_TOKENIZE_CHARS
 
 
 def serve(inline_chars: int) -> tuple[subprocess.Popen[str], str]:
-    code = ("import sys; import radixkv.frontend.endpoint as s; "
+    code = ("import sys; import radixkv.frontend.intake as s; "
             f"s.INLINE_TOKENIZE_CHARS = {inline_chars}; "
             "from radixkv.launcher import serve; from radixkv.config import ServerArgs; "
             "sys.exit(serve(ServerArgs(log_level='warning'), 300))")  # fmt: skip

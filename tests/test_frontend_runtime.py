@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 import radixkv
-from radixkv.frontend.endpoint import INLINE_TOKENIZE_CHARS
+from radixkv.frontend.intake import INLINE_TOKENIZE_CHARS
 from radixkv.protocol import (
     MAX_FRAME_BYTES,
     ErrorReply,

@@ -2,7 +2,7 @@
 
 `ClientEndpoint` binds the socket, checks API keys, decodes every frame inside one guard (a bad
 frame gets an `ErrorReply`, an unexpected error is logged and answered, the loop goes on),
-tokenizes and validates generate requests once (large prompts on a worker thread), answers
+tokenizes and validates generate requests once (`intake.GenerateIntake`), answers
 tokenize/detokenize/server-info itself, tracks clients that disconnect, drains on a signal and
 serves the HTTP API in a thread when asked. What happens to a validated request is the
 subclass's: the runtime (`server.RuntimeServer`) hands it to its scheduler, the router
@@ -17,21 +17,19 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import zmq
 
 from radixkv.config import ServerArgs, is_loopback, matching_key
+from radixkv.frontend.intake import GenerateIntake, salvage_rid
 from radixkv.frontend.loop_worker import LoopWorker
-from radixkv.frontend.peer_tracker import PeerTracker
+from radixkv.frontend.peer_tracker import PeerTracker, source_fd
 from radixkv.frontend.tokenizer_manager import TokenizerManager
-from radixkv.frontend.validation import BadRequest
 from radixkv.protocol import (
     MAX_FRAME_BYTES,
     AbortRequest,
-    DetokenizeReply,
     DetokenizeRequest,
     ErrorReply,
     FlushCacheRequest,
@@ -41,10 +39,8 @@ from radixkv.protocol import (
     GetStatsRequest,
     Ready,
     ServerInfoReply,
-    TokenizeReply,
     TokenizeRequest,
     client_codec,
-    key_cache_salt,
 )
 from radixkv.tokenizer import load_tokenizer
 
@@ -54,18 +50,14 @@ if TYPE_CHECKING:
 log = logging.getLogger("radixkv.runtime")
 
 MAX_CLIENT_FRAMES_PER_TURN = 256  # then serve the backend's outputs before reading more
-# A prompt larger than this (characters, see TokenizerManager.prompt_size) is templated and
-# tokenized on a worker thread, so that it does not hold up everyone else's tokens: the fast
-# tokenizer releases the GIL (bench/loop_stall.py measures the difference).
-INLINE_TOKENIZE_CHARS = 16_384
 
 
-class ClientEndpoint:
+class ClientEndpoint(GenerateIntake):
     """Serves clients on `endpoint` until `stop()` (or a signal handler) ends `serve_forever()`.
 
     Subclasses implement the backend: `_start_backend`, `_on_backend` (each loop turn, with the
-    poll's events), `_admit` (a validated request), `_abort`, `_control` (stats, flush),
-    `_client_gone`, `_in_flight`, `_fail_all` and `_close_backend`.
+    poll's events), `_admit` (a validated request), `_has_request`, `_abort`, `_control`
+    (stats, flush), `_client_gone`, `_in_flight`, `_fail_all` and `_close_backend`.
     """
 
     def __init__(self, args: ServerArgs) -> None:
@@ -136,9 +128,6 @@ class ClientEndpoint:
 
     def _on_backend(self, events: dict[Any, int]) -> None:
         """Each loop turn, before clients are read: the backend's sockets and timers."""
-
-    def _admit(self, identity: bytes, msg: GenerateRequest, ids: list[int], arrival: float) -> None:
-        raise NotImplementedError
 
     def _abort(self, identity: bytes, client_rid: str) -> None:
         raise NotImplementedError
@@ -297,7 +286,7 @@ class ClientEndpoint:
                 return
             identity = frames[0].bytes
             try:
-                self.peers.seen(identity, _source_fd(frames[-1]))
+                self.peers.seen(identity, source_fd(frames[-1]))
                 self._on_client_frames(identity, frames[1:])
             except Exception:  # the one guard: a bug on some input must not stop everyone
                 log.exception("unexpected error handling a client message; the loop goes on")
@@ -320,7 +309,7 @@ class ClientEndpoint:
             self._error(identity, "", str(exc), "too_large")
             return
         except (msgspec.DecodeError, RecursionError) as exc:  # ValidationError included
-            self._error(identity, _salvage_rid(payload), f"malformed or unknown message: {exc}")
+            self._error(identity, salvage_rid(payload), f"malformed or unknown message: {exc}")
             return
         if self.keys and matching_key((msg.api_key or "").encode(), self.keys) is None:
             self._error(identity, msg.rid, "missing or wrong API key", "unauthorized")
@@ -340,116 +329,8 @@ class ClientEndpoint:
         else:  # FlushCacheRequest | GetStatsRequest
             self._control(identity, msg)
 
-    def _on_tokenize(self, identity: bytes, msg: TokenizeRequest | DetokenizeRequest) -> None:
-        """Answered here: the tokenizer is this process's, the backend is not needed."""
-        assert self.tm is not None
-        try:
-            if isinstance(msg, TokenizeRequest):
-                ids = self.tm.tokenize_only(msg)
-                context = self.tm.max_context_len
-                self._reply(
-                    identity, TokenizeReply(rid=msg.rid, token_ids=ids, max_context_len=context)
-                )
-            else:
-                self._reply(identity, DetokenizeReply(rid=msg.rid, text=self.tm.detokenize(msg)))
-        except BadRequest as exc:
-            self._error(identity, msg.rid, str(exc), param=exc.param)
-
-    def _on_generate(self, identity: bytes, msg: GenerateRequest) -> None:
-        assert self.tm is not None
-        if self.dead is not None:
-            self._error(identity, msg.rid, self.dead, "internal")
-            return
-        if self.drain_deadline is not None:
-            self._error(identity, msg.rid, self._refusing() or "", "unavailable")
-            return
-        if not msg.rid:
-            self._error(identity, "", "a generate request needs a non-empty rid")
-            return
-        key = (identity, msg.rid)
-        if self._has_request(key) or key in self.tokenizing:
-            self._error(identity, msg.rid, f"request id {msg.rid!r} is already in flight")
-            return
-        arrival = time.perf_counter()
-        if self.tm.prompt_size(msg) > INLINE_TOKENIZE_CHARS:
-            self.tokenizing[key] = arrival
-            tm = self.tm
-            self.worker.submit(
-                lambda: tm.tokenize(msg), lambda done: self._tokenized(identity, msg, done)
-            )
-            return
-        try:
-            ids = self.tm.tokenize(msg)
-        except BadRequest as exc:
-            self._refuse(identity, msg.rid, exc)
-            return
-        self._admit(identity, msg, ids, arrival)
-
-    def _has_request(self, key: tuple[bytes, str]) -> bool:
-        """Whether (identity, client rid) is in flight in the backend."""
-        raise NotImplementedError
-
-    def _tokenized(self, identity: bytes, msg: GenerateRequest, done: Future[list[int]]) -> None:
-        """A worker finished tokenizing a large prompt (called on the loop)."""
-        arrival = self.tokenizing.pop((identity, msg.rid), None)
-        if arrival is None:
-            return  # aborted, or its client left, meanwhile
-        if self.dead is not None:
-            self._error(identity, msg.rid, self.dead, "internal")
-            return
-        try:
-            ids = done.result()
-        except BadRequest as exc:
-            self._refuse(identity, msg.rid, exc)
-            return
-        self._admit(identity, msg, ids, arrival)
-
-    def _drop_tokenizing(self, key: tuple[bytes, str]) -> float | None:
-        """Abort a request a worker is tokenizing: its result will be dropped."""
-        arrival = self.tokenizing.pop(key, None)
-        if arrival is not None and self.metrics is not None:
-            self.metrics.observe_end("abort")  # it never reached the backend: counted here
-        return arrival
-
     def _drop_client(self, identity: bytes) -> None:
         for key in [key for key in self.tokenizing if key[0] == identity]:
             self._drop_tokenizing(key)
         self._client_gone(identity)
         log.debug("client %s disconnected; its requests were aborted", identity.hex())
-
-    def _refuse(self, identity: bytes, rid: str, exc: BadRequest) -> None:
-        self._error(identity, rid, str(exc), param=exc.param)
-        if self.metrics is not None:
-            self.metrics.observe_end("error")
-
-    def _cache_salt(self, msg: GenerateRequest) -> str | None:
-        """The request's salt, keyed by its API key under --isolate-cache-per-key (the HTTP
-        gateway's requests arrive salted by their caller's key already)."""
-        if self.args.isolate_cache_per_key and msg.api_key != self.gateway_key:
-            assert msg.api_key is not None  # checked on arrival
-            return key_cache_salt(msg.api_key, msg.cache_salt)
-        return msg.cache_salt
-
-    def _fail_tokenizing(self, message: str, code: str) -> None:
-        for identity, client_rid in self.tokenizing:
-            self._error(identity, client_rid, message, code)
-        self.tokenizing.clear()
-
-
-def _source_fd(frame: zmq.Frame) -> int:
-    """The fd of the connection a frame came on, or -1 where libzmq cannot say (a peer speaking
-    an old ZMTP version, raw bytes that are not ZMTP at all): such a peer is just not tracked."""
-    try:
-        return int(frame.get(zmq.SRCFD))
-    except zmq.ZMQError:
-        return -1
-
-
-def _salvage_rid(payload: bytes) -> str:
-    """The rid of a message that failed validation, if it is a map with a string rid."""
-    try:
-        raw = msgspec.msgpack.decode(payload)
-    except (msgspec.DecodeError, RecursionError):
-        return ""
-    rid = raw.get("rid") if isinstance(raw, dict) else None
-    return rid if isinstance(rid, str) else ""

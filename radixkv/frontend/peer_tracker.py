@@ -67,3 +67,12 @@ class PeerTracker:
     def close(self) -> None:
         self.router.disable_monitor()
         self.monitor.close(linger=0)
+
+
+def source_fd(frame: zmq.Frame) -> int:
+    """The fd of the connection a frame came on, or -1 where libzmq cannot say (a peer speaking
+    an old ZMTP version, raw bytes that are not ZMTP at all): such a peer is just not tracked."""
+    try:
+        return int(frame.get(zmq.SRCFD))
+    except zmq.ZMQError:
+        return -1
