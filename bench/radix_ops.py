@@ -4,6 +4,7 @@
     python bench/radix_ops.py gen shared-prefix --out trace.jsonl [--groups 16 ...]
     python bench/radix_ops.py replay trace.jsonl [--page-size 16] [--capacity N]
     python bench/radix_ops.py evict-cost [--sizes 1000 10000 100000]
+    python bench/radix_ops.py policies [--capacity-frac 0.5]   # every eviction policy, each trace
 
 The trace format and the replay rules are in docs/radix_ops.md. Everything is seeded: the same
 arguments give the same trace, byte for byte.
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from radixkv.mem import KVLayout, RadixCache, TokenToKVPool
+from radixkv.mem.eviction import EVICTION_POLICIES
 from radixkv.tools.traces import (
     TRACE_WORKLOADS,
     ReplayStats,
@@ -86,6 +88,36 @@ def evict_cost(sizes: list[int], evictions: int = 500) -> list[dict]:
         tree.check_integrity()
         rows.append({"leaves": n, "evict_us": ours * 1e6, "walk_heapify_us": walk * 1e6})
     return rows
+
+
+# ---- eviction policies ---------------------------------------------------------------------------
+
+
+def compare_policies(args: argparse.Namespace) -> None:
+    """Every eviction policy replayed on every default trace at `capacity_frac` of its distinct
+    tokens: hit rate next to LRU's and the unbounded one, replay speed next to LRU's."""
+    print(f"KV capacity {args.capacity_frac:.0%} of each trace's distinct tokens, page "
+          f"{args.page_size}; ops/s the best of {args.repeats} replays")  # fmt: skip
+    for kind, events, capacity in _iter_default_traces(args):
+        unique = unique_tokens(events)
+        unbounded = replay(events, unique + args.concurrency * 4096, args.page_size,
+                           args.concurrency)  # fmt: skip
+        rows = {}
+        for policy in EVICTION_POLICIES:
+            rows[policy] = best_replay(
+                events, capacity, args.page_size, args.concurrency, args.repeats, policy
+            )
+        lru = rows["lru"]
+        print(f"\n{kind}: {len(events)} events, capacity {capacity} slots; unbounded hit rate "
+              f"{unbounded.hit_rate:.4f}")  # fmt: skip
+        print(f"  {'policy':<8}{'hit rate':>10}{'vs lru':>9}{'of gap':>8}{'ops/s':>10}"
+              f"{'vs lru':>8}")  # fmt: skip
+        for policy, st in rows.items():
+            gap = unbounded.hit_rate - lru.hit_rate
+            closed = (st.hit_rate - lru.hit_rate) / gap if gap > 0 else 0.0
+            speed = st.ops_per_s / lru.ops_per_s
+            print(f"  {policy:<8}{st.hit_rate:>10.4f}{st.hit_rate - lru.hit_rate:>+9.4f}"
+                  f"{closed:>8.0%}{st.ops_per_s:>10,.0f}{speed:>8.2f}")  # fmt: skip
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -154,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     rep = sub.add_parser("replay", help="replay a trace")
     rep.add_argument("trace", type=Path)
     rep.add_argument("--capacity", type=int, default=None, help="default: the header's")
+    rep.add_argument("--policy", default="lru", choices=EVICTION_POLICIES)
+    sub.add_parser("policies", help="every eviction policy on every default trace")
     ev = sub.add_parser("evict-cost", help="cost of one eviction at several tree sizes")
     ev.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     args = ap.parse_args(argv)
@@ -170,8 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "replay":
         header, events = read_trace(args.trace)
         capacity = args.capacity or header["capacity"]
-        st = best_replay(events, capacity, args.page_size, header["concurrency"], args.repeats)
+        st = best_replay(events, capacity, args.page_size, header["concurrency"], args.repeats,
+                         args.policy)  # fmt: skip
         _print_replay(str(args.trace), st, best_hit_rate(events), unique_tokens(events))
+        return
+    if args.cmd == "policies":
+        compare_policies(args)
         return
     if args.cmd is None:
         for kind, events, capacity in _iter_default_traces(args):

@@ -56,7 +56,9 @@ def build_scheduler(args: ServerArgs, model: LlamaForCausalLM | None = None) -> 
         )
     context = args.max_context_len or min(model.config.max_position_embeddings, 8192)
     req_pool = ReqToTokenPool(args.max_running_requests, context, device=args.device)
-    tree = RadixCache(token_pool, disable=args.disable_radix_cache)
+    tree = RadixCache(
+        token_pool, disable=args.disable_radix_cache, eviction_policy=args.radix_eviction_policy
+    )
     backend = args.attention_backend
     if backend == "auto":
         backend = "triton" if torch.device(args.device).type == "cuda" else "torch"

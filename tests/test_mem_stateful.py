@@ -101,6 +101,7 @@ class Running:
 class HierarchyMachine(RuleBasedStateMachine):
     page_size = 1
     kv_dtype = torch.float32  # int8 / fp8: a quantized pool (codes and scales)
+    eviction_policy = "lru"  # the others: the same invariants, their own order (not checked here)
 
     requests = Bundle("requests")
 
@@ -110,7 +111,7 @@ class HierarchyMachine(RuleBasedStateMachine):
         self.seg = max(p, 3)
         capacity = -(-10 * self.seg // p) * p
         self.pool = TokenToKVPool(KVLayout(1, 1, 2, self.kv_dtype), capacity, page_size=p)
-        self.tree = RadixCache(self.pool)
+        self.tree = RadixCache(self.pool, eviction_policy=self.eviction_policy)
         self.mgr = KVCacheManager(self.pool, ReqToTokenPool(4, 6 * self.seg + 40), self.tree)
         self.ref = Reference(p)
         self.running: list[Running] = []
@@ -172,7 +173,8 @@ class HierarchyMachine(RuleBasedStateMachine):
         for prefix in evicted:
             del self.ref.entries[prefix]
         remaining = [self.ref.entries[p][1] for p in self.ref.leaves() - locked]
-        assert not remaining or min(remaining) >= newest_evicted
+        if self.eviction_policy == "lru":
+            assert not remaining or min(remaining) >= newest_evicted
         return len(evicted) * self.page_size
 
     def alloc_step(self, r: Running, new_len: int | None) -> bool:
@@ -314,6 +316,25 @@ class HierarchyPage4Fp8(HierarchyMachine):
     page_size = 4
     kv_dtype = torch.float8_e4m3fn
 
+
+def policy_machine(policy: str, page: int) -> type:
+    return type(f"Hierarchy{policy.upper()}", (HierarchyMachine,),
+                {"eviction_policy": policy, "page_size": page})  # fmt: skip
+
+
+# every other eviction policy: the hierarchy's invariants hold whatever order leaves go in
+TestEvictionPolicies = {
+    policy: policy_machine(policy, page).TestCase
+    for policy, page in (("lfu", 1), ("fifo", 4), ("filo", 1), ("mru", 1), ("slru", 4), ("gdsf", 1))
+}
+for _case in TestEvictionPolicies.values():
+    _case.settings = settings(SETTINGS, max_examples=60)
+TestHierarchyLFU = TestEvictionPolicies["lfu"]
+TestHierarchyFIFO = TestEvictionPolicies["fifo"]
+TestHierarchyFILO = TestEvictionPolicies["filo"]
+TestHierarchyMRU = TestEvictionPolicies["mru"]
+TestHierarchySLRU = TestEvictionPolicies["slru"]
+TestHierarchyGDSF = TestEvictionPolicies["gdsf"]
 
 TestHierarchyPage1 = HierarchyPage1.TestCase
 TestHierarchyPage1.settings = SETTINGS

@@ -257,3 +257,61 @@ def test_insert_start_must_be_a_page_boundary():
     slots = pool.alloc_extend(0, 8, 0)
     with pytest.raises(ValueError, match="page boundary"):
         tree.insert(list(range(8)), slots, (tree.root, 2))
+
+
+# ---- eviction policies ---------------------------------------------------------------------------
+
+
+def evicted_first(policy: str, script: list[tuple[str, list[int]]]) -> list[int]:
+    """Run `script` ("put" or "hit" a token run) on a tree, evict one leaf; its first token."""
+    pool = TokenToKVPool(LAYOUT, 256)
+    tree = RadixCache(pool, eviction_policy=policy)
+    for op, tokens in script:
+        if op == "put":
+            put(pool, tree, tokens)
+        else:
+            tree.match_prefix([*tokens, 0])
+    before = {n.key[0] for n in tree._lru}
+    tree.evict(1)
+    tree.check_integrity()
+    return sorted(before - {n.key[0] for n in tree._lru})
+
+
+def test_each_eviction_policy_picks_its_own_leaf():
+    a, b = [1] * 4, [2] * 4
+    old_but_hot = [("put", a), ("hit", a), ("hit", a), ("put", b)]  # a: older, hit 3 times
+    assert evicted_first("lru", old_but_hot) == [1]
+    assert evicted_first("lfu", old_but_hot) == [2]  # fewest hits
+    assert evicted_first("slru", old_but_hot) == [2]  # b is still on probation
+    assert evicted_first("fifo", old_but_hot) == [1]  # created first
+    assert evicted_first("filo", old_but_hot) == [2]
+    assert evicted_first("mru", old_but_hot) == [2]  # used last
+    recent_touch = [("put", a), ("put", b), ("hit", a)]
+    assert evicted_first("lru", recent_touch) == [2]
+    assert evicted_first("fifo", recent_touch) == [1]
+    # gdsf: hits weigh by depth; at equal hits a deeper leaf (costlier to recompute) stays
+    stem = [7] * 100
+    deep, shallow = [*stem, 3, 3], [4] * 2
+    script = [("put", [*stem, 9]), ("put", deep), ("put", shallow), ("hit", shallow)]
+    assert evicted_first("gdsf", script[:3]) == [4]  # one hit each: the shallow one goes
+    assert evicted_first("gdsf", script) == [9]  # hit again, the shallow one outranks
+
+
+def test_gdsf_ages_leaves_that_stop_being_hit():
+    pool = TokenToKVPool(LAYOUT, 64)
+    tree = RadixCache(pool, eviction_policy="gdsf")
+    put(pool, tree, [1] * 8)
+    for _ in range(5):
+        tree.match_prefix([1] * 8 + [0])  # once hot
+    for i in range(2, 40):  # then a stream of new prefixes, each hit twice
+        put(pool, tree, [i] * 8)
+        tree.match_prefix([i] * 8 + [0])
+        if pool.available_size() < 8:
+            tree.evict(8)
+        tree.check_integrity()
+    assert len(tree.match_prefix([1] * 8 + [0]).indices) == 0  # aged out, not kept forever
+
+
+def test_unknown_eviction_policy_is_refused():
+    with pytest.raises(ValueError, match="unknown eviction policy 'lifo'"):
+        RadixCache(TokenToKVPool(LAYOUT, 8), eviction_policy="lifo")

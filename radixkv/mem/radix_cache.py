@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 from sortedcontainers import SortedKeyList
 
+from radixkv.mem.eviction import eviction_key, gdsf_score
 from radixkv.mem.token_to_kv_pool import TokenToKVPool
 from radixkv.protocol import CacheEvent
 
@@ -22,7 +23,10 @@ class TreeNode:
     with `lock_ref == 0` and no children is an evictable leaf.
     """
 
-    __slots__ = ("children", "id", "key", "last_access", "lock_ref", "parent", "value")
+    __slots__ = (
+        "children", "created", "depth", "hits", "id", "key", "last_access", "lock_ref", "parent",
+        "score", "value",
+    )  # fmt: skip
 
     def __init__(self, node_id: int, key: list[int], value: torch.Tensor, parent: TreeNode | None):
         self.id = node_id
@@ -32,6 +36,11 @@ class TreeNode:
         self.children: dict[int | tuple[int, ...], TreeNode] = {}
         self.lock_ref = 0
         self.last_access = 0
+        # what eviction policies order leaves by (radixkv.mem.eviction)
+        self.hits = 0  # 1 when cached, + 1 each time a match passes through it
+        self.created = 0  # the clock when its tokens were first cached
+        self.depth: int = 0 if parent is None else parent.depth + len(parent.key)  # tokens above
+        self.score = 0.0  # gdsf
 
     def __repr__(self) -> str:
         return f"TreeNode(id={self.id}, len={len(self.key)}, lock_ref={self.lock_ref})"
@@ -46,10 +55,6 @@ class MatchResult(NamedTuple):
 
 class IntegrityError(AssertionError):
     """A broken invariant of the KV hierarchy: a bug, never a user error."""
-
-
-def _lru_key(node: TreeNode) -> tuple[int, int]:
-    return (node.last_access, node.id)
 
 
 def _as_list(tokens: Sequence[int] | torch.Tensor) -> list[int]:
@@ -68,18 +73,25 @@ class RadixCache:
     - `insert(tokens, slots)` caches a sequence and returns how many leading tokens were already
       present; the caller frees its own slots for those (the tree keeps its copies).
     - `lock(node)` / `unlock(node)` protect a matched prefix from eviction while a request uses it.
-    - `evict(n)` frees least-recently-used unlocked leaves, leaf first, until `n` slots are free.
+    - `evict(n)` frees unlocked leaves, leaf first, in the order of `eviction_policy` (least
+      recently used by default; `radixkv.mem.eviction`), until `n` slots are free.
 
-    Evictable leaves live in a list sorted by (last access, node id), updated incrementally on every
-    touch, lock and unlock, so an eviction costs O(k log n) for k leaves, never a walk of the tree.
+    Evictable leaves live in a list sorted by the policy's key (for LRU: last access, node id),
+    updated incrementally on every touch, lock and unlock, so an eviction costs O(k log n) for k
+    leaves, never a walk of the tree.
     The access clock is a counter ticked once per `match_prefix` / `insert`, so runs are
     deterministic. With `disable=True` nothing is ever cached (ablation mode).
     """
 
-    def __init__(self, kv_pool: TokenToKVPool, *, disable: bool = False) -> None:
+    def __init__(
+        self, kv_pool: TokenToKVPool, *, disable: bool = False, eviction_policy: str = "lru"
+    ) -> None:
         self.kv_pool = kv_pool
         self.page_size = kv_pool.page_size
         self.disable = disable
+        self.eviction_policy = eviction_policy
+        self._evict_key = eviction_key(eviction_policy)
+        self._inflation = 0.0  # gdsf: the score of the last leaf evicted
         self._ids = itertools.count()
         self.evicted_tokens = 0  # monotonic: every slot `evict` ever freed
         # with `record_events()`: what was stored and removed since `take_events()` (a router's
@@ -246,6 +258,7 @@ class RadixCache:
         count = 0
         while count < num_tokens and self._lru:
             node = self._lru.pop(0)
+            self._inflation = max(self._inflation, node.score)
             parent = node.parent
             assert parent is not None
             del parent.children[self._child_key(node.key, 0)]
@@ -276,7 +289,7 @@ class RadixCache:
     def reset_tree(self) -> None:
         """Forget the tree without freeing anything (the pool is being cleared too)."""
         self.root = TreeNode(next(self._ids), [], _EMPTY, None)
-        self._lru: SortedKeyList = SortedKeyList(key=_lru_key)
+        self._lru: SortedKeyList = SortedKeyList(key=self._evict_key)  # evictable leaves
         self._evictable = 0
         self._protected = 0
         self._clock = 0
@@ -319,8 +332,13 @@ class RadixCache:
         _expect(evictable == self._evictable, f"evictable {self._evictable} != tree {evictable}")
         _expect(protected == self._protected, f"protected {self._protected} != tree {protected}")
         _expect({n.id for n in self._lru} == leaves, "the LRU list is not the evictable leaves")
-        lru_keys = [_lru_key(n) for n in self._lru]
-        _expect(lru_keys == sorted(lru_keys), "the LRU list is out of order")
+        lru_keys = [self._evict_key(n) for n in self._lru]
+        _expect(lru_keys == sorted(lru_keys), "the eviction list is out of order")
+        for n in self._nodes():
+            parent = n.parent
+            if parent is not None:
+                depth = parent.depth + len(parent.key)
+                _expect(n.depth == depth, f"{n!r} depth {n.depth} != {depth}")
 
     def pretty_print(self, max_tokens: int = 8) -> str:
         """The tree as text: first tokens of each edge, its length, lock count and access time."""
@@ -369,7 +387,7 @@ class RadixCache:
             m = self._common_len(child.key, key, pos, limit)
             if m < len(child.key):
                 child = self._split(child, m)
-            self._touch(child)
+            self._touch(child, hit=True)
             values.append(child.value)
             node, pos = child, pos + m
         if not values:
@@ -384,19 +402,25 @@ class RadixCache:
             node = node.parent  # type: ignore[assignment]
         return [t for part in reversed(parts) for t in part]
 
-    def _touch(self, node: TreeNode) -> None:
-        if node.lock_ref == 0 and not node.children:
-            self._lru.remove(node)
-            node.last_access = self._clock
+    def _touch(self, node: TreeNode, hit: bool = False) -> None:
+        """Mark `node` used now; `hit`: a match passed through it (a request reused it), which
+        frequency-based policies count (an insert along the request's own path does not)."""
+        listed = node.lock_ref == 0 and not node.children
+        if listed:
+            self._lru.remove(node)  # out while its key changes
+        node.last_access = self._clock
+        node.hits += hit
+        node.score = gdsf_score(self._inflation, node.hits, node.depth)
+        if listed:
             self._lru.add(node)
-        else:
-            node.last_access = self._clock
 
     def _add_leaf(self, parent: TreeNode, key: list[int], value: torch.Tensor) -> TreeNode:
         if parent is not self.root and parent.lock_ref == 0 and not parent.children:
             self._lru.remove(parent)
         leaf = TreeNode(next(self._ids), key, value.to(torch.int64, copy=True), parent)
-        leaf.last_access = self._clock
+        leaf.last_access = leaf.created = self._clock
+        leaf.hits = 1
+        leaf.score = gdsf_score(self._inflation, 1, leaf.depth)
         parent.children[self._child_key(key, 0)] = leaf
         self._evictable += len(key)
         self._lru.add(leaf)
@@ -408,8 +432,16 @@ class RadixCache:
         assert parent is not None
         head = TreeNode(next(self._ids), child.key[:m], child.value[:m], parent)
         head.lock_ref = child.lock_ref
-        head.last_access = child.last_access
+        head.last_access, head.hits, head.created = child.last_access, child.hits, child.created
+        head.score = child.score
+        listed = child.lock_ref == 0 and not child.children
+        if listed:
+            self._lru.remove(child)  # out while its key changes
         child.key, child.value = child.key[m:], child.value[m:]
+        child.depth += m
+        child.score = gdsf_score(self._inflation, child.hits, child.depth)
+        if listed:
+            self._lru.add(child)
         child.parent = head
         head.children[self._child_key(child.key, 0)] = child
         parent.children[self._child_key(head.key, 0)] = head

@@ -55,10 +55,6 @@ class WorkerActor:
         endpoint: str = self.runtime.endpoint
         return endpoint
 
-    def runtime_pid(self) -> int:
-        pid: int = self.runtime.process.pid
-        return pid
-
 
 class RayWorkers(WorkerPool):
     def __init__(

@@ -127,12 +127,17 @@ class ReplayStats:
 
 
 def replay(
-    events: list[dict[str, Any]], capacity: int, page_size: int, concurrency: int
+    events: list[dict[str, Any]],
+    capacity: int,
+    page_size: int,
+    concurrency: int,
+    policy: str = "lru",
 ) -> ReplayStats:
-    """Drive the KV hierarchy through the trace (rules in docs/radix_ops.md)."""
+    """Drive the KV hierarchy through the trace (rules in docs/radix_ops.md), evicting by
+    `policy` (`--radix-eviction-policy`)."""
     capacity = capacity // page_size * page_size
     pool = TokenToKVPool(KVLayout(1, 1, 1), capacity, page_size=page_size)
-    tree = RadixCache(pool)
+    tree = RadixCache(pool, eviction_policy=policy)
     max_len = max(len(e["tokens"]) for e in events if e["op"] == "arrive")
     max_len += max(len(e["output"]) for e in events if e["op"] == "finish")
     mgr = KVCacheManager(pool, ReqToTokenPool(concurrency, max_len), tree)
@@ -178,11 +183,18 @@ def replay(
 
 
 def best_replay(
-    events: list[dict], capacity: int, page_size: int, concurrency: int, repeats: int
+    events: list[dict],
+    capacity: int,
+    page_size: int,
+    concurrency: int,
+    repeats: int,
+    policy: str = "lru",
 ) -> ReplayStats:
     """The fastest of `repeats` replays (a replay takes ~0.1-0.4 s: one run is mostly noise).
     Replays are deterministic, so every run must report the same counts."""
-    runs = [replay(events, capacity, page_size, concurrency) for _ in range(max(1, repeats))]
+    runs = [
+        replay(events, capacity, page_size, concurrency, policy) for _ in range(max(1, repeats))
+    ]
     counts = {(r.matched_tokens, r.evicted_tokens, r.rejected) for r in runs}
     assert len(counts) == 1, f"replays disagree: {counts}"
     return min(runs, key=lambda r: r.seconds)
