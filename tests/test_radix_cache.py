@@ -264,7 +264,7 @@ def test_insert_start_must_be_a_page_boundary():
 
 def evicted_first(policy: str, script: list[tuple[str, list[int]]]) -> list[int]:
     """Run `script` ("put" or "hit" a token run) on a tree, evict one leaf; its first token."""
-    pool = TokenToKVPool(LAYOUT, 256)
+    pool = TokenToKVPool(LAYOUT, 4096)
     tree = RadixCache(pool, eviction_policy=policy)
     for op, tokens in script:
         if op == "put":
@@ -289,12 +289,13 @@ def test_each_eviction_policy_picks_its_own_leaf():
     recent_touch = [("put", a), ("put", b), ("hit", a)]
     assert evicted_first("lru", recent_touch) == [2]
     assert evicted_first("fifo", recent_touch) == [1]
-    # gdsf: hits weigh by depth; at equal hits a deeper leaf (costlier to recompute) stays
-    stem = [7] * 100
-    deep, shallow = [*stem, 3, 3], [4] * 2
-    script = [("put", [*stem, 9]), ("put", deep), ("put", shallow), ("hit", shallow)]
-    assert evicted_first("gdsf", script[:3]) == [4]  # one hit each: the shallow one goes
-    assert evicted_first("gdsf", script) == [9]  # hit again, the shallow one outranks
+    # gdsf: a few more hits outweigh a little recency (hits x cost x 2^(clock / half-life))
+    assert evicted_first("gdsf", old_but_hot) == [2]
+    # a deeper leaf (costlier to recompute: attention over 2000 tokens) outlives a newer shallow
+    stem = [7] * 2000
+    script = [("put", [*stem, 9]), ("put", [*stem, 3, 3]), ("put", [4] * 2)]
+    assert evicted_first("gdsf", script) == [4]
+    assert evicted_first("lru", script) == [9]
 
 
 def test_gdsf_ages_leaves_that_stop_being_hit():

@@ -37,7 +37,7 @@ class TreeNode:
         self.lock_ref = 0
         self.last_access = 0
         # what eviction policies order leaves by (radixkv.mem.eviction)
-        self.hits = 0  # 1 when cached, + 1 each time a match passes through it
+        self.hits = 0  # 1 when cached, + 1 each time a match ends in it (`_touch`)
         self.created = 0  # the clock when its tokens were first cached
         self.depth: int = 0 if parent is None else parent.depth + len(parent.key)  # tokens above
         self.score = 0.0  # gdsf
@@ -91,7 +91,6 @@ class RadixCache:
         self.disable = disable
         self.eviction_policy = eviction_policy
         self._evict_key = eviction_key(eviction_policy)
-        self._inflation = 0.0  # gdsf: the score of the last leaf evicted
         self._ids = itertools.count()
         self.evicted_tokens = 0  # monotonic: every slot `evict` ever freed
         # with `record_events()`: what was stored and removed since `take_events()` (a router's
@@ -258,7 +257,6 @@ class RadixCache:
         count = 0
         while count < num_tokens and self._lru:
             node = self._lru.pop(0)
-            self._inflation = max(self._inflation, node.score)
             parent = node.parent
             assert parent is not None
             del parent.children[self._child_key(node.key, 0)]
@@ -387,11 +385,12 @@ class RadixCache:
             m = self._common_len(child.key, key, pos, limit)
             if m < len(child.key):
                 child = self._split(child, m)
-            self._touch(child, hit=True)
+            self._touch(child)
             values.append(child.value)
             node, pos = child, pos + m
         if not values:
             return MatchResult(_EMPTY, node)
+        self._touch(node, hit=True)  # where the reuse ends: see `_touch`
         return MatchResult(values[0] if len(values) == 1 else torch.cat(values), node)
 
     def _path(self, node: TreeNode) -> list[int]:
@@ -403,14 +402,17 @@ class RadixCache:
         return [t for part in reversed(parts) for t in part]
 
     def _touch(self, node: TreeNode, hit: bool = False) -> None:
-        """Mark `node` used now; `hit`: a match passed through it (a request reused it), which
-        frequency-based policies count (an insert along the request's own path does not)."""
+        """Mark `node` used now. `hit`: a match ended in it, which frequency-based policies count:
+        a request reused the path down to here and went its own way (a system prompt shared by
+        many conversations collects hits; a conversation's own earlier turns, which its next
+        turn only passes through, keep the one hit they got as its frontier, so a finished
+        conversation's path does not outrank live ones when its tail is gone)."""
         listed = node.lock_ref == 0 and not node.children
         if listed:
             self._lru.remove(node)  # out while its key changes
         node.last_access = self._clock
         node.hits += hit
-        node.score = gdsf_score(self._inflation, node.hits, node.depth)
+        node.score = gdsf_score(node.hits, node.depth, node.last_access)
         if listed:
             self._lru.add(node)
 
@@ -420,7 +422,7 @@ class RadixCache:
         leaf = TreeNode(next(self._ids), key, value.to(torch.int64, copy=True), parent)
         leaf.last_access = leaf.created = self._clock
         leaf.hits = 1
-        leaf.score = gdsf_score(self._inflation, 1, leaf.depth)
+        leaf.score = gdsf_score(1, leaf.depth, leaf.last_access)
         parent.children[self._child_key(key, 0)] = leaf
         self._evictable += len(key)
         self._lru.add(leaf)
@@ -439,7 +441,7 @@ class RadixCache:
             self._lru.remove(child)  # out while its key changes
         child.key, child.value = child.key[m:], child.value[m:]
         child.depth += m
-        child.score = gdsf_score(self._inflation, child.hits, child.depth)
+        child.score = gdsf_score(child.hits, child.depth, child.last_access)
         if listed:
             self._lru.add(child)
         child.parent = head
