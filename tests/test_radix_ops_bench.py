@@ -65,3 +65,38 @@ def test_eviction_cost_table():
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("200", "800"))]
     assert [r[0] for r in rows] == ["200", "800"]
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+
+
+@pytest.mark.parametrize("kind", sorted(SMALL))
+@pytest.mark.parametrize("frac", [0.2, 0.4])
+def test_the_offline_optimum_bounds_every_policy(kind, frac):
+    """Belady's rule on the tree hits at least what every online policy hits, at most what an
+    unbounded cache does, and keeps the hierarchy's invariants (replay checks them)."""
+    from radixkv.mem.eviction import EVICTION_POLICIES
+
+    events = traces.generate(SMALL[kind], concurrency=3, seed=2)
+    unique = traces.unique_tokens(events)
+    capacity = int(unique * frac)
+    optimum = traces.replay(events, capacity, 1, 3, "belady")
+    unbounded = traces.replay(events, unique + 4096, 1, 3)
+    rates = {p: traces.replay(events, capacity, 1, 3, p).hit_rate for p in EVICTION_POLICIES}
+    assert optimum.evicted_tokens > 0
+    assert all(rate <= optimum.hit_rate + 1e-12 for rate in rates.values()), rates
+    assert optimum.hit_rate <= unbounded.hit_rate
+
+
+def test_future_uses_finds_the_next_arrival_through_a_position():
+    events = [
+        {"op": "arrive", "rid": 0, "tokens": [1, 2, 3, 4]},
+        {"op": "arrive", "rid": 1, "tokens": [1, 2, 9]},
+        {"op": "arrive", "rid": 2, "tokens": [1, 2, 3, 4, 5]},
+        {"op": "arrive", "rid": 3, "tokens": [7]},
+    ]
+    future = traces.FutureUses(events)
+    path = [1, 2, 3, 4, 5, 6]
+    assert future.next_use(path, 0, 0) == 1  # arrival 1 reuses token 1
+    assert future.next_use(path, 2, 0) == 2  # position 2 (token 3): arrival 2, not 1
+    assert future.next_use(path, 4, 0) == 2
+    assert future.next_use(path, 5, 0) == float("inf")  # nobody reaches token 6
+    assert future.next_use(path, 0, 2) == float("inf")
+    assert future.next_use([7], 0, -1) == 3

@@ -43,6 +43,8 @@ def eviction_key(policy: str) -> Callable[[Any], tuple[float, ...]]:
         "mru": lambda n: (-n.last_access, -n.id),
         "slru": lambda n: (n.hits > 1, n.last_access, n.id),
         "gdsf": lambda n: (n.score, n.last_access, n.id),
+        # offline only (bench/radix_ops.py): the score is minus the next use, farthest first
+        "belady": lambda n: (n.score, n.id),
     }
     if policy not in keys:
         raise ValueError(f"unknown eviction policy {policy!r}; choose one of "

@@ -245,6 +245,7 @@ class RadixCache:
                 self._evictable += len(node.key)
                 self._protected -= len(node.key)
                 if not node.children:
+                    self._rescore(node)
                     self._lru.add(node)
             node = node.parent  # type: ignore[assignment]
 
@@ -267,6 +268,7 @@ class RadixCache:
             count += len(node.key)
             self._evictable -= len(node.key)
             if parent is not self.root and parent.lock_ref == 0 and not parent.children:
+                self._rescore(parent)
                 self._lru.add(parent)
         if freed:
             self.kv_pool.free(torch.cat(freed))
@@ -401,6 +403,12 @@ class RadixCache:
             node = node.parent  # type: ignore[assignment]
         return [t for part in reversed(parts) for t in part]
 
+    def _rescore(self, node: TreeNode) -> None:
+        """Set `node.score` from its fields (gdsf; an offline replay's policy overrides this to
+        score by the next use, `radixkv.tools.traces.BeladyCache`). Called only while the node
+        is out of the eviction list."""
+        node.score = gdsf_score(node.hits, node.depth, node.last_access)
+
     def _touch(self, node: TreeNode, hit: bool = False) -> None:
         """Mark `node` used now. `hit`: a match ended in it, which frequency-based policies count:
         a request reused the path down to here and went its own way (a system prompt shared by
@@ -412,7 +420,7 @@ class RadixCache:
             self._lru.remove(node)  # out while its key changes
         node.last_access = self._clock
         node.hits += hit
-        node.score = gdsf_score(node.hits, node.depth, node.last_access)
+        self._rescore(node)
         if listed:
             self._lru.add(node)
 
@@ -422,7 +430,7 @@ class RadixCache:
         leaf = TreeNode(next(self._ids), key, value.to(torch.int64, copy=True), parent)
         leaf.last_access = leaf.created = self._clock
         leaf.hits = 1
-        leaf.score = gdsf_score(1, leaf.depth, leaf.last_access)
+        self._rescore(leaf)
         parent.children[self._child_key(key, 0)] = leaf
         self._evictable += len(key)
         self._lru.add(leaf)
@@ -441,7 +449,7 @@ class RadixCache:
             self._lru.remove(child)  # out while its key changes
         child.key, child.value = child.key[m:], child.value[m:]
         child.depth += m
-        child.score = gdsf_score(child.hits, child.depth, child.last_access)
+        self._rescore(child)
         if listed:
             self._lru.add(child)
         child.parent = head

@@ -9,6 +9,7 @@ arguments give the same trace, byte for byte.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import random
@@ -126,6 +127,70 @@ class ReplayStats:
         return self.matched_tokens / max(1, self.prompt_tokens)
 
 
+class FutureUses:
+    """When each prefix of a trace is next used: a compressed trie of every arriving prompt, each
+    edge with the (ascending) arrival numbers of the prompts that pass through it."""
+
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        self.root: list[Any] = [[], {}, []]  # [edge tokens, children by first token, arrivals]
+        for n, tokens in enumerate(e["tokens"] for e in events if e["op"] == "arrive"):
+            self._insert(tokens, n)
+
+    def _insert(self, tokens: list[int], n: int) -> None:
+        node, pos = self.root, 0
+        while pos < len(tokens):
+            child = node[1].get(tokens[pos])
+            if child is None:
+                node[1][tokens[pos]] = [tokens[pos:], {}, [n]]
+                return
+            edge = child[0]
+            m = min(len(edge), len(tokens) - pos)
+            if edge[:m] != tokens[pos : pos + m]:  # (equal is the usual case: compared in C)
+                m = 0
+                while edge[m] == tokens[pos + m]:
+                    m += 1
+            if m < len(edge):  # split: the upper part carries every arrival so far, and this one
+                lower = [edge[m:], child[1], child[2]]
+                child[0], child[1], child[2] = edge[:m], {edge[m]: lower}, list(child[2])
+            child[2].append(n)
+            node, pos = child, pos + m
+
+    def next_use(self, path: list[int], depth: int, now: int) -> float:
+        """The first arrival after `now` whose prompt reaches position `depth` of `path` (so
+        reuses at least the token there); infinity if none does."""
+        node, pos = self.root, 0
+        while True:
+            child = node[1].get(path[pos]) if pos < len(path) else None
+            if child is None:
+                return float("inf")
+            edge = child[0]
+            end = pos + len(edge)
+            if path[pos : min(end, depth + 1)] != edge[: min(end, depth + 1) - pos]:
+                return float("inf")
+            if depth < end:
+                arrivals = child[2]
+                i = bisect.bisect_right(arrivals, now)
+                return arrivals[i] if i < len(arrivals) else float("inf")
+            node, pos = child, end
+
+
+class BeladyCache(RadixCache):
+    """The offline optimum's eviction on the radix tree (Belady's rule): the unlocked leaf whose
+    next use is farthest goes first. A node's next use changes only when an arrival uses it,
+    which touches it, so scoring at each touch (and split, and when it becomes a leaf) keeps
+    every key right."""
+
+    def __init__(self, kv_pool: TokenToKVPool, future: FutureUses) -> None:
+        self.future = future
+        self.now = -1  # the arrival being served
+        super().__init__(kv_pool, eviction_policy="belady")
+
+    def _rescore(self, node: Any) -> None:
+        path = self._path(node)
+        depth = len(path) - len(node.key)
+        node.score = -self.future.next_use(path, depth, self.now)
+
+
 def replay(
     events: list[dict[str, Any]],
     capacity: int,
@@ -134,18 +199,26 @@ def replay(
     policy: str = "lru",
 ) -> ReplayStats:
     """Drive the KV hierarchy through the trace (rules in docs/radix_ops.md), evicting by
-    `policy` (`--radix-eviction-policy`)."""
+    `policy` (`--radix-eviction-policy`, or "belady": the offline optimum, knowing the trace)."""
     capacity = capacity // page_size * page_size
     pool = TokenToKVPool(KVLayout(1, 1, 1), capacity, page_size=page_size)
-    tree = RadixCache(pool, eviction_policy=policy)
+    tree: RadixCache
+    if policy == "belady":
+        tree = BeladyCache(pool, FutureUses(events))
+    else:
+        tree = RadixCache(pool, eviction_policy=policy)
     max_len = max(len(e["tokens"]) for e in events if e["op"] == "arrive")
     max_len += max(len(e["output"]) for e in events if e["op"] == "finish")
     mgr = KVCacheManager(pool, ReqToTokenPool(concurrency, max_len), tree)
     running: dict = {}
     matched = prompt_tokens = rejected = peak = 0
     start = time.perf_counter()
+    arrivals = 0
     for ev in events:
         if ev["op"] == "arrive":
+            if isinstance(tree, BeladyCache):
+                tree.now = arrivals
+            arrivals += 1
             tokens = ev["tokens"]
             seq = mgr.admit(tokens)
             if seq is None:
