@@ -61,6 +61,11 @@ class ServerArgs:
                             parse=parse_size, exclusive="kv_size")  # fmt: skip
     max_total_tokens: int | None = option(None, "KV cache size in tokens (instead of --kv-memory)",
                                           exclusive="kv_size")  # fmt: skip
+    kv_host_tier: int | None = option(
+        None, "a second KV tier in host memory of this size, e.g. 2GiB: prefixes the pool evicts "
+        "are copied there and loaded back (a copy, not a prefill) when a prompt reaches them",
+        parse=parse_size,
+    )  # fmt: skip
     page_size: int = option(1, "tokens per KV page (radix-tree keys are whole pages)")
     max_context_len: int | None = option(None, "context length (default: the model's, capped at "
                                          "8192)", aliases=("--context-length",))  # fmt: skip
@@ -188,6 +193,10 @@ class ServerArgs:
                             choices=LOG_LEVELS)  # fmt: skip
 
     def __post_init__(self) -> None:
+        for name, value in vars(self).items():  # sizes may be given as text: "2GiB"
+            parse = type(self).__dataclass_fields__[name].metadata.get("parse")
+            if parse is not None and isinstance(value, str):
+                object.__setattr__(self, name, parse(value))
         for name, value in vars(self).items():
             choices = type(self).__dataclass_fields__[name].metadata.get("choices")
             if choices and value is not None and value not in choices:

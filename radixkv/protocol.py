@@ -274,6 +274,13 @@ class Stats(msgspec.Struct, kw_only=True):
     protected: int = 0
     running: int = 0
     waiting: int = 0
+    # with a host KV tier (--kv-host-tier): prompt tokens served from it (also in cached_tokens),
+    # the seconds spent loading them back, tokens written into it, its size and capacity
+    tier_hit_tokens: int = 0
+    tier_load_seconds: float = 0.0
+    tier_stored_tokens: int = 0
+    tier_tokens: int = 0
+    tier_capacity: int = 0
     # from a router: each worker's own (the fields above are their sums)
     workers: list[WorkerStats] = msgspec.field(default_factory=list)
 

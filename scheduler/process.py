@@ -19,6 +19,7 @@ import zmq
 
 from radixkv.config import ServerArgs, setup_logging
 from radixkv.mem import KVCacheManager, RadixCache, ReqToTokenPool, TokenToKVPool
+from radixkv.mem.host_tier import HostTier
 from radixkv.model.llama import LlamaForCausalLM
 from radixkv.model.loader import load_model
 from radixkv.model.model_runner import ModelRunner, kv_layout
@@ -59,11 +60,16 @@ def build_scheduler(args: ServerArgs, model: LlamaForCausalLM | None = None) -> 
     tree = RadixCache(
         token_pool, disable=args.disable_radix_cache, eviction_policy=args.radix_eviction_policy
     )
+    host = None
+    if args.kv_host_tier is not None:
+        host_pool = TokenToKVPool.from_memory_budget(layout, args.kv_host_tier,
+                                                     page_size=args.page_size)  # fmt: skip
+        host = HostTier(host_pool)
     backend = args.attention_backend
     if backend == "auto":
         backend = "triton" if torch.device(args.device).type == "cuda" else "torch"
     runner = ModelRunner(model, token_pool, req_pool, backend, deterministic=args.deterministic)
-    return Scheduler(args, runner, KVCacheManager(token_pool, req_pool, tree))
+    return Scheduler(args, runner, KVCacheManager(token_pool, req_pool, tree, host))
 
 
 class SchedulerLoop:
@@ -195,6 +201,10 @@ def run_scheduler(args: ServerArgs, in_addr: str, out_addr: str) -> None:
         pool.layout.bytes_per_token, pool.memory_bytes / 2**20, scheduler.mgr.req_pool.size,
         scheduler.mgr.req_pool.max_context_len,
     )  # fmt: skip
+    if scheduler.mgr.host is not None:
+        tier = scheduler.mgr.host.pool
+        log.info("KV host tier: %d slots (%.1f MiB) in host memory", tier.capacity,
+                 tier.memory_bytes / 2**20)  # fmt: skip
     ready = Ready(
         model=args.model,
         kv_capacity=pool.capacity,

@@ -172,6 +172,11 @@ class Scheduler:
         s.evictable, s.protected = tree.evictable_size(), tree.protected_size()
         s.running = len(self.running) + (self.chunked is not None)
         s.waiting = len(self.waiting)
+        host = self.mgr.host
+        if host is not None:
+            s.tier_hit_tokens, s.tier_load_seconds = host.hit_tokens, host.load_seconds
+            s.tier_stored_tokens, s.tier_capacity = host.stored_tokens, host.capacity
+            s.tier_tokens = host.tree.total_size()
         return s
 
     def has_work(self) -> bool:

@@ -44,6 +44,12 @@ COUNTERS = (
     ("evicted_tokens", "evicted_tokens", None, None,
      "KV slots freed by evicting radix-tree leaves."),
     ("retractions", "retractions", None, None, "Running requests retracted under memory pressure."),
+    ("tier_hit_tokens", "kv_tier_hit_tokens", None, None,
+     "Prompt tokens served from the host KV tier (--kv-host-tier; also counted as cached)."),
+    ("tier_load_seconds", "kv_tier_load_seconds", None, None,
+     "Seconds spent copying KV back from the host tier."),
+    ("tier_stored_tokens", "kv_tier_stored_tokens", None, None,
+     "Tokens of evicted prefixes written into the host tier."),
 )  # fmt: skip
 GAUGES = (
     ("kv_capacity", "kv_capacity_tokens", "sglang:max_total_num_tokens", None,
@@ -58,6 +64,8 @@ GAUGES = (
      "Requests running (in the batch)."),
     ("waiting", "waiting_requests", "sglang:num_queue_reqs", "vllm:num_requests_waiting",
      "Requests waiting for admission."),
+    ("tier_tokens", "kv_tier_tokens", None, None, "Tokens held in the host KV tier."),
+    ("tier_capacity", "kv_tier_capacity_tokens", None, None, "Host KV tier capacity in tokens."),
 )  # fmt: skip
 # (our name, SGLang's, vLLM's, help, buckets)
 HISTOGRAMS = {

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from radixkv.mem.host_tier import HostTier
 from radixkv.mem.radix_cache import IntegrityError, RadixCache, TreeNode
 from radixkv.mem.req_to_token_pool import ReqToTokenPool
 from radixkv.mem.token_to_kv_pool import TokenToKVPool
@@ -35,13 +36,24 @@ class KVCacheManager:
     touches the three levels' bookkeeping directly.
     """
 
-    def __init__(self, token_pool: TokenToKVPool, req_pool: ReqToTokenPool, tree: RadixCache):
+    def __init__(
+        self,
+        token_pool: TokenToKVPool,
+        req_pool: ReqToTokenPool,
+        tree: RadixCache,
+        host: HostTier | None = None,
+    ):
         if tree.kv_pool is not token_pool:
             raise ValueError("the radix cache must free into the same TokenToKVPool")
         self.token_pool = token_pool
         self.req_pool = req_pool
         self.tree = tree
         self.page_size = token_pool.page_size
+        self.host = host  # a second KV tier (host_tier.py): evicted leaves go there
+        if host is not None and not tree.disable:
+            if host.page_size != self.page_size:
+                raise ValueError("the host tier must have the pool's page size")
+            tree.on_evict = lambda node: host.offload(token_pool, tree, node)
 
     # ---- capacity -----------------------------------------------------------------------------
 
@@ -69,11 +81,46 @@ class KVCacheManager:
         """
         if self.req_pool.available_size() == 0:
             return None
-        indices, node = self.tree.match_prefix(tokens if max_match is None else tokens[:max_match])
+        prompt = tokens if max_match is None else tokens[:max_match]
+        indices, node = self.tree.match_prefix(prompt)
+        if self.host is not None and not self.tree.disable:
+            indices, node = self._load_from_host(prompt, indices, node)
         self.tree.lock(node)
         row = self.req_pool.alloc()
         self.req_pool.write(row, 0, indices)
         return SeqSlots(row=row, cached_len=len(indices), kv_len=len(indices), last_node=node)
+
+    def _load_from_host(
+        self, prompt: Sequence[int] | torch.Tensor, indices: torch.Tensor, node: TreeNode
+    ) -> tuple[torch.Tensor, TreeNode]:
+        """If the host tier holds more of the prompt than the pool, copy the difference into new
+        pool slots and insert it into the tree; the longer match (or the same one if the pool
+        has no room for it)."""
+        assert self.host is not None
+        key = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+        have = len(indices)
+        if self.host.tree.peek_prefix(key)[0] <= have:
+            return indices, node
+        host, host_node = self.host.hold(key)
+        more = len(host) - have
+        self.tree.lock(node)  # the matched prefix must survive the eviction that makes room
+        try:
+            dest = self.token_pool.alloc(more) if self.ensure_free(more) else None
+            if dest is not None:
+                self.host.load(host[have:], self.token_pool, dest)
+        finally:
+            self.host.release(host_node)
+        try:
+            if dest is None:
+                return indices, node
+            # (insert resumes at `node`, which the caller must hold locked)
+            present, new, last = self.tree.insert_and_match(
+                key[: have + more], torch.cat([indices, dest]), (node, have)
+            )
+        finally:
+            self.tree.unlock(node)
+        assert present == have  # nothing else ran: the pool's tree had no more of it
+        return torch.cat([indices, new]), last
 
     def alloc_extend(self, seq: SeqSlots, new_len: int) -> torch.Tensor | None:
         """Slots for positions `[seq.kv_len, new_len)`, written into the row; evicts as needed.
@@ -184,6 +231,8 @@ class KVCacheManager:
         if self.req_pool.available_size() != self.req_pool.size:
             raise IntegrityError("flush with requests still running")
         self.tree.reset()
+        if self.host is not None:
+            self.host.reset()
 
     def check_integrity(self, running: Iterable[SeqSlots] = ()) -> None:
         """Check the whole hierarchy; `running` are all requests holding rows.
@@ -219,6 +268,14 @@ class KVCacheManager:
         )
         if not running:
             _expect(self.tree.protected_size() == 0, "idle but some prefix is still locked")
+        if self.host is not None:  # the tier: its own tree, nothing held between calls
+            host = self.host
+            host.tree.check_integrity()
+            free, cached = host.pool.free_slots(), host.tree.cached_slots()
+            _expect(host.tree.protected_size() == 0, "a host-tier prefix is still locked")
+            _expect(len(free) + len(cached) == host.capacity, "a host-tier slot is leaked")
+            both = torch.cat([free, cached])
+            _expect(len(torch.unique(both)) == len(both), "a host-tier slot is owned twice")
 
 
 def _expect(cond: bool, message: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -96,6 +96,8 @@ class RadixCache:
         # with `record_events()`: what was stored and removed since `take_events()` (a router's
         # view of this tree; docs/scaling.md)
         self.events: list[CacheEvent] | None = None
+        # called with each leaf `evict` is about to free (a second KV tier copies it out)
+        self.on_evict: Callable[[TreeNode], None] | None = None
         self.reset_tree()
 
     def record_events(self) -> None:
@@ -144,10 +146,17 @@ class RadixCache:
     def peek_prefix(self, tokens: Sequence[int] | torch.Tensor) -> tuple[int, TreeNode]:
         """Length `match_prefix` would return, and the deepest node it reaches, without touching
         access times or splitting edges (for scheduling decisions)."""
+        key = _as_list(tokens)
+        return self._peek(key, (len(key) - 1) // self.page_size * self.page_size if key else 0)
+
+    def peek_full(self, tokens: Sequence[int] | torch.Tensor) -> tuple[int, TreeNode]:
+        """Like `peek_prefix`, but every token may match."""
+        key = _as_list(tokens)
+        return self._peek(key, len(key) // self.page_size * self.page_size)
+
+    def _peek(self, key: list[int], limit: int) -> tuple[int, TreeNode]:
         if self.disable:
             return 0, self.root
-        key = _as_list(tokens)
-        limit = (len(key) - 1) // self.page_size * self.page_size if key else 0
         node, pos = self.root, 0
         while pos < limit:
             child = node.children.get(self._child_key(key, pos))
@@ -158,6 +167,18 @@ class RadixCache:
             if m < len(child.key):
                 break
         return pos, node
+
+    def path_of(self, node: TreeNode) -> list[int]:
+        """The keys from the root to the end of `node`."""
+        return self._path(node)
+
+    def path_values(self, node: TreeNode) -> torch.Tensor:
+        """The slots from the root to the end of `node`."""
+        parts: list[torch.Tensor] = []
+        while node is not self.root:
+            parts.append(node.value)
+            node = node.parent  # type: ignore[assignment]
+        return torch.cat(parts[::-1]) if parts else _EMPTY
 
     def insert(
         self,
@@ -258,6 +279,8 @@ class RadixCache:
         count = 0
         while count < num_tokens and self._lru:
             node = self._lru.pop(0)
+            if self.on_evict is not None:
+                self.on_evict(node)
             parent = node.parent
             assert parent is not None
             del parent.children[self._child_key(node.key, 0)]

@@ -66,7 +66,7 @@ def sum_stats(parts: list[Stats]) -> Stats:
     for s in parts:
         for name in Stats.__struct_fields__:
             value = getattr(s, name)
-            if isinstance(value, int):
+            if isinstance(value, (int, float)):
                 setattr(total, name, getattr(total, name) + value)
         for reason, count in s.finished.items():
             total.finished[reason] = total.finished.get(reason, 0) + count

@@ -1,0 +1,94 @@
+"""A second KV tier under the pool (`--kv-host-tier SIZE`): what the radix cache evicts is copied
+here instead of dropped, and a later prompt that reaches into it loads it back (a copy, not a
+prefill).
+
+The tier is a radix tree of its own (`RadixCache` over a `TokenToKVPool` in host memory, pinned on
+a GPU), keyed by whole paths from the root, with its own LRU eviction. Write-back: a leaf's KV is
+written when the pool evicts it, never before. When the pool evicts leaf `X` (path `P`, its own
+tokens `P[k:]`), the part of `P` the tier lacks is copied in one batched copy per layer (the
+ancestors are still in the pool: eviction goes leaf first). At admission, if the tier holds a
+longer prefix of the prompt than the pool, the difference is allocated in the pool, copied back
+and inserted into the pool's tree, so the request (and every later one) sees it as cached.
+Tokens served this way count in `cached_tokens` and separately as tier hits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from radixkv.mem.radix_cache import RadixCache, TreeNode
+from radixkv.mem.token_to_kv_pool import TokenToKVPool
+
+
+class HostTier:
+    def __init__(self, pool: TokenToKVPool) -> None:
+        self.pool = pool
+        self.tree = RadixCache(pool)
+        self.page_size = pool.page_size
+        # counters (Stats)
+        self.hit_tokens = 0  # prompt tokens served from the tier (loaded back)
+        self.load_seconds = 0.0
+        self.stored_tokens = 0  # tokens written into the tier
+
+    @property
+    def capacity(self) -> int:
+        return self.pool.capacity
+
+    def offload(self, device: TokenToKVPool, tree: RadixCache, node: TreeNode) -> None:
+        """Copy what the tier lacks of `node`'s path (the pool is about to free `node`)."""
+        path = tree.path_of(node)
+        if len(path) > self.capacity:
+            return  # it could never fit
+        short = len(path) - self.pool.available_size()
+        if short > 0:
+            self.tree.evict(short)
+        present, _ = self.tree.peek_full(path)
+        aligned = len(path) // self.page_size * self.page_size
+        need = aligned - present
+        if need <= 0:
+            self.tree.match_full(path)  # already here: just mark it used
+            return
+        host = self.pool.alloc(need)
+        if host is None:
+            return
+        source = tree.path_values(node)[present:aligned]
+        _copy(device, source, self.pool, host)
+        slots = torch.cat([torch.zeros(present, dtype=torch.int64), host])
+        taken = self.tree.insert(path[:aligned], slots)
+        assert taken == present, (taken, present)
+        self.stored_tokens += need
+
+    def hold(self, tokens: Sequence[int]) -> tuple[torch.Tensor, TreeNode]:
+        """The tier's slots of its longest prefix of `tokens[:-1]`, locked (the pool may evict,
+        and so write here, before they are copied back): `release` the node after `load`."""
+        indices, node = self.tree.match_prefix(tokens)
+        self.tree.lock(node)
+        return indices, node
+
+    def release(self, node: TreeNode) -> None:
+        self.tree.unlock(node)
+
+    def load(self, host: torch.Tensor, device: TokenToKVPool, dest: torch.Tensor) -> None:
+        """Copy the tier's KV in slots `host` into pool slots `dest`."""
+        began = time.perf_counter()
+        _copy(self.pool, host, device, dest)
+        self.hit_tokens += len(dest)
+        self.load_seconds += time.perf_counter() - began
+
+    def reset(self) -> None:
+        self.tree.reset()
+
+
+def _copy(src: TokenToKVPool, src_slots: torch.Tensor, dst: TokenToKVPool, dst_slots: torch.Tensor):
+    """K, V (and scales) of `src_slots` into `dst_slots`, one batched copy per layer and tensor."""
+    s = src_slots.to(src.device)
+    d = dst_slots.to(dst.device)
+    for layer in range(src.layout.num_layers):
+        dst.k_buffer[layer][d] = src.k_buffer[layer][s].to(dst.device, non_blocking=True)
+        dst.v_buffer[layer][d] = src.v_buffer[layer][s].to(dst.device, non_blocking=True)
+        if src.layout.quantized:
+            dst.k_scale[layer][d] = src.k_scale[layer][s].to(dst.device, non_blocking=True)
+            dst.v_scale[layer][d] = src.v_scale[layer][s].to(dst.device, non_blocking=True)

@@ -1,0 +1,119 @@
+"""The second KV tier (`--kv-host-tier`): what the pool evicts is written there and loaded back,
+with the same KV, and neither tier leaks a slot."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from radixkv.mem import KVCacheManager, KVLayout, RadixCache, ReqToTokenPool, TokenToKVPool
+from radixkv.mem.host_tier import HostTier
+
+LAYOUTS = [KVLayout(2, 1, 2), KVLayout(2, 1, 4, torch.int8)]
+
+
+def make(layout: KVLayout, pool_tokens: int, tier_tokens: int | None, page: int = 1):
+    pool = TokenToKVPool(layout, pool_tokens, page_size=page)
+    host = HostTier(TokenToKVPool(layout, tier_tokens, page_size=page)) if tier_tokens else None
+    return KVCacheManager(pool, ReqToTokenPool(4, 256), RadixCache(pool), host)
+
+
+def kv_of(token: int, pos: int) -> float:
+    """What a token's K holds in these tests: a function of the token and its position."""
+    return float((token * 31 + pos) % 97) / 8
+
+
+def write_kv(mgr: KVCacheManager, slots: torch.Tensor, tokens: list[int], start: int) -> None:
+    pool = mgr.token_pool
+    values = torch.tensor([kv_of(t, start + i) for i, t in enumerate(tokens)])
+    for layer in range(pool.layout.num_layers):
+        k = values[:, None, None].expand(-1, pool.layout.kv_heads, pool.layout.head_dim)
+        pool.set_kv(layer, slots, k * (layer + 1), -k)
+
+
+def check_kv(mgr: KVCacheManager, row: int, tokens: list[int], n: int) -> None:
+    """The cached prefix's K and V are what was computed for those tokens at those positions."""
+    pool = mgr.token_pool
+    slots = mgr.req_pool.read(row, 0, n)
+    want = torch.tensor([kv_of(t, i) for i, t in enumerate(tokens[:n])])
+    for layer in range(pool.layout.num_layers):
+        k = pool.read_kv(layer, slots, torch.float32)[0][:, 0, 0]
+        v = pool.read_kv(layer, slots, torch.float32)[1][:, 0, 0]
+        tol = 0.05 if pool.layout.quantized else 0.0
+        assert torch.allclose(k, want * (layer + 1), atol=tol * (layer + 1) * 13)
+        assert torch.allclose(v, -want, atol=tol * 13)
+
+
+def serve(mgr: KVCacheManager, prompt: list[int], output: list[int]) -> int:
+    """Admit, compute (write K/V for the new positions), cache; the cached prefix length."""
+    seq = mgr.admit(prompt)
+    assert seq is not None
+    cached = seq.cached_len
+    check_kv(mgr, seq.row, prompt, cached)
+    slots = mgr.alloc_extend(seq, len(prompt))
+    assert slots is not None
+    write_kv(mgr, slots, prompt[cached:], cached)
+    mgr.cache_unfinished(seq, prompt)
+    full = prompt + output
+    for i in range(len(output) - 1):
+        new = mgr.alloc_decode([seq])
+        assert new is not None
+        write_kv(mgr, new, [full[len(prompt) + i]], len(prompt) + i)
+    mgr.cache_finished(seq, full)
+    mgr.check_integrity()
+    return cached
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["fp32", "int8"])
+def test_an_evicted_prefix_comes_back_from_the_tier_with_its_kv(layout):
+    mgr = make(layout, pool_tokens=40, tier_tokens=200)
+    a, b = list(range(100, 130)), list(range(200, 230))
+    assert serve(mgr, [*a, 1], [2, 3]) == 0
+    assert serve(mgr, [*b, 1], [2, 3]) == 0  # evicts a's prefix from the 40-token pool
+    assert mgr.tree.peek_prefix([*a, 9])[0] < 30
+    assert serve(mgr, [*a, 9], [4]) == 30  # all of it, from the tier
+    assert mgr.host is not None and mgr.host.hit_tokens >= 30 - mgr.tree.peek_prefix(a)[0]
+
+
+def test_without_a_tier_it_is_recomputed():
+    mgr = make(LAYOUTS[0], pool_tokens=40, tier_tokens=None)
+    a, b = list(range(100, 130)), list(range(200, 230))
+    serve(mgr, [*a, 1], [2, 3])
+    serve(mgr, [*b, 1], [2, 3])
+    assert serve(mgr, [*a, 9], [4]) < 30
+
+
+@pytest.mark.parametrize("page", [1, 4])
+def test_random_traffic_keeps_both_tiers_whole_and_every_hit_exact(page):
+    rng = random.Random(page)
+    mgr = make(LAYOUTS[0], pool_tokens=64, tier_tokens=160, page=page)
+    prefixes = [[rng.randrange(50, 90) for _ in range(rng.randrange(4, 24))] for _ in range(8)]
+    hits = 0
+    for _ in range(150):
+        prompt = [*rng.choice(prefixes), *(rng.randrange(50, 90) for _ in range(3))]
+        hits += serve(mgr, prompt, [rng.randrange(50, 90) for _ in range(rng.randrange(1, 4))])
+    assert mgr.host is not None and mgr.host.hit_tokens > 0 and hits > 0
+    assert mgr.tree.evicted_tokens > 0
+    mgr.reset()
+    mgr.check_integrity()
+    assert mgr.host.tree.total_size() == 0
+
+
+@pytest.mark.slow
+def test_the_model_gives_the_same_tokens_from_the_tier_as_computed():
+    import radixkv
+
+    rng = random.Random(0)
+    a = [rng.randrange(1000, 30000) for _ in range(300)]
+    b = [rng.randrange(1000, 30000) for _ in range(300)]
+    with radixkv.Runtime(max_total_tokens=500, kv_host_tier="32MiB", log_level="warning") as rt:
+        first = rt.client.generate_ids(a, max_new_tokens=8)
+        rt.client.generate_ids(b, max_new_tokens=8)  # a's prefix leaves the 500-token pool
+        again = rt.client.generate_ids(a, max_new_tokens=8)
+        stats = rt.client.stats()
+    assert first.cached_tokens == 0 and again.cached_tokens >= 296
+    assert again.token_ids == first.token_ids
+    assert stats.tier_hit_tokens >= again.cached_tokens - 100 > 0
+    assert stats.tier_stored_tokens > 0 and stats.tier_capacity > 0
