@@ -333,6 +333,13 @@ def test_router_in_front_of_runtimes_started_elsewhere_rejoins_a_worker_that_com
         b.shutdown()
 
 
+def test_local_workers_get_a_gpu_each():
+    from radixkv.router.workers import worker_device
+
+    assert [worker_device("cuda", i) for i in range(2)] == ["cuda:0", "cuda:1"]
+    assert worker_device("cpu", 1) == "cpu" and worker_device("cuda:3", 1) == "cuda:3"
+
+
 def test_launch_flags_of_the_router():
     from radixkv.tools.cli import build_parser
     from radixkv.tools.flags import server_args

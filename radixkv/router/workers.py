@@ -88,6 +88,12 @@ def start_runtime(
     return runtime
 
 
+def worker_device(device: str, index: int) -> str:
+    """Worker `index`'s device: its own GPU when the workers run on "cuda" (worker i on cuda:i;
+    start no more workers than GPUs), else the one given (the CPU, or a GPU named by index)."""
+    return f"cuda:{index}" if device == "cuda" else device
+
+
 class LocalWorkers(WorkerPool):
     def __init__(
         self,
@@ -105,9 +111,8 @@ class LocalWorkers(WorkerPool):
         self.lock = threading.Lock()
 
     def _start_one(self, index: int, timeout: float) -> str:
-        runtime = start_runtime(
-            self.factory, self.args, timeout, self.scheduler, self.scheduler_kwargs
-        )
+        args = dataclasses.replace(self.args, device=worker_device(self.args.device, index))
+        runtime = start_runtime(self.factory, args, timeout, self.scheduler, self.scheduler_kwargs)
         with self.lock:
             self.runtimes[index] = runtime
         return runtime.endpoint
