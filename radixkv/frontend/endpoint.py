@@ -11,6 +11,7 @@ subclass's: the runtime (`server.RuntimeServer`) hands it to its scheduler, the 
 
 from __future__ import annotations
 
+import abc
 import itertools
 import logging
 import secrets
@@ -52,7 +53,7 @@ log = logging.getLogger("radixkv.runtime")
 MAX_CLIENT_FRAMES_PER_TURN = 256  # then serve the backend's outputs before reading more
 
 
-class ClientEndpoint(GenerateIntake):
+class ClientEndpoint(GenerateIntake, abc.ABC):
     """Serves clients on `endpoint` until `stop()` (or a signal handler) ends `serve_forever()`.
 
     Subclasses implement the backend: `_start_backend`, `_on_backend` (each loop turn, with the
@@ -123,17 +124,20 @@ class ClientEndpoint(GenerateIntake):
 
     # ---- what a backend implements ------------------------------------------------------------
 
+    @abc.abstractmethod
     def _start_backend(self, timeout: float) -> Ready:
-        raise NotImplementedError
+        """Start what serves the requests; its `Ready`."""
 
     def _on_backend(self, events: dict[Any, int]) -> None:
         """Each loop turn, before clients are read: the backend's sockets and timers."""
 
+    @abc.abstractmethod
     def _abort(self, identity: bytes, client_rid: str) -> None:
-        raise NotImplementedError
+        """The client aborted its request `client_rid`."""
 
+    @abc.abstractmethod
     def _control(self, identity: bytes, msg: FlushCacheRequest | GetStatsRequest) -> None:
-        raise NotImplementedError
+        """A stats or flush call."""
 
     def _client_gone(self, identity: bytes) -> None:
         """Abort what this client had in flight (it disconnected)."""

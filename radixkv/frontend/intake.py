@@ -8,6 +8,7 @@ bad input exactly as one runtime does.
 
 from __future__ import annotations
 
+import abc
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -34,7 +35,7 @@ from radixkv.protocol import (
 INLINE_TOKENIZE_CHARS = 16_384
 
 
-class GenerateIntake:
+class GenerateIntake(abc.ABC):
     # provided by ClientEndpoint
     args: ServerArgs
     tm: TokenizerManager | None
@@ -48,12 +49,13 @@ class GenerateIntake:
     _error: Callable[..., None]
     _refusing: Callable[[], str | None]
 
+    @abc.abstractmethod
     def _admit(self, identity: bytes, msg: GenerateRequest, ids: list[int], arrival: float) -> None:
-        raise NotImplementedError
+        """A validated request with its token ids: hand it to the backend."""
 
+    @abc.abstractmethod
     def _has_request(self, key: tuple[bytes, str]) -> bool:
         """Whether (identity, client rid) is in flight in the backend."""
-        raise NotImplementedError
 
     def _on_tokenize(self, identity: bytes, msg: TokenizeRequest | DetokenizeRequest) -> None:
         """Answered here: the tokenizer is this process's, the backend is not needed."""

@@ -23,6 +23,7 @@ level.
 
 from __future__ import annotations
 
+import abc
 import bisect
 import hashlib
 import random
@@ -49,11 +50,12 @@ class Candidate:
         return sum(1 for k in self.in_flight_keys() if k[:n] == prefix)
 
 
-class Policy:
+class Policy(abc.ABC):
     uses_trees = False  # whether the router keeps the per-worker prefix trees for it
 
+    @abc.abstractmethod
     def choose(self, key: list[int], workers: list[Candidate]) -> tuple[Candidate, str]:
-        raise NotImplementedError
+        """The worker for a request with this tree key, and why."""
 
 
 class RoundRobin(Policy):

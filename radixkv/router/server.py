@@ -116,13 +116,10 @@ class RouterServer(ClientEndpoint):
         if self.supervisor.fd in events:
             self.supervisor.run_finished()
         for link in self.links:
-            if link.monitor in events and link.connection_closed() and link.alive:
-                self._worker_down(link, "its connection closed")
-            if link.sock in events:
-                for reply in link.read_replies(self.replies):
-                    self._on_reply(link, reply)
-            if link.events_sock is not None and link.events_sock in events:
-                link.apply_events()
+            try:
+                self._on_link(link, events)
+            except Exception:  # the one guard: a worker's odd reply must not stop the router
+                log.exception("unexpected error handling worker %s; the loop goes on", link.name)
         now = time.monotonic()
         for link in self.links:
             if not link.alive and now >= link.next_probe:
@@ -136,6 +133,15 @@ class RouterServer(ClientEndpoint):
                     self._worker_down(link, silent)
                 elif link.alive:
                     link.send(self._to_worker(GetStatsRequest(rid="hb")))
+
+    def _on_link(self, link: WorkerLink, events: dict[Any, int]) -> None:
+        if link.monitor in events and link.connection_closed() and link.alive:
+            self._worker_down(link, "its connection closed")
+        if link.sock in events:
+            for reply in link.read_replies(self.replies):
+                self._on_reply(link, reply)
+        if link.events_sock is not None and link.events_sock in events:
+            link.apply_events()
 
     def _to_worker(self, msg: Any) -> bytes:
         return self.encoder.encode(msgspec.structs.replace(msg, api_key=self.pool.api_key))

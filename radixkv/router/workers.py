@@ -14,6 +14,7 @@ only the router knows, and publishes its cache events for the router.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 import os
@@ -27,22 +28,22 @@ from radixkv.config import ServerArgs
 log = logging.getLogger("radixkv.router")
 
 
-class WorkerPool:
+class WorkerPool(abc.ABC):
     """What the router asks of whoever runs its workers."""
 
     api_key: str | None = None  # the key the router sends them
 
+    @abc.abstractmethod
     def start(self, timeout: float) -> list[tuple[str, str]]:
         """Start the workers (or find them); their (stable name, endpoint)."""
-        raise NotImplementedError
 
     def restart(self, index: int, timeout: float) -> str | None:
         """Start worker `index` again after it died; its new endpoint, or None when this pool
         cannot (the router then waits for it to come back at the same endpoint)."""
         return None
 
-    def shutdown(self) -> None:
-        pass
+    def shutdown(self) -> None:  # noqa: B027 (optional: pools that start workers stop them)
+        """Stop the workers this pool started (nothing for workers started elsewhere)."""
 
 
 class StaticWorkers(WorkerPool):
