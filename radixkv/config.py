@@ -66,6 +66,10 @@ class ServerArgs:
         "are copied there and loaded back (a copy, not a prefill) when a prompt reaches them",
         parse=parse_size,
     )  # fmt: skip
+    kv_storage_dir: str | None = option(
+        None, "keep cached prefixes on disk in this directory (blocks of 64 tokens, checksummed, "
+        "keyed by model and KV dtype): a runtime restarted on it serves them without recomputing",
+    )  # fmt: skip
     page_size: int = option(1, "tokens per KV page (radix-tree keys are whole pages)")
     max_context_len: int | None = option(None, "context length (default: the model's, capped at "
                                          "8192)", aliases=("--context-length",))  # fmt: skip

@@ -281,6 +281,11 @@ class Stats(msgspec.Struct, kw_only=True):
     tier_stored_tokens: int = 0
     tier_tokens: int = 0
     tier_capacity: int = 0
+    # with --kv-storage-dir: prompt tokens read back from disk (also in cached_tokens), tokens
+    # written there, and blocks found corrupt or truncated (skipped and removed)
+    storage_hit_tokens: int = 0
+    storage_stored_tokens: int = 0
+    storage_corrupt_blocks: int = 0
     # from a router: each worker's own (the fields above are their sums)
     workers: list[WorkerStats] = msgspec.field(default_factory=list)
 

@@ -20,6 +20,7 @@ import zmq
 from radixkv.config import ServerArgs, setup_logging
 from radixkv.mem import KVCacheManager, RadixCache, ReqToTokenPool, TokenToKVPool
 from radixkv.mem.host_tier import HostTier
+from radixkv.mem.storage import DiskStore
 from radixkv.model.llama import LlamaForCausalLM
 from radixkv.model.loader import load_model
 from radixkv.model.model_runner import ModelRunner, kv_layout
@@ -69,7 +70,10 @@ def build_scheduler(args: ServerArgs, model: LlamaForCausalLM | None = None) -> 
     if backend == "auto":
         backend = "triton" if torch.device(args.device).type == "cuda" else "torch"
     runner = ModelRunner(model, token_pool, req_pool, backend, deterministic=args.deterministic)
-    return Scheduler(args, runner, KVCacheManager(token_pool, req_pool, tree, host))
+    disk = None
+    if args.kv_storage_dir is not None:
+        disk = DiskStore(args.kv_storage_dir, token_pool, args.model)
+    return Scheduler(args, runner, KVCacheManager(token_pool, req_pool, tree, host, disk))
 
 
 class SchedulerLoop:

@@ -177,6 +177,10 @@ class Scheduler:
             s.tier_hit_tokens, s.tier_load_seconds = host.hit_tokens, host.load_seconds
             s.tier_stored_tokens, s.tier_capacity = host.stored_tokens, host.capacity
             s.tier_tokens = host.tree.total_size()
+        disk = self.mgr.disk
+        if disk is not None:
+            s.storage_hit_tokens, s.storage_stored_tokens = disk.hit_tokens, disk.stored_tokens
+            s.storage_corrupt_blocks = disk.corrupt_blocks
         return s
 
     def has_work(self) -> bool:

@@ -117,3 +117,68 @@ def test_the_model_gives_the_same_tokens_from_the_tier_as_computed():
     assert again.token_ids == first.token_ids
     assert stats.tier_hit_tokens >= again.cached_tokens - 100 > 0
     assert stats.tier_stored_tokens > 0 and stats.tier_capacity > 0
+
+
+# ---- KV on disk across restarts (--kv-storage-dir) -----------------------------------------------
+
+
+def with_disk(layout: KVLayout, directory, model: str = "m", pool_tokens: int = 400):
+    from radixkv.mem.storage import DiskStore
+
+    pool = TokenToKVPool(layout, pool_tokens)
+    disk = DiskStore(directory, pool, model)
+    return KVCacheManager(pool, ReqToTokenPool(4, 512), RadixCache(pool), disk=disk)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=["fp32", "int8"])
+def test_a_restarted_cache_serves_a_known_prefix_from_disk(layout, tmp_path):
+    prompt = [rng_token(i) for i in range(130)]
+    first = with_disk(layout, tmp_path)
+    assert serve(first, prompt, [5, 6]) == 0
+    assert first.disk is not None and first.disk.stored_tokens == 128  # 2 whole blocks
+    again = with_disk(layout, tmp_path)  # a new process: empty pool and tree, same directory
+    assert serve(again, prompt, [5, 6]) == 128  # check_kv in serve: the KV is what was written
+    assert again.disk is not None and again.disk.hit_tokens == 128
+    other = with_disk(layout, tmp_path, model="another model")  # never reads the first's files
+    assert serve(other, prompt, [5, 6]) == 0
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_corrupt_block_is_skipped_never_served(damage, tmp_path):
+    prompt = [rng_token(i) for i in range(200)]
+    first = with_disk(LAYOUTS[0], tmp_path)
+    serve(first, prompt, [5])
+    assert first.disk is not None and len(list(tmp_path.rglob("*.kv"))) == 3
+    second = first.disk._path(first.disk._chain(prompt, 2)[1])  # the chain's second block
+    data = bytearray(second.read_bytes())
+    if damage == "flip":
+        data[-10] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    second.write_bytes(bytes(data))
+    mgr = with_disk(LAYOUTS[0], tmp_path)
+    assert serve(mgr, prompt, [5]) == 64  # the first block only; the rest computed again
+    assert mgr.disk is not None and mgr.disk.corrupt_blocks == 1
+    assert serve(with_disk(LAYOUTS[0], tmp_path), prompt, [5]) == 192  # rewritten since
+
+
+def rng_token(i: int) -> int:
+    return (i * 7919) % 1000 + 50
+
+
+@pytest.mark.slow
+def test_a_restarted_runtime_serves_a_known_system_prompt_from_disk(tmp_path):
+    import radixkv
+
+    rng = random.Random(3)
+    system = [rng.randrange(1000, 30000) for _ in range(1024)]
+    q1, q2 = ([rng.randrange(1000, 30000) for _ in range(40)] for _ in range(2))
+    with radixkv.Runtime(kv_storage_dir=str(tmp_path), log_level="warning") as rt:
+        rt.client.generate_ids(system + q1, max_new_tokens=8)
+        computed = rt.client.generate_ids(system + q2, max_new_tokens=8)  # (from the pool)
+        assert rt.client.stats().storage_stored_tokens >= 1024
+    with radixkv.Runtime(kv_storage_dir=str(tmp_path), log_level="warning") as rt:
+        restarted = rt.client.generate_ids(system + q2, max_new_tokens=8)
+        stats = rt.client.stats()
+    assert restarted.cached_tokens >= 1000 and stats.storage_hit_tokens >= 1000
+    assert restarted.token_ids == computed.token_ids

@@ -50,6 +50,12 @@ COUNTERS = (
      "Seconds spent copying KV back from the host tier."),
     ("tier_stored_tokens", "kv_tier_stored_tokens", None, None,
      "Tokens of evicted prefixes written into the host tier."),
+    ("storage_hit_tokens", "kv_storage_hit_tokens", None, None,
+     "Prompt tokens read back from --kv-storage-dir (also counted as cached)."),
+    ("storage_stored_tokens", "kv_storage_stored_tokens", None, None,
+     "Tokens written to --kv-storage-dir."),
+    ("storage_corrupt_blocks", "kv_storage_corrupt_blocks", None, None,
+     "Blocks in --kv-storage-dir found corrupt or truncated (skipped, removed)."),
 )  # fmt: skip
 GAUGES = (
     ("kv_capacity", "kv_capacity_tokens", "sglang:max_total_num_tokens", None,

@@ -10,6 +10,7 @@ import torch
 from radixkv.mem.host_tier import HostTier
 from radixkv.mem.radix_cache import IntegrityError, RadixCache, TreeNode
 from radixkv.mem.req_to_token_pool import ReqToTokenPool
+from radixkv.mem.storage import DiskStore
 from radixkv.mem.token_to_kv_pool import TokenToKVPool
 
 
@@ -42,6 +43,7 @@ class KVCacheManager:
         req_pool: ReqToTokenPool,
         tree: RadixCache,
         host: HostTier | None = None,
+        disk: DiskStore | None = None,
     ):
         if tree.kv_pool is not token_pool:
             raise ValueError("the radix cache must free into the same TokenToKVPool")
@@ -50,6 +52,7 @@ class KVCacheManager:
         self.tree = tree
         self.page_size = token_pool.page_size
         self.host = host  # a second KV tier (host_tier.py): evicted leaves go there
+        self.disk = disk  # KV on disk across restarts (storage.py): written through, read back
         if host is not None and not tree.disable:
             if host.page_size != self.page_size:
                 raise ValueError("the host tier must have the pool's page size")
@@ -85,6 +88,8 @@ class KVCacheManager:
         indices, node = self.tree.match_prefix(prompt)
         if self.host is not None and not self.tree.disable:
             indices, node = self._load_from_host(prompt, indices, node)
+        if self.disk is not None and not self.tree.disable:
+            indices, node = self._load_from_disk(prompt, indices, node)
         self.tree.lock(node)
         row = self.req_pool.alloc()
         self.req_pool.write(row, 0, indices)
@@ -120,6 +125,33 @@ class KVCacheManager:
         finally:
             self.tree.unlock(node)
         assert present == have  # nothing else ran: the pool's tree had no more of it
+        return torch.cat([indices, new]), last
+
+    def _load_from_disk(
+        self, prompt: Sequence[int] | torch.Tensor, indices: torch.Tensor, node: TreeNode
+    ) -> tuple[torch.Tensor, TreeNode]:
+        """Like `_load_from_host`, from the blocks on disk (a corrupt one ends the load)."""
+        assert self.disk is not None
+        key = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+        have = len(indices)
+        more = self.disk.longest(key) - have
+        if more <= 0:
+            return indices, node
+        self.tree.lock(node)
+        try:
+            dest = self.token_pool.alloc(more) if self.ensure_free(more) else None
+            if dest is None:
+                return indices, node
+            got = self.disk.load(key, have, dest) // self.page_size * self.page_size
+            self.token_pool.free(dest[got:])
+            if got == 0:
+                return indices, node
+            present, new, last = self.tree.insert_and_match(
+                key[: have + got], torch.cat([indices, dest[:got]]), (node, have)
+            )
+        finally:
+            self.tree.unlock(node)
+        assert present == have
         return torch.cat([indices, new]), last
 
     def alloc_extend(self, seq: SeqSlots, new_len: int) -> torch.Tensor | None:
@@ -177,6 +209,8 @@ class KVCacheManager:
             return
         key = tokens[: seq.kv_len]
         slots = self.req_pool.read(seq.row, 0, seq.kv_len)
+        if self.disk is not None:  # write-through, before any of `slots` is freed
+            self.disk.write(_as_ids(key), slots)
         # Resume at the request's locked node: its cached prefix is not compared again.
         present, indices, node = self.tree.insert_and_match(
             key, slots, (seq.last_node, seq.cached_len)
@@ -203,6 +237,8 @@ class KVCacheManager:
         """
         key = tokens[: seq.kv_len]
         slots = self.req_pool.read(seq.row, 0, seq.kv_len)
+        if self.disk is not None and not self.tree.disable:
+            self.disk.write(_as_ids(key), slots)
         present = self.tree.insert(key, slots, (seq.last_node, seq.cached_len))
         aligned = seq.kv_len // self.page_size * self.page_size
         self.token_pool.free(slots[seq.cached_len : present])
@@ -276,6 +312,10 @@ class KVCacheManager:
             _expect(len(free) + len(cached) == host.capacity, "a host-tier slot is leaked")
             both = torch.cat([free, cached])
             _expect(len(torch.unique(both)) == len(both), "a host-tier slot is owned twice")
+
+
+def _as_ids(tokens: Sequence[int] | torch.Tensor) -> list[int]:
+    return tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
 
 
 def _expect(cond: bool, message: str) -> None:

@@ -1,0 +1,168 @@
+"""KV on disk that outlives the process (`--kv-storage-dir DIR`): a runtime restarted on the same
+directory serves a known prefix from it instead of computing it again.
+
+Prefixes are stored in blocks of `BLOCK` tokens from the start of the tree key. Block `i` of a key
+is named by a hash chain, `h(i) = sha256(h(i-1) + tokens of block i)`, starting from a namespace
+that holds the model, the KV layout and dtype and this format's version: the same tokens under
+another model or dtype never name the same file, and a salted key (cache isolation) hashes its
+salt in. A file holds a header (magic, version, token count, payload length, the payload's
+sha256) and the payload: every layer's K and V (and scales, in a quantized pool) of its tokens.
+Files are written whole (a temporary file renamed into place) when a request's prefix is cached
+(write-through, so a crash loses at most what was being written); at admission the blocks beyond
+what the pool and the host tier hold are read back in order, each checked against its checksum: a
+missing, truncated or corrupt block ends the load there (it is counted and removed), never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from radixkv.mem.token_to_kv_pool import TokenToKVPool
+
+BLOCK = 64  # tokens per file; a multiple of every page size that divides it
+MAGIC, VERSION = b"RKVB", 1
+_HEADER = struct.Struct("<4sHIQ32s")  # magic, version, tokens, payload bytes, payload sha256
+
+
+class DiskStore:
+    def __init__(self, directory: str | Path, pool: TokenToKVPool, model: str) -> None:
+        if BLOCK % pool.page_size:
+            raise ValueError(f"--kv-storage-dir needs a page size dividing {BLOCK}, "
+                             f"not {pool.page_size}")  # fmt: skip
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.pool = pool
+        layout = pool.layout
+        self.namespace = hashlib.sha256(
+            f"radixkv-kv/{VERSION}/{model}/{layout.num_layers}x{layout.kv_heads}x"
+            f"{layout.head_dim}/{layout.dtype}".encode()
+        ).digest()
+        self.known: set[bytes] = set()  # blocks seen on disk (or written) by this process
+        self.hit_tokens = 0
+        self.stored_tokens = 0
+        self.corrupt_blocks = 0
+
+    # ---- names ----------------------------------------------------------------------------------
+
+    def _chain(self, tokens: Sequence[int], blocks: int) -> list[bytes]:
+        names, h = [], self.namespace
+        for i in range(blocks):
+            chunk = tokens[i * BLOCK : (i + 1) * BLOCK]
+            h = hashlib.sha256(h + struct.pack(f"<{BLOCK}q", *chunk)).digest()
+            names.append(h)
+        return names
+
+    def _path(self, name: bytes) -> Path:
+        hexname = name.hex()
+        return self.dir / hexname[:2] / f"{hexname}.kv"
+
+    def _exists(self, name: bytes) -> bool:
+        if name in self.known:
+            return True
+        if self._path(name).is_file():
+            self.known.add(name)
+            return True
+        return False
+
+    # ---- write ----------------------------------------------------------------------------------
+
+    def write(self, tokens: Sequence[int], slots: torch.Tensor) -> None:
+        """Store every whole block of `tokens` (KV in pool `slots`) not on disk yet."""
+        blocks = len(tokens) // BLOCK
+        for i, name in enumerate(self._chain(tokens, blocks)):
+            if self._exists(name):
+                continue
+            payload = self._serialize(slots[i * BLOCK : (i + 1) * BLOCK])
+            header = _HEADER.pack(MAGIC, VERSION, BLOCK, len(payload),
+                                  hashlib.sha256(payload).digest())  # fmt: skip
+            path = self._path(name)
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(header + payload)
+            tmp.replace(path)
+            self.known.add(name)
+            self.stored_tokens += BLOCK
+
+    def _serialize(self, slots: torch.Tensor) -> bytes:
+        pool, s = self.pool, slots.to(self.pool.device)
+        parts = []
+        for layer in range(pool.layout.num_layers):
+            tensors = [pool.k_buffer[layer][s], pool.v_buffer[layer][s]]
+            if pool.layout.quantized:
+                tensors += [pool.k_scale[layer][s], pool.v_scale[layer][s]]
+            parts += [t.contiguous().cpu().view(torch.uint8).numpy().tobytes() for t in tensors]
+        return b"".join(parts)
+
+    # ---- read -----------------------------------------------------------------------------------
+
+    def longest(self, tokens: Sequence[int]) -> int:
+        """How many leading tokens of `tokens[:-1]` are on disk, in whole blocks."""
+        blocks = (len(tokens) - 1) // BLOCK if tokens else 0
+        n = 0
+        for name in self._chain(tokens, blocks):
+            if not self._exists(name):
+                break
+            n += BLOCK
+        return n
+
+    def load(self, tokens: Sequence[int], start: int, dest: torch.Tensor) -> int:
+        """Read positions `[start, start + len(dest))` of `tokens` into pool slots `dest`, block by
+        block; returns how many were read (fewer at a missing or corrupt block)."""
+        end = start + len(dest)
+        names = self._chain(tokens, -(-end // BLOCK))
+        done = start
+        for i in range(start // BLOCK, len(names)):
+            raw = self._read(names[i])
+            if raw is None:
+                break
+            lo, hi = max(done, i * BLOCK), min(end, (i + 1) * BLOCK)
+            self._deserialize(raw, lo - i * BLOCK, hi - i * BLOCK, dest[lo - start : hi - start])
+            done = hi
+        self.hit_tokens += done - start
+        return done - start
+
+    def _read(self, name: bytes) -> bytes | None:
+        path = self._path(name)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            self.known.discard(name)
+            return None
+        ok = len(data) >= _HEADER.size
+        if ok:
+            magic, version, count, size, digest = _HEADER.unpack_from(data)
+            payload = data[_HEADER.size :]
+            ok = (magic, version, count, size) == (MAGIC, VERSION, BLOCK, len(payload))
+            ok = ok and hashlib.sha256(payload).digest() == digest
+        if not ok:
+            self.corrupt_blocks += 1
+            self.known.discard(name)
+            path.unlink(missing_ok=True)  # never served; a later request writes it again
+            return None
+        return payload
+
+    def _deserialize(self, payload: bytes, lo: int, hi: int, dest: torch.Tensor) -> None:
+        pool = self.pool
+        layout = pool.layout
+        shapes: list[tuple[torch.dtype, tuple[int, ...]]] = [
+            (layout.dtype, (layout.kv_heads, layout.head_dim))
+        ] * 2
+        if layout.quantized:
+            shapes += [(pool.k_scale[0].dtype, (layout.kv_heads,))] * 2
+        buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        offset, d = 0, dest.to(pool.device)
+        for layer in range(layout.num_layers):
+            targets = [pool.k_buffer[layer], pool.v_buffer[layer]]
+            if layout.quantized:
+                targets += [pool.k_scale[layer], pool.v_scale[layer]]
+            for target, (dtype, shape) in zip(targets, shapes, strict=True):
+                size = BLOCK * torch.empty(shape, dtype=dtype).numel() * dtype.itemsize
+                block = buf[offset : offset + size].view(dtype).view(BLOCK, *shape)
+                target[d] = block[lo:hi].to(pool.device)
+                offset += size
