@@ -7,6 +7,7 @@ the command line of `radixkv launch` and `radixkv bench` is generated from these
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import re
@@ -240,6 +241,11 @@ class ServerArgs:
             raise ValueError("prefix_hash_tokens and router_tree_tokens must be >= 1")
         if not 0 < self.worker_timeout < float("inf"):
             raise ValueError(f"worker_timeout must be > 0, got {self.worker_timeout}")
+        if self.disable_radix_cache and (self.kv_host_tier or self.kv_storage_dir):
+            raise ValueError(
+                "--kv-host-tier and --kv-storage-dir keep what the radix cache holds: they do "
+                "nothing with --disable-radix-cache"
+            )
         if self.chunked_prefill_size < self.page_size:
             raise ValueError(
                 f"chunked_prefill_size ({self.chunked_prefill_size}) must be >= page_size "
@@ -257,6 +263,48 @@ class ServerArgs:
         if self.disable_radix_cache and self.schedule_policy in ("lpm", "dfs-weight"):
             return "fcfs"
         return self.schedule_policy
+
+
+# Options only a router reads, and those the process of `radixkv router --worker ...` itself
+# uses (every other option belongs to the runtimes started elsewhere).
+ROUTER_FIELDS = (
+    "router_policy", "cache_threshold", "balance_abs_threshold", "balance_rel_threshold",
+    "router_cache_events", "router_tree_tokens", "prefix_hash_tokens", "worker_timeout",
+    "worker_api_key", "ray_address", "ray_worker_cpus", "ray_worker_gpus",
+)  # fmt: skip
+REMOTE_ROUTER_FIELDS = (
+    "model", "host", "port", "http_port", "api_key", "isolate_cache_per_key", "allow_no_api_key",
+    "stream_stall_timeout", "drain_timeout", "seed", "log_level",
+    *(f for f in ROUTER_FIELDS if not f.startswith("ray_")),
+)  # fmt: skip
+
+
+def refuse_unused(args: ServerArgs, role: str) -> None:
+    """A ValueError naming the first option given (not its default) that `role` would ignore:
+    "runtime" (one runtime), "local" (--dp N workers here), "ray" (--dp N on Ray) or "remote"
+    (`radixkv router --worker ...`). An option is honoured or refused, never silently dropped."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ServerArgs)}
+
+    def given(name: str) -> bool:
+        return getattr(args, name) != defaults[name]
+
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    if role == "runtime":
+        unused = [f for f in ROUTER_FIELDS if given(f)]
+        why = "applies to a router only (--dp N > 1, or `radixkv router --worker ...`)"
+    elif role == "remote":
+        unused = [f for f in defaults if f not in REMOTE_ROUTER_FIELDS and given(f)]
+        why = "applies to the runtimes behind this router: give it to their `radixkv launch`"
+    else:
+        unused = ["cache_events_port"] if given("cache_events_port") else []
+        why = "is set by the router for its own workers"
+        if role == "local":
+            unused += [f for f in ROUTER_FIELDS if f.startswith("ray_") and given(f)]
+            why = "is set by the router for its own workers (--ray-worker-*: with --ray only)"
+    if unused:
+        raise ValueError(f"{flag(unused[0])} {why}")
 
 
 def matching_key(given: bytes, keys: tuple[str, ...]) -> str | None:

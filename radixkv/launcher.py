@@ -27,7 +27,7 @@ import msgspec
 
 from radixkv.client.core import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT
 from radixkv.client.sync import Client
-from radixkv.config import ServerArgs, setup_logging
+from radixkv.config import ServerArgs, refuse_unused, setup_logging
 from radixkv.frontend.scheduler_child import DEFAULT_SCHEDULER, describe_exit
 from radixkv.protocol import Ready
 
@@ -46,7 +46,11 @@ def make_server(
     """The process's server: one runtime; with `args.dp > 1` a router in front of that many
     worker runtimes (local processes, or Ray actors with `args.ray_address`); with `workers`
     (endpoints), a router in front of runtimes started elsewhere."""
-    if workers is None and args.dp == 1:
+    role = "remote" if workers is not None else "runtime" if args.dp == 1 else "local"
+    if role == "local" and args.ray_address is not None:
+        role = "ray"
+    refuse_unused(args, role)
+    if role == "runtime":
         from radixkv.frontend.server import RuntimeServer
 
         return RuntimeServer(args, scheduler, scheduler_kwargs)

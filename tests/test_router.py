@@ -385,3 +385,25 @@ def test_workers_as_ray_actors_on_a_local_ray_instance(monkeypatch):
             assert time.monotonic() < deadline, "the Ray worker was not restarted"
             time.sleep(0.2)
         assert client.generate_ids([60, 2], max_new_tokens=2).token_ids == [60, 2]
+
+
+def test_options_a_role_would_ignore_are_refused_by_name():
+    from radixkv.config import refuse_unused
+
+    with pytest.raises(ValueError, match="--router-policy applies to a router only"):
+        refuse_unused(ServerArgs(router_policy="random"), "runtime")
+    with pytest.raises(ValueError, match="--ray-address applies to a router only"):
+        refuse_unused(ServerArgs(ray_address="auto"), "runtime")
+    with pytest.raises(ValueError, match="--max-total-tokens applies to the runtimes behind"):
+        refuse_unused(ServerArgs(max_total_tokens=1000), "remote")
+    with pytest.raises(ValueError, match="--cache-events-port is set by the router"):
+        refuse_unused(ServerArgs(dp=2, cache_events_port=0), "local")
+    with pytest.raises(ValueError, match="--ray-worker-cpus"):
+        refuse_unused(ServerArgs(dp=2, ray_worker_cpus=4), "local")
+    refuse_unused(ServerArgs(dp=2, ray_address="auto", ray_worker_cpus=4), "ray")  # honoured
+    refuse_unused(ServerArgs(router_policy="random", http_port=0), "remote")
+    with pytest.raises(ValueError, match="--disable-radix-cache"):
+        ServerArgs(disable_radix_cache=True, kv_host_tier=2**20)
+    # Runtime: the child's refusal reaches the caller, naming the option
+    with pytest.raises(radixkv.RuntimeStartError, match="--router-policy"):
+        radixkv.Runtime(scheduler=FAKE, router_policy="random", start_timeout=30)

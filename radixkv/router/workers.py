@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from radixkv.config import ServerArgs
+from radixkv.config import ROUTER_FIELDS, ServerArgs
 
 log = logging.getLogger("radixkv.router")
 
@@ -61,9 +61,11 @@ def worker_args(args: ServerArgs, key: str, host: str = "127.0.0.1") -> ServerAr
     """A worker's options: the router's, as one runtime on `host` that only the router uses,
     with its share of the threads and its cache events published."""
     threads = args.num_threads or max(1, (os.cpu_count() or 1) // args.dp)
+    defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ServerArgs)}
+    router_only = {name: defaults[name] for name in ROUTER_FIELDS}  # a worker is no router
     return dataclasses.replace(
-        args, dp=1, host=host, port=0, http_port=None, api_key=key, isolate_cache_per_key=False,
-        allow_no_api_key=False, num_threads=threads, ray_address=None,
+        args, **router_only, dp=1, host=host, port=0, http_port=None, api_key=key,
+        isolate_cache_per_key=False, allow_no_api_key=False, num_threads=threads,
         cache_events_port=0 if args.router_cache_events else None,
     )  # fmt: skip
 
