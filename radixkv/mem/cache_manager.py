@@ -56,7 +56,8 @@ class KVCacheManager:
         if host is not None and not tree.disable:
             if host.page_size != self.page_size:
                 raise ValueError("the host tier must have the pool's page size")
-            tree.on_evict = lambda node: host.offload(token_pool, tree, node)
+            host.device = token_pool
+            tree.on_evict = lambda node: host.offload(tree, node)
 
     # ---- capacity -----------------------------------------------------------------------------
 
@@ -86,72 +87,46 @@ class KVCacheManager:
             return None
         prompt = tokens if max_match is None else tokens[:max_match]
         indices, node = self.tree.match_prefix(prompt)
-        if self.host is not None and not self.tree.disable:
-            indices, node = self._load_from_host(prompt, indices, node)
-        if self.disk is not None and not self.tree.disable:
-            indices, node = self._load_from_disk(prompt, indices, node)
+        for tier in (self.host, self.disk):  # the lower tiers, nearest first
+            if tier is not None and not self.tree.disable:
+                indices, node = self._load_from(tier, prompt, indices, node)
         self.tree.lock(node)
         row = self.req_pool.alloc()
         self.req_pool.write(row, 0, indices)
         return SeqSlots(row=row, cached_len=len(indices), kv_len=len(indices), last_node=node)
 
-    def _load_from_host(
-        self, prompt: Sequence[int] | torch.Tensor, indices: torch.Tensor, node: TreeNode
+    def _load_from(
+        self,
+        tier: HostTier | DiskStore,
+        prompt: Sequence[int] | torch.Tensor,
+        indices: torch.Tensor,
+        node: TreeNode,
     ) -> tuple[torch.Tensor, TreeNode]:
-        """If the host tier holds more of the prompt than the pool, copy the difference into new
-        pool slots and insert it into the tree; the longer match (or the same one if the pool
-        has no room for it)."""
-        assert self.host is not None
-        key = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+        """If a lower tier holds more of the prompt than the pool, copy the difference into new
+        pool slots and insert it into the tree; the longer match (the same one if the pool has
+        no room, or the tier nothing more)."""
+        key = _as_ids(prompt)
         have = len(indices)
-        if self.host.tree.peek_prefix(key)[0] <= have:
+        if tier.longest(key) <= have:
             return indices, node
-        host, host_node = self.host.hold(key)
-        more = len(host) - have
-        self.tree.lock(node)  # the matched prefix must survive the eviction that makes room
+        pinned = tier.pin(key)  # the pool's eviction below may write into the tier
+        self.tree.lock(node)  # and must not take the matched prefix
         try:
+            more = tier.longest(key) - have
             dest = self.token_pool.alloc(more) if self.ensure_free(more) else None
+            got = 0 if dest is None else tier.load(key, have, dest)
+            got = got // self.page_size * self.page_size
             if dest is not None:
-                self.host.load(host[have:], self.token_pool, dest)
-        finally:
-            self.host.release(host_node)
-        try:
-            if dest is None:
-                return indices, node
-            # (insert resumes at `node`, which the caller must hold locked)
-            present, new, last = self.tree.insert_and_match(
-                key[: have + more], torch.cat([indices, dest]), (node, have)
-            )
-        finally:
-            self.tree.unlock(node)
-        assert present == have  # nothing else ran: the pool's tree had no more of it
-        return torch.cat([indices, new]), last
-
-    def _load_from_disk(
-        self, prompt: Sequence[int] | torch.Tensor, indices: torch.Tensor, node: TreeNode
-    ) -> tuple[torch.Tensor, TreeNode]:
-        """Like `_load_from_host`, from the blocks on disk (a corrupt one ends the load)."""
-        assert self.disk is not None
-        key = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
-        have = len(indices)
-        more = self.disk.longest(key) - have
-        if more <= 0:
-            return indices, node
-        self.tree.lock(node)
-        try:
-            dest = self.token_pool.alloc(more) if self.ensure_free(more) else None
-            if dest is None:
-                return indices, node
-            got = self.disk.load(key, have, dest) // self.page_size * self.page_size
-            self.token_pool.free(dest[got:])
-            if got == 0:
+                self.token_pool.free(dest[got:])
+            if dest is None or got == 0:
                 return indices, node
             present, new, last = self.tree.insert_and_match(
                 key[: have + got], torch.cat([indices, dest[:got]]), (node, have)
             )
         finally:
             self.tree.unlock(node)
-        assert present == have
+            tier.unpin(pinned)
+        assert present == have  # nothing else ran: the pool's tree had no more of it
         return torch.cat([indices, new]), last
 
     def alloc_extend(self, seq: SeqSlots, new_len: int) -> torch.Tensor | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -24,8 +25,9 @@ from radixkv.mem.token_to_kv_pool import TokenToKVPool
 
 
 class HostTier:
-    def __init__(self, pool: TokenToKVPool) -> None:
+    def __init__(self, pool: TokenToKVPool, device: TokenToKVPool | None = None) -> None:
         self.pool = pool
+        self.device = device  # the pool it serves (set by KVCacheManager)
         self.tree = RadixCache(pool)
         self.page_size = pool.page_size
         # counters (Stats)
@@ -37,7 +39,7 @@ class HostTier:
     def capacity(self) -> int:
         return self.pool.capacity
 
-    def offload(self, device: TokenToKVPool, tree: RadixCache, node: TreeNode) -> None:
+    def offload(self, tree: RadixCache, node: TreeNode) -> None:
         """Copy what the tier lacks of `node`'s path (the pool is about to free `node`)."""
         path = tree.path_of(node)
         if len(path) > self.capacity:
@@ -55,28 +57,36 @@ class HostTier:
         if host is None:
             return
         source = tree.path_values(node)[present:aligned]
-        _copy(device, source, self.pool, host)
+        assert self.device is not None
+        _copy(self.device, source, self.pool, host)
         slots = torch.cat([torch.zeros(present, dtype=torch.int64), host])
         taken = self.tree.insert(path[:aligned], slots)
         assert taken == present, (taken, present)
         self.stored_tokens += need
 
-    def hold(self, tokens: Sequence[int]) -> tuple[torch.Tensor, TreeNode]:
-        """The tier's slots of its longest prefix of `tokens[:-1]`, locked (the pool may evict,
-        and so write here, before they are copied back): `release` the node after `load`."""
-        indices, node = self.tree.match_prefix(tokens)
-        self.tree.lock(node)
-        return indices, node
+    def longest(self, tokens: Sequence[int]) -> int:
+        """How many leading tokens of `tokens[:-1]` the tier holds (page-aligned)."""
+        return self.tree.peek_prefix(tokens)[0]
 
-    def release(self, node: TreeNode) -> None:
+    def pin(self, tokens: Sequence[int]) -> TreeNode:
+        """Keep the tier's prefix of `tokens` (the pool may evict, and so write here, before it
+        is copied back); `unpin` it after `load`."""
+        node = self.tree.match_prefix(tokens).last_node
+        self.tree.lock(node)
+        return node
+
+    def unpin(self, node: Any) -> None:
         self.tree.unlock(node)
 
-    def load(self, host: torch.Tensor, device: TokenToKVPool, dest: torch.Tensor) -> None:
-        """Copy the tier's KV in slots `host` into pool slots `dest`."""
+    def load(self, tokens: Sequence[int], start: int, dest: torch.Tensor) -> int:
+        """Copy the tier's KV of `tokens[start : start + len(dest)]` into pool slots `dest`."""
         began = time.perf_counter()
-        _copy(self.pool, host, device, dest)
+        host = self.tree.match_prefix(tokens).indices[start : start + len(dest)]
+        assert self.device is not None
+        _copy(self.pool, host, self.device, dest)
         self.hit_tokens += len(dest)
         self.load_seconds += time.perf_counter() - began
+        return len(dest)
 
     def reset(self) -> None:
         self.tree.reset()

@@ -111,6 +111,12 @@ class DiskStore:
             n += BLOCK
         return n
 
+    def pin(self, tokens: Sequence[int]) -> None:
+        """(Files need no pinning: the pool's eviction does not touch them.)"""
+
+    def unpin(self, pinned: object) -> None:
+        pass
+
     def load(self, tokens: Sequence[int], start: int, dest: torch.Tensor) -> int:
         """Read positions `[start, start + len(dest))` of `tokens` into pool slots `dest`, block by
         block; returns how many were read (fewer at a missing or corrupt block)."""
@@ -138,7 +144,8 @@ class DiskStore:
         if ok:
             magic, version, count, size, digest = _HEADER.unpack_from(data)
             payload = data[_HEADER.size :]
-            ok = (magic, version, count, size) == (MAGIC, VERSION, BLOCK, len(payload))
+            want = BLOCK * self.pool.layout.bytes_per_token
+            ok = (magic, version, count, size, len(payload)) == (MAGIC, VERSION, BLOCK, want, want)
             ok = ok and hashlib.sha256(payload).digest() == digest
         if not ok:
             self.corrupt_blocks += 1
