@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from radixkv.mem import KVLayout, RadixCache, TokenToKVPool
+from radixkv.mem import KVLayout, RadixCache, TokenToKVPool, eviction
 from radixkv.mem.eviction import EVICTION_POLICIES
 from radixkv.tools.traces import (
     TRACE_WORKLOADS,
@@ -190,7 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     rep.add_argument("trace", type=Path)
     rep.add_argument("--capacity", type=int, default=None, help="default: the header's")
     rep.add_argument("--policy", default="lru", choices=EVICTION_POLICIES)
-    sub.add_parser("policies", help="every eviction policy on every default trace")
+    pol = sub.add_parser("policies", help="every eviction policy on every default trace")
+    pol.add_argument("--gdsf-half-life", type=int, default=None,
+                     help="gdsf's half-life in clock ticks (default: the runtime's)")  # fmt: skip
     ev = sub.add_parser("evict-cost", help="cost of one eviction at several tree sizes")
     ev.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     args = ap.parse_args(argv)
@@ -212,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         _print_replay(str(args.trace), st, best_hit_rate(events), unique_tokens(events))
         return
     if args.cmd == "policies":
+        if args.gdsf_half_life:
+            eviction.GDSF_HALF_LIFE = args.gdsf_half_life  # read at every score
         compare_policies(args)
         return
     if args.cmd is None:
