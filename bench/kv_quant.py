@@ -7,19 +7,24 @@ with the model's own KV dtype, in one run.
 1. Attention error on random inputs: the CPU decode kernel over quantized K/V against float32
    attention over the unquantized K/V (64 queries x 1024 keys, 3 KV heads x 3 query heads x 64,
    K/V ~ N(0, 1) with 1 % of values 10x larger, as real K/V have outliers); max and mean absolute
-   error of the output, next to the same kernel over bf16 K/V.
+   error of the output, next to the same kernel over bf16 K/V; fp8 as the pool stores it (keys
+   and queries rotated, `kv_quant.key_rotation`) and unrotated.
 2. Perplexity of `bench/data/perplexity.txt` (the Apache License 2.0 and Python's LICENSE.txt,
    fixed English text shipped in the repo; ~5.9k tokens, read in one request with prompt
-   logprobs: every position attends to the K/V as the pool stores them).
+   logprobs: every position attends to the K/V as the pool stores them), each quantized dtype
+   also with its keys the other way (rotated or plain, `kv_quant.py`), and the mean change of
+   the per-token negative log-likelihood in each 1000-token stretch (positive: worse).
 3. Whether a fixed per-channel offset removed from K before quantizing would help (the ratio of
    K's squared quantization error without and with it, on the same text).
-4. Greedy agreement: `--prompts` windows of `--prompt-len` tokens of the same text (different
+4. Keys rotated or not, on the model's own queries and keys (the text's first 1024 tokens): the
+   relative RMS error of the scores with quantized keys, plain and rotated, per KV dtype.
+5. Greedy agreement: `--prompts` windows of `--prompt-len` tokens of the same text (different
    start offsets, so no prefix is shared), `--new` greedy tokens each, EOS ignored; against the
    model with its own-dtype KV cache: the mean fraction of generated tokens identical before the
    first divergence, and the share of prompts whose whole output is identical.
    With `--dtype float32` a bf16 KV cache is measured too, as a yardstick.
 
-5. `--speed` (instead of 1-4): decode speed at batch 64 with 1024-token contexts (random tokens,
+6. `--speed` (instead of 1-5): decode speed at batch 64 with 1024-token contexts (random tokens,
    no shared prefix): every KV dtype's batch is prefilled, then 4 rounds time 4 decode steps of
    each dtype in turn (interleaved: a noisy moment hits all alike); the median per dtype,
    tokens/s and the ratio to the model's own KV dtype.
@@ -30,6 +35,7 @@ The real scheduler runs in this process (chunked prefill as configured by defaul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import platform
 import random
@@ -40,9 +46,9 @@ from pathlib import Path
 import torch
 
 from radixkv.config import ServerArgs
-from radixkv.mem import TokenToKVPool
-from radixkv.mem.kv_quant import QUANTIZED, dequantize, quantize
-from radixkv.model import cpu_attention
+from radixkv.mem import TokenToKVPool, token_to_kv_pool
+from radixkv.mem.kv_quant import QUANTIZED, dequantize, key_rotation, quantize, rotates_keys
+from radixkv.model import cpu_attention, llama
 from radixkv.model.loader import load_model
 from radixkv.protocol import SamplingParams
 from radixkv.scheduler.process import build_scheduler
@@ -68,14 +74,34 @@ def attention_error() -> None:
     print("## attention output error (CPU kernel, bf16 queries, vs float32 over the exact K/V)")
     print("| K/V | max abs | mean abs |\n|---|---:|---:|")
     k16, v16 = kv[0].bfloat16(), kv[1].bfloat16()
-    rows = [("bfloat16", k16, v16, None)]
+    rows = [("bfloat16", q, k16, v16, None)]
+    rotation = key_rotation(d)  # fp8 pools store keys rotated, queries meet them rotated
     for name in KV_DTYPES:
-        (kc, ks), (vc, vs) = (quantize(x, QUANTIZED[name][0]) for x in kv)
-        rows.append((name, kc, vc, (ks, vs)))
-    for name, k, v, scales in rows:
+        code = QUANTIZED[name][0]
+        (kc, ks), (vc, vs) = (quantize(x, code) for x in kv)
+        if not rotates_keys(code):
+            rows.append((name, q, kc, vc, (ks, vs)))
+            continue
+        rows.append((f"{name}, keys unrotated", q, kc, vc, (ks, vs)))
+        kc, ks = quantize(kv[0] @ rotation, code)
+        rows.append((name, (q.float() @ rotation).bfloat16(), kc, vc, (ks, vs)))
+    for name, q, k, v, scales in rows:
         out = cpu_attention.decode_attention(q, k, v, index, lens, d**-0.5, scales=scales)
         err = (out.float() - exact).abs()
         print(f"| {name} | {float(err.max()):.2e} | {float(err.mean()):.2e} |")
+
+
+@contextlib.contextmanager
+def keys_rotated(rotated: bool | None):
+    """This bench only: pools store keys rotated (`kv_quant.key_rotation`) or not, whatever their
+    dtype, for as long as the block runs (None: as the runtime does)."""
+    default = token_to_kv_pool.rotates_keys
+    if rotated is not None:
+        token_to_kv_pool.rotates_keys = lambda dtype: rotated  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        token_to_kv_pool.rotates_keys = default
 
 
 def k_centering(model, own: str, text: list[int]) -> None:
@@ -110,6 +136,55 @@ def k_centering(model, own: str, text: list[int]) -> None:
             back = dequantize(*quantize(shifted, code), torch.float32)
             centred += float((back - shifted).pow(2).sum())
         print(f"| {name} | {plain / centred:.2f}x |")
+
+
+def key_rotation_effect(model, own: str, text: list[int]) -> None:
+    """Why fp8 pools rotate keys (`kv_quant.key_rotation`): on the model's own queries and keys
+    (the first 1024 tokens of the text, after rope), the relative RMS error of the scores q.k
+    when k is quantized, without and with the rotation, averaged over layers and KV heads; and
+    how many of the 4 largest channels (by mean |value|) queries and keys share."""
+    seen: list[torch.Tensor] = []
+    rope = llama.apply_rotary
+
+    def record(qk, cos, sin):  # this bench only: see queries and keys as attention gets them
+        out = rope(qk, cos, sin)
+        seen.append(out.float().clone())
+        return out
+
+    llama.apply_rotary = record
+    try:
+        sched = build_scheduler(ServerArgs(dtype=own, max_total_tokens=4096), model)
+        run(sched, [text[:1024]], SamplingParams(max_new_tokens=1))
+    finally:
+        llama.apply_rotary = rope
+    heads, kv_heads = model.config.num_heads, model.config.num_kv_heads
+    rotation = key_rotation(model.config.head_dim)
+    shared = 0
+    errors: dict[str, list[float]] = {}
+    for qk in seen[: model.config.num_layers]:
+        q = qk[:, :heads].unflatten(1, (kv_heads, heads // kv_heads))  # tokens, kv head, group, d
+        k = qk[:, heads:]
+        top_q = set(q.abs().mean((0, 1, 2)).topk(4).indices.tolist())
+        shared += len(top_q & set(k.abs().mean((0, 1)).topk(4).indices.tolist()))
+        for name in KV_DTYPES:
+            for rotated in (False, True):
+                qq, kk = (q @ rotation, k @ rotation) if rotated else (q, k)
+                noise = dequantize(*quantize(kk, QUANTIZED[name][0]), torch.float32) - kk
+                scores = torch.einsum("tkgd,skd->kgts", qq, kk)
+                err = torch.einsum("tkgd,skd->kgts", qq, noise)
+                rel = float(err.pow(2).mean().sqrt() / scores.pow(2).mean().sqrt())
+                errors.setdefault(f"{name} {'rotated' if rotated else 'plain'}", []).append(rel)
+    layers = min(len(seen), model.config.num_layers)
+    share = shared / layers
+    print(f"\n## keys rotated or not: score error on the model's own q and k (1024 tokens, "
+          f"{layers} layers; of the 4 largest channels, q and k share {share:.1f})")  # fmt: skip
+    print("| KV codes | score RMS error, plain | rotated | layers where rotated is smaller |")
+    print("|---|---:|---:|---:|")
+    for name in KV_DTYPES:
+        plain, rot = errors[f"{name} plain"], errors[f"{name} rotated"]
+        better = sum(r < p for p, r in zip(plain, rot, strict=True))
+        print(f"| {name} | {statistics.mean(plain):.4f} | {statistics.mean(rot):.4f} | "
+              f"{better} of {layers} |")  # fmt: skip
 
 
 def run(sched, prompts: list[list[int]], params: SamplingParams) -> dict[str, tuple[list, list]]:
@@ -193,17 +268,32 @@ def main() -> None:
     # on an fp32 model a bf16 KV cache is a yardstick: how far plain rounding of K/V moves things
     kv_dtypes = (["bfloat16"] if own == "float32" else []) + KV_DTYPES
     print(f"\n## model {own}; perplexity of {TEXT.name} ({len(text)} tokens)")
-    print("| KV cache | bytes/token | perplexity | vs own dtype |\n|---|---:|---:|---:|")
+    print(
+        "| KV cache | bytes/token | perplexity | vs own dtype | mean NLL change per 1000 tokens |"
+    )
+    print("|---|---:|---:|---:|---|")
     ppl_params = SamplingParams(max_new_tokens=1, logprobs=True, logprob_start_len=0)
-    base_ppl = 0.0
+    base: list[float] = []
     for kv in [own, *kv_dtypes]:
-        sched = scheduler(kv)
-        lps = run(sched, [text], ppl_params)["r0"][1][1:]  # the first token has none
-        ppl = math.exp(-sum(lps) / len(lps))
-        base_ppl = base_ppl or ppl
-        layout = sched.mgr.token_pool.layout
-        print(f"| {kv} | {layout.bytes_per_token} | {ppl:.4f} | {ppl / base_ppl - 1:+.2%} |")
+        code = QUANTIZED[kv][0] if kv in QUANTIZED else None
+        # each quantized dtype also the other way: keys rotated where the pool does not, and not
+        # where it does (kv_quant.py says why fp8 rotates and int8 does not)
+        variants = [None] if code is None else [None, not rotates_keys(code)]
+        for rotated in variants:
+            with keys_rotated(rotated):
+                sched = scheduler(kv)
+                lps = run(sched, [text], ppl_params)["r0"][1][1:]  # the first token has none
+            base = base or lps
+            ppl, base_ppl = (math.exp(-sum(x) / len(x)) for x in (lps, base))
+            delta = [b - x for b, x in zip(base, lps, strict=True)]
+            stretches = " ".join(
+                f"{statistics.mean(delta[i : i + 1000]):+.3f}" for i in range(0, len(delta), 1000)
+            )
+            name = kv if rotated is None else f"{kv}, keys {'rotated' if rotated else 'plain'}"
+            bytes_ = sched.mgr.token_pool.layout.bytes_per_token
+            print(f"| {name} | {bytes_} | {ppl:.4f} | {ppl / base_ppl - 1:+.2%} | {stretches} |")
     k_centering(model, own, text)
+    key_rotation_effect(model, own, text)
     if args.skip_greedy:
         return
     print(f"\n## greedy agreement: {args.prompts} prompts of {args.prompt_len} tokens, "

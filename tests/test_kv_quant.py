@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from radixkv.mem import KVLayout, TokenToKVPool
-from radixkv.mem.kv_quant import QUANTIZED, dequantize, quantize
+from radixkv.mem.kv_quant import QUANTIZED, dequantize, key_rotation, quantize
 from radixkv.model import cpu_attention
 from radixkv.model.model_runner import ModelRunner, kv_layout
 from radixkv.protocol import SamplingParams
@@ -147,3 +147,54 @@ def test_deterministic_mode_reads_a_quantized_cache_batch_invariantly():
     for prompt, want in zip(prompts([5, 40, 17, 90], seed=6), together, strict=True):
         alone = driver()
         assert alone.generate([alone.add(prompt, params)]) == [want]
+
+
+@pytest.mark.parametrize("head_dim", [1, 3, 8, 16, 64, 80, 96, 128])
+def test_the_key_rotation_is_orthogonal_for_any_head_size(head_dim):
+    rotation = key_rotation(head_dim)
+    torch.testing.assert_close(rotation @ rotation.T, torch.eye(head_dim), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", [*QUANTIZED, None])
+def test_fp8_pools_store_keys_rotated_and_the_others_do_not(name):
+    from test_model_tiny import ours_from, tiny_hf
+
+    runner = ModelRunner.with_pools(
+        ours_from(tiny_hf()), num_slots=64, max_running_requests=2, kv_dtype=name
+    )
+    rotated = name is not None and name.startswith("fp8")
+    assert runner.token_pool.layout.rotated_keys == rotated
+    assert (runner.backend.key_rotation is not None) == rotated
+
+
+def test_rotating_queries_and_keys_changes_the_stored_keys_but_not_the_outputs():
+    """The model maps queries and keys through one orthogonal matrix: the pool holds the rotated
+    keys and every attention path (batched prefill, a prefix hit, decode) gives the same tokens
+    as without it, and the last layer's keys are the plain ones rotated: its input, the layer
+    before's attention output, did not change (fp32 model and pool: no quantization hides a
+    difference)."""
+    from test_model_tiny import ours_from, prompts, tiny_hf
+
+    from radixkv.testing import PoolDriver
+
+    model = ours_from(tiny_hf())
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    runs = []
+    for rotate in (False, True):
+        runner = ModelRunner.with_pools(model, num_slots=1024, max_running_requests=8)
+        if rotate:
+            runner.backend.key_rotation = key_rotation(model.config.head_dim)
+        driver = PoolDriver(runner)
+        first = [driver.add(p, params) for p in prompts([30, 7, 55], seed=3)]
+        driver.generate(first)
+        hit = driver.add([*first[2].tokens[:40], 5, 6, 7], params, prefix_from=first[2],
+                         prefix_len=40)  # fmt: skip
+        driver.generate([hit])
+        runs.append((runner, [*first, hit]))
+    (plain, plain_reqs), (rotated, rotated_reqs) = runs
+    for a, b in zip(plain_reqs, rotated_reqs, strict=True):
+        assert a.output == b.output
+    rotation = key_rotation(model.config.head_dim)
+    k_plain, k_rotated = plain.token_pool.k_buffer[1], rotated.token_pool.k_buffer[1]
+    assert not torch.allclose(k_plain, k_rotated, atol=1e-3)
+    torch.testing.assert_close(k_plain @ rotation, k_rotated, atol=1e-5, rtol=0)

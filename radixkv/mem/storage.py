@@ -3,9 +3,9 @@ directory serves a known prefix from it instead of computing it again.
 
 Prefixes are stored in blocks of `BLOCK` tokens from the start of the tree key. Block `i` of a key
 is named by a hash chain, `h(i) = sha256(h(i-1) + tokens of block i)`, starting from a namespace
-that holds the model, the KV layout and dtype and this format's version: the same tokens under
-another model or dtype never name the same file, and a salted key (cache isolation) hashes its
-salt in. A file holds a header (magic, version, token count, payload length, the payload's
+that holds the model, the KV layout and dtype (and the basis fp8 keys are stored in) and this
+format's version: the same tokens under another model or dtype never name the same file, and a
+salted key (cache isolation) hashes its salt in. A file holds a header (magic, version, token count, payload length, the payload's
 sha256) and the payload: every layer's K and V (and scales, in a quantized pool) of its tokens.
 Files are written whole (a temporary file renamed into place) when a request's prefix is cached
 (write-through, so a crash loses at most what was being written); at admission the blocks beyond
@@ -39,9 +39,10 @@ class DiskStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.pool = pool
         layout = pool.layout
+        basis = "/rotated-keys" if layout.rotated_keys else ""  # fp8 keys: kv_quant.py
         self.namespace = hashlib.sha256(
             f"radixkv-kv/{VERSION}/{model}/{layout.num_layers}x{layout.kv_heads}x"
-            f"{layout.head_dim}/{layout.dtype}".encode()
+            f"{layout.head_dim}/{layout.dtype}{basis}".encode()
         ).digest()
         self.known: set[bytes] = set()  # blocks seen on disk (or written) by this process
         self.hit_tokens = 0

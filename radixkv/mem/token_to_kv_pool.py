@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from radixkv.mem.kv_quant import SCALE_DTYPE, dequantize, is_quantized, quantize
+from radixkv.mem.kv_quant import SCALE_DTYPE, dequantize, is_quantized, quantize, rotates_keys
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,11 @@ class KVLayout:
     def quantized(self) -> bool:
         """One-byte codes with a bf16 scale per token and KV head (`kv_quant.py`)."""
         return is_quantized(self.dtype)
+
+    @property
+    def rotated_keys(self) -> bool:
+        """Keys are stored in the basis of `kv_quant.key_rotation` (fp8 pools)."""
+        return rotates_keys(self.dtype)
 
     @property
     def head_bytes(self) -> int:

@@ -16,7 +16,13 @@ class AttentionBackend(ABC):
     layer shares; `forward` runs once per layer: it writes the batch's new K/V into
     `batch.out_cache_loc` of that layer, then attends each request's queries to its prefix (read
     through its `req_to_token` row) and, causally, to its new tokens.
+
+    `key_rotation`, where the pool stores keys rotated (fp8 pools, `kv_quant.key_rotation`), is
+    the matrix the model maps queries and keys through before `forward`, set by the model runner:
+    scores are unchanged and every attention path reads keys as the pool stores them.
     """
+
+    key_rotation: torch.Tensor | None = None
 
     @abstractmethod
     def init_forward(self, batch: ForwardBatch) -> None:

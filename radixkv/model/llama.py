@@ -62,6 +62,9 @@ class LlamaAttention(nn.Module):
         # q and k share positions: rotate both heads blocks in one go.
         qk = qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim)
         qk = apply_rotary(qk, cos, sin)
+        if backend.key_rotation is not None:  # the basis the pool stores keys in (fp8)
+            rotation = backend.key_rotation
+            qk = (qk.to(rotation.dtype) @ rotation).to(qk.dtype)
         q = qk[:, : self.num_heads]
         k = qk[:, self.num_heads :]
         v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)

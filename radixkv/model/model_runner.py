@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from radixkv.mem.kv_quant import QUANTIZED
+from radixkv.mem.kv_quant import QUANTIZED, key_rotation
 from radixkv.mem.req_to_token_pool import ReqToTokenPool
 from radixkv.mem.token_to_kv_pool import KVLayout, TokenToKVPool
 from radixkv.model.attention import AttentionBackend
@@ -103,6 +103,13 @@ class ModelRunner:
                 dtype=model.dtype,
                 **({"deterministic": True} if deterministic else {}),
             )
+        backend.key_rotation = None
+        if layout.rotated_keys:
+            # in the model's dtype where that holds it exactly (+-1/8 for a head of 64),
+            # otherwise float32: queries and keys must meet through one orthogonal matrix
+            rotation = key_rotation(config.head_dim).to(token_pool.device)
+            exact = torch.equal(rotation.to(model.dtype).float(), rotation)
+            backend.key_rotation = rotation.to(model.dtype) if exact else rotation
         self.backend = backend
         self.sampler = Sampler(config.eos_token_ids)
 
