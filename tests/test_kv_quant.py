@@ -198,3 +198,23 @@ def test_rotating_queries_and_keys_changes_the_stored_keys_but_not_the_outputs()
     k_plain, k_rotated = plain.token_pool.k_buffer[1], rotated.token_pool.k_buffer[1]
     assert not torch.allclose(k_plain, k_rotated, atol=1e-3)
     torch.testing.assert_close(k_plain @ rotation, k_rotated, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not cpu_attention.available(), reason="no C compiler")
+@pytest.mark.parametrize("code_dtype", CODES)
+def test_kernel_over_codes_keeps_peaked_softmaxes_and_tiny_values_finite(code_dtype):
+    """Scores hundreds apart (whole blocks of keys weigh < 1e-30 against the best one) and V heads
+    near zero: the kernel's int16 probabilities per block (int8 pools) stay finite and right."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 1025, 3, 64, generator=g)
+    x[1, 1:513] *= 1e-20  # the first half of the V rows (and their scales) are tiny
+    (k, ks), (v, vs) = quantize(x[0], code_dtype), quantize(x[1], code_dtype)
+    q = (torch.randn(4, 9, 64, generator=g) * 60).bfloat16()
+    kv_index = (torch.arange(4 * 256) + 1).view(4, 256)
+    lens = torch.tensor([256, 200, 31, 1])
+    got = cpu_attention.decode_attention(q, k, v, kv_index, lens, 0.125, scales=(ks, vs))
+    want = reference(
+        q, dequantize(k, ks, torch.float32), dequantize(v, vs, torch.float32), kv_index, lens, 0.125
+    )
+    assert bool(torch.isfinite(got.float()).all())
+    torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=1e-2)

@@ -7,7 +7,8 @@
      AVX512-BF16): scores with VDPBF16PS (bf16 pairs multiplied exactly, summed in float32), 16
      keys' dot products reduced together by a transpose instead of one horizontal sum each, and
      P.V with VDPBF16PS over pairs of keys (the probabilities rounded to bf16 as flash attention
-     does on GPUs; the sums stay float32). */
+     does on GPUs; the sums stay float32); over an int8 pool, where AVX512-VNNI is there too,
+     integer dot products (VPDPWSSD) on int16 queries and probabilities instead. */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -123,23 +124,30 @@ ATTEND(uint8_t, LOAD_CODE)
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define HAVE_AVX512_BF16 1
+#ifdef __AVX512VNNI__
+#define HAVE_VNNI 1  /* int8 pools: integer dot products (VPDPWSSD), see attend_bf16_avx512_g */
+#else
+#define HAVE_VNNI 0
+#endif
 
 /* Lane i of the result is the sum of the 16 lanes of a[i]: 45 shuffles and adds for 16 sums
-   where one horizontal sum each would take ~8 dependent steps. */
-static inline __m512 sum16(const __m512 *a) {
+   where one horizontal sum each would take ~8 dependent steps. `integer`: the lanes are int32
+   (the shuffles move bits alike; only the adds differ). */
+#define ADD(x, y) (integer ? (__m512)_mm512_add_epi32((__m512i)(x), (__m512i)(y)) : _mm512_add_ps(x, y))
+static inline __attribute__((always_inline)) __m512 sum16(const __m512 *a, const int integer) {
     __m512 s2[8], s4[4], s8[2];
     for (int i = 0; i < 8; i++)  /* per 128-bit lane: x0+x2, y0+y2, x1+x3, y1+y3 */
-        s2[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
-                              _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+        s2[i] = ADD(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                    _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
     for (int i = 0; i < 4; i++)  /* per 128-bit lane: the four sources' partial sums */
-        s4[i] = _mm512_add_ps(_mm512_shuffle_ps(s2[2 * i], s2[2 * i + 1], 0x44),
-                              _mm512_shuffle_ps(s2[2 * i], s2[2 * i + 1], 0xEE));
+        s4[i] = ADD(_mm512_shuffle_ps(s2[2 * i], s2[2 * i + 1], 0x44),
+                    _mm512_shuffle_ps(s2[2 * i], s2[2 * i + 1], 0xEE));
     for (int i = 0; i < 2; i++)  /* 128-bit lanes summed in pairs */
-        s8[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s4[2 * i], s4[2 * i + 1], 0x88),
-                              _mm512_shuffle_f32x4(s4[2 * i], s4[2 * i + 1], 0xDD));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(s8[0], s8[1], 0x88),
-                         _mm512_shuffle_f32x4(s8[0], s8[1], 0xDD));
+        s8[i] = ADD(_mm512_shuffle_f32x4(s4[2 * i], s4[2 * i + 1], 0x88),
+                    _mm512_shuffle_f32x4(s4[2 * i], s4[2 * i + 1], 0xDD));
+    return ADD(_mm512_shuffle_f32x4(s8[0], s8[1], 0x88), _mm512_shuffle_f32x4(s8[0], s8[1], 0xDD));
 }
+#undef ADD
 
 /* e^x for x <= 0 (Cody-Waite reduction, degree-7 Taylor on |r| <= ln2/2: relative error ~2e-9
    before rounding); below -87 the result is a subnormal or 0, which the caller masks anyway. */
@@ -204,26 +212,44 @@ static inline int kind_shift(int kind) { return kind == KV_E4M3 ? 120 : kind == 
    Quantized pools: a key's score is its dot product with the codes times its K scale, and its
    probability is multiplied by its V scale before P.V; for fp8 the query is scaled by 2^60 and
    the probabilities by 2^shift (powers of two: exact) so that no product of bf16 values falls
-   below float32's normal range, which VDPBF16PS would flush to zero. */
+   below float32's normal range, which VDPBF16PS would flush to zero.
+   int8 pools (with AVX512-VNNI) skip the conversion of codes to bf16, which was most of the
+   work: codes are sign-extended to int16 and multiplied in pairs with VPDPWSSD, summed exactly
+   in int32. The query becomes int16 with a scale per head (amax / 32767: 2^-15 of its largest
+   value, finer than its bf16 input for the large values), and each block's probabilities (times
+   the V scales) int16 with a scale per head and block (their max / 32767); a block's P.V sums
+   are exact in int32 and added to the float32 accumulators with that scale. */
 static inline __attribute__((always_inline)) void attend_bf16_avx512_g(
         const uint16_t *q, const uint8_t *k, const uint8_t *v, const uint16_t *ks,
         const uint16_t *vs, const int64_t *slots, int64_t n, int kvh, int g, const int group,
         const int d, const int kind, float scale, float *out) {
     const int dc = d / 32, esz = kind == KV_SAME ? 2 : 1;
+    const int ints = HAVE_VNNI && kind == KV_INT8;
     const int64_t row = (int64_t)kvh * d * esz, off = (int64_t)g * d * esz;
     const int q_shift = kind == KV_E4M3 || kind == KV_E5M2 ? 60 : 0;
     const float score_mul = scale * ldexpf(1.f, kind_shift(kind) - q_shift);
     const float p_mul = ldexpf(1.f, kind_shift(kind));
     const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
-    float m[MAX_HEADS], l[MAX_HEADS], kscale[BLOCK], vscale[BLOCK];
+    float m[MAX_HEADS], l[MAX_HEADS], kscale[BLOCK], vscale[BLOCK], qscale[MAX_HEADS];
+    float pscale[MAX_HEADS];
     uint32_t pw[MAX_HEADS][BLOCK / 2];
     __m512 acc[MAX_HEADS][MAX_HEAD_DIM / 16];
     __m512i qv[MAX_HEADS][MAX_HEAD_DIM / 32];
     for (int h = 0; h < group; h++) {
-        m[h] = -INFINITY; l[h] = 0.f;
+        const uint16_t *qh = q + (int64_t)(g * group + h) * d;
+        m[h] = -INFINITY; l[h] = 0.f; qscale[h] = 1.f;
         for (int c = 0; c < 2 * dc; c++) acc[h][c] = _mm512_setzero_ps();
+        if (ints) {
+            int16_t q16[MAX_HEAD_DIM];
+            float amax = 0.f;
+            for (int i = 0; i < d; i++) amax = fmaxf(amax, fabsf(bf16_to_f32(qh[i])));
+            qscale[h] = amax > 0.f ? amax / 32767.f : 1.f;
+            for (int i = 0; i < d; i++) q16[i] = (int16_t)lrintf(bf16_to_f32(qh[i]) / qscale[h]);
+            for (int c = 0; c < dc; c++) qv[h][c] = _mm512_loadu_si512(q16 + 32 * c);
+            continue;
+        }
         for (int c = 0; c < dc; c++) {
-            __m512i x = _mm512_loadu_si512(q + (int64_t)(g * group + h) * d + 32 * c);
+            __m512i x = _mm512_loadu_si512(qh + 32 * c);
             if (q_shift)  /* bf16 exponent + 60, zeros kept zero */
                 x = _mm512_maskz_add_epi16(_mm512_test_epi16_mask(x, _mm512_set1_epi16(0x7fff)),
                                            x, _mm512_set1_epi16(q_shift << 7));
@@ -255,18 +281,26 @@ static inline __attribute__((always_inline)) void attend_bf16_avx512_g(
             __m512 dots[MAX_HEADS][16];
             for (int j = 0; j < 16; j++) {
                 __m512i kc[MAX_HEAD_DIM / 32];
-                for (int c = 0; c < dc; c++) kc[c] = load_bf16x32(kr[j] + 32 * c * esz, kind);
+                for (int c = 0; c < dc; c++)
+                    kc[c] = ints ? _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                                       (const __m256i *)(kr[j] + 32 * c)))
+                                 : load_bf16x32(kr[j] + 32 * c * esz, kind);
                 for (int h = 0; h < group; h++) {
                     __m512 a = _mm512_setzero_ps();
                     for (int c = 0; c < dc; c++)
-                        a = _mm512_dpbf16_ps(a, (__m512bh)qv[h][c], (__m512bh)kc[c]);
+                        a = ints ? (__m512)_mm512_dpwssd_epi32((__m512i)a, qv[h][c], kc[c])
+                                 : _mm512_dpbf16_ps(a, (__m512bh)qv[h][c], (__m512bh)kc[c]);
                     dots[h][j] = a;
                 }
             }
             __m512 mul = _mm512_set1_ps(score_mul);
             if (kind != KV_SAME) mul = _mm512_mul_ps(_mm512_loadu_ps(kscale + j0), mul);
-            for (int h = 0; h < group; h++)
-                s[h][half] = _mm512_mask_blend_ps(valid, neg_inf, _mm512_mul_ps(sum16(dots[h]), mul));
+            for (int h = 0; h < group; h++) {
+                __m512 dot = sum16(dots[h], ints);
+                if (ints) dot = _mm512_mul_ps(_mm512_cvtepi32_ps((__m512i)dot),
+                                              _mm512_set1_ps(qscale[h]));
+                s[h][half] = _mm512_mask_blend_ps(valid, neg_inf, _mm512_mul_ps(dot, mul));
+            }
         }
         __mmask16 valid0 = first_lanes(nb), valid1 = first_lanes(nb - 16);
         __m512 vmul0 = _mm512_set1_ps(p_mul), vmul1 = vmul0;
@@ -285,11 +319,27 @@ static inline __attribute__((always_inline)) void attend_bf16_avx512_g(
             m[h] = mb;
             __m512 vc = _mm512_set1_ps(corr);
             for (int c = 0; c < 2 * dc; c++) acc[h][c] = _mm512_mul_ps(acc[h][c], vc);
-            /* bf16 probabilities (times the V scales) in key order: 32-bit word jj is the pair
-               (2jj, 2jj + 1) */
+            /* probabilities (times the V scales) in key order, bf16 or int16: 32-bit word jj is
+               the pair (2jj, 2jj + 1) */
             if (kind != KV_SAME) { p0 = _mm512_mul_ps(p0, vmul0); p1 = _mm512_mul_ps(p1, vmul1); }
-            _mm512_storeu_si512(pw[h], (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+            if (ints) {
+                /* a block whose weights are all below 1e-30 (the running max's is 1) adds
+                   nothing: dropped rather than scaled by 32767 / pm, which could overflow */
+                float pm = _mm512_reduce_max_ps(_mm512_max_ps(p0, p1));
+                pm = pm > 1e-30f ? pm : 0.f;
+                pscale[h] = pm / 32767.f;
+                __m512 to_int = _mm512_set1_ps(pm > 0.f ? 32767.f / pm : 0.f);
+                __m256i lo = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(p0, to_int)));
+                __m256i hi = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(p1, to_int)));
+                _mm512_storeu_si512(pw[h], _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+            } else {
+                _mm512_storeu_si512(pw[h], (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+            }
         }
+        __m512i iacc[MAX_HEADS][MAX_HEAD_DIM / 16];  /* this block's exact P.V sums (int8) */
+        if (ints)
+            for (int h = 0; h < group; h++)
+                for (int c = 0; c < 2 * dc; c++) iacc[h][c] = _mm512_setzero_si512();
         for (int jj = 0; jj < (nb + 1) / 2; jj++) {
             if (t0 + 2 * jj + AHEAD + 1 < n) {
                 prefetch_bytes(v + slots[t0 + 2 * jj + AHEAD] * row + off, d * esz);
@@ -299,16 +349,33 @@ static inline __attribute__((always_inline)) void attend_bf16_avx512_g(
             const uint8_t *vb = 2 * jj + 1 < nb ? v + slots[t0 + 2 * jj + 1] * row + off
                                                 : va;  /* its p is 0 */
             for (int c = 0; c < dc; c++) {
-                __m512i a = load_bf16x32(va + 32 * c * esz, kind);
-                __m512i b = load_bf16x32(vb + 32 * c * esz, kind);
+                __m512i a, b;
+                if (ints) {
+                    a = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(va + 32 * c)));
+                    b = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(vb + 32 * c)));
+                } else {
+                    a = load_bf16x32(va + 32 * c * esz, kind);
+                    b = load_bf16x32(vb + 32 * c * esz, kind);
+                }
                 __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
                 for (int h = 0; h < group; h++) {
-                    __m512bh pp = (__m512bh)_mm512_set1_epi32((int)pw[h][jj]);
-                    acc[h][2 * c] = _mm512_dpbf16_ps(acc[h][2 * c], (__m512bh)lo, pp);
-                    acc[h][2 * c + 1] = _mm512_dpbf16_ps(acc[h][2 * c + 1], (__m512bh)hi, pp);
+                    __m512i pp = _mm512_set1_epi32((int)pw[h][jj]);
+                    if (ints) {
+                        iacc[h][2 * c] = _mm512_dpwssd_epi32(iacc[h][2 * c], lo, pp);
+                        iacc[h][2 * c + 1] = _mm512_dpwssd_epi32(iacc[h][2 * c + 1], hi, pp);
+                    } else {
+                        acc[h][2 * c] = _mm512_dpbf16_ps(acc[h][2 * c], (__m512bh)lo, (__m512bh)pp);
+                        acc[h][2 * c + 1] = _mm512_dpbf16_ps(acc[h][2 * c + 1], (__m512bh)hi,
+                                                             (__m512bh)pp);
+                    }
                 }
             }
         }
+        if (ints)
+            for (int h = 0; h < group; h++)
+                for (int c = 0; c < 2 * dc; c++)
+                    acc[h][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[h][c]),
+                                                _mm512_set1_ps(pscale[h]), acc[h][c]);
     }
     for (int h = 0; h < group; h++) {
         float inv = l[h] > 0.f ? 1.f / l[h] : 0.f, lo[16], hi[16];
