@@ -258,10 +258,20 @@ static inline __attribute__((always_inline)) void attend_bf16_avx512_g(
     }
     for (int64_t t0 = 0; t0 < n; t0 += BLOCK) {
         int nb = (int)(n - t0 < BLOCK ? n - t0 : BLOCK);
-        if (kind != KV_SAME)
-            for (int j = 0; j < BLOCK; j++) {
-                kscale[j] = j < nb ? bf16_to_f32(ks[slots[t0 + j] * kvh + g]) : 1.f;
-                vscale[j] = j < nb ? bf16_to_f32(vs[slots[t0 + j] * kvh + g]) : 1.f;
+        if (kind != KV_SAME)  /* the block's scales, 8 keys a gather (1.0 past its end) */
+            for (int j = 0; j < BLOCK; j += 8) {
+                __mmask8 ok = j >= nb ? 0 : nb - j >= 8 ? 0xff : (__mmask8)((1u << (nb - j)) - 1u);
+                __m512i idx = _mm512_add_epi64(
+                    _mm512_mul_epu32(_mm512_maskz_loadu_epi64(ok, slots + t0 + j),
+                                     _mm512_set1_epi64(kvh)),
+                    _mm512_set1_epi64(g));
+                /* 32 bits ending at the bf16 scale: its float is those bits, low half cleared
+                   (a key's index is >= kvh >= 1: the 2 bytes before it are the pool's) */
+                __m256i one = _mm256_set1_epi32(0x3f800000), high = _mm256_set1_epi32(~0xffff);
+                __m256i kx = _mm512_mask_i64gather_epi32(one, ok, idx, (const char *)ks - 2, 2);
+                __m256i vx = _mm512_mask_i64gather_epi32(one, ok, idx, (const char *)vs - 2, 2);
+                _mm256_storeu_si256((__m256i *)(kscale + j), _mm256_and_si256(kx, high));
+                _mm256_storeu_si256((__m256i *)(vscale + j), _mm256_and_si256(vx, high));
             }
         __m512 s[MAX_HEADS][2];
         for (int half = 0; half < 2; half++) {
