@@ -17,7 +17,7 @@ import random
 import statistics
 import time
 
-from radixkv.model import torch_backend
+from radixkv.model import torch_plan
 from radixkv.model.model_runner import ModelRunner
 from radixkv.protocol import SamplingParams
 from radixkv.testing import PoolDriver
@@ -48,7 +48,7 @@ def main() -> None:
     times: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(args.rounds):
         for split in (True, False):
-            torch_backend.PREFIX_SPLIT = split
+            torch_plan.PREFIX_SPLIT = split
             questions = [question(rng, args.extend) for _ in range(args.requests)]
             reqs = [driver.add(system + q, params, base, prefix_len=args.prefix) for q in questions]
             start = time.perf_counter()

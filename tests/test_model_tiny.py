@@ -119,7 +119,7 @@ def test_qwen2_bias_matches_transformers() -> None:
 
 @pytest.mark.parametrize("ragged_waste", [1.5, 100.0])  # per-request attention / one padded call
 def test_prefix_and_mixed_extend_match_single_requests(ragged_waste, monkeypatch) -> None:
-    monkeypatch.setattr("radixkv.model.torch_backend.RAGGED_WASTE", ragged_waste)
+    monkeypatch.setattr("radixkv.model.torch_plan.RAGGED_WASTE", ragged_waste)
     hf = tiny_hf()
     driver = driver_for(ours_from(hf))
     base = driver.add(prompts([30])[0])

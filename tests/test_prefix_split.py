@@ -1,12 +1,12 @@
 """Extends over a cached prefix of one length: two mask-free SDPA calls merged by log-sum-exp
-(`torch_backend.PREFIX_SPLIT`) against the padded-mask path."""
+(`torch_plan.PREFIX_SPLIT`) against the padded-mask path."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from radixkv.model import torch_backend
+from radixkv.model import torch_plan
 from radixkv.model.model_runner import ModelRunner
 from radixkv.protocol import SamplingParams
 
@@ -16,7 +16,7 @@ def run(split: bool, dtype: torch.dtype, kv_dtype: str | None, monkeypatch) -> l
 
     from radixkv.testing import PoolDriver
 
-    monkeypatch.setattr(torch_backend, "PREFIX_SPLIT", split)
+    monkeypatch.setattr(torch_plan, "PREFIX_SPLIT", split)
     model = ours_from(tiny_hf(heads=8, kv_heads=2), dtype=dtype)
     runner = ModelRunner.with_pools(model, num_slots=2048, max_running_requests=8,
                                     kv_dtype=kv_dtype)  # fmt: skip

@@ -146,7 +146,7 @@ def test_shared_prefix_decode_reads_the_prefix_once_with_the_same_tokens(model, 
         return plan
 
     monkeypatch.setattr(cascade, "MIN_SAVED", 1)
-    monkeypatch.setattr("radixkv.model.torch_backend.plan_shared_prefixes", counting_plan)
+    monkeypatch.setattr("radixkv.model.torch_plan.plan_shared_prefixes", counting_plan)
     results = run(make(model), prompts())
     assert {rid: r[0] for rid, r in results.items()} == alone
     assert any(p is not None and p.prefix_index.shape[1] >= 150 for p in plans)

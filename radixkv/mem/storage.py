@@ -5,12 +5,13 @@ Prefixes are stored in blocks of `BLOCK` tokens from the start of the tree key. 
 is named by a hash chain, `h(i) = sha256(h(i-1) + tokens of block i)`, starting from a namespace
 that holds the model, the KV layout and dtype (and the basis fp8 keys are stored in) and this
 format's version: the same tokens under another model or dtype never name the same file, and a
-salted key (cache isolation) hashes its salt in. A file holds a header (magic, version, token count, payload length, the payload's
-sha256) and the payload: every layer's K and V (and scales, in a quantized pool) of its tokens.
-Files are written whole (a temporary file renamed into place) when a request's prefix is cached
-(write-through, so a crash loses at most what was being written); at admission the blocks beyond
-what the pool and the host tier hold are read back in order, each checked against its checksum: a
-missing, truncated or corrupt block ends the load there (it is counted and removed), never served.
+salted key (cache isolation) hashes its salt in. A file holds a header (magic, version, token
+count, payload length, the payload's sha256) and the payload: every layer's K and V (and
+scales, in a quantized pool) of its tokens. Files are written whole (a temporary file renamed
+into place) when a request's prefix is cached (write-through, so a crash loses at most what was
+being written); at admission the blocks beyond what the pool and the host tier hold are read
+back in order, each checked against its checksum: a missing, truncated or corrupt block ends the
+load there (it is counted and removed), never served.
 """
 
 from __future__ import annotations

@@ -17,9 +17,6 @@ a retraction, or batched with anything, so its result is the same to the bit (do
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
@@ -27,45 +24,9 @@ from radixkv.mem.req_to_token_pool import ReqToTokenPool
 from radixkv.mem.token_to_kv_pool import TokenToKVPool
 from radixkv.model import cpu_attention
 from radixkv.model.attention import AttentionBackend
-from radixkv.model.cascade import (
-    CascadePlan,
-    cascade_decode,
-    extend_over_prefix,
-    plan_shared_prefixes,
-)
+from radixkv.model.cascade import cascade_decode, extend_over_prefix
 from radixkv.model.forward_batch import ForwardBatch, ForwardMode
-
-RAGGED_WASTE = 1.5  # pad an extend batch only while padded queries <= 1.5x the real ones
-# Prompts of one length with nothing cached attend to their fresh K/V with one `is_causal` SDPA
-# call (no gather, no mask), faster than the additive mask (docs/model.md: `bench/profile_step.py`
-# with and without it). RADIXKV_BATCHED_CAUSAL=0 turns it off (A/B runs).
-BATCHED_CAUSAL = os.environ.get("RADIXKV_BATCHED_CAUSAL", "1") != "0"
-# Requests that extend a cached prefix of one length by one length (questions after a shared
-# system prompt) attend in two mask-free SDPA calls, the prefix (every query sees every key) and
-# their own new tokens (causal), merged by log-sum-exp, instead of one call over the padded
-# [bs, extend, seq] mask. RADIXKV_PREFIX_SPLIT=0 turns it off (A/B runs).
-PREFIX_SPLIT = os.environ.get("RADIXKV_PREFIX_SPLIT", "1") != "0"
-
-
-@dataclass(slots=True)
-class _Metadata:
-    kv_index: torch.Tensor | None  # int64 [bs, max_seq_len]; padding points at slot 0
-    mask: torch.Tensor | None  # additive float [bs, 1, q_len, max_seq_len]; None = attend all
-    pad_index: torch.Tensor | None  # extend: packed token -> row of [bs * max_extend_len]
-    self_causal: bool  # nothing cached, one length: attend to the fresh K/V causally
-    cascade: CascadePlan | None = None  # decode: groups sharing a cached prefix read it once
-    ragged: list[_RaggedReq] | None = None  # extend with very uneven lengths: one call per request
-    seq_lens: torch.Tensor | None = None  # the CPU kernel: per query, its keys (`kv_index` rows)
-    rows: torch.Tensor | None = None  # the CPU kernel over extend queries: each one's kv_index row
-    prefix_split: bool = False  # extend of one length over cached prefixes of one length
-
-
-@dataclass(slots=True)
-class _RaggedReq:
-    start: int  # first packed token of the request
-    end: int
-    kv_index: torch.Tensor  # [seq_len] its slots
-    mask: torch.Tensor | None  # additive [extend, seq_len]; None: no prefix, plain causal
+from radixkv.model.torch_plan import AttentionPlan, RaggedReq, per_query_plan, plan_batch
 
 
 class TorchNativeBackend(AttentionBackend):
@@ -89,7 +50,7 @@ class TorchNativeBackend(AttentionBackend):
         self.group = num_heads // num_kv_heads
         self.dtype = dtype
         self.scale = head_dim**-0.5
-        self._md = _Metadata(None, None, None, False)
+        self._md = AttentionPlan(None, None, None, False)
         # Reused gather targets: a fresh multi-MB tensor per layer costs page faults that take
         # longer than the gather itself (measured ~4x on this CPU).
         self._k_ws = torch.empty(0, dtype=token_pool.layout.dtype, device=token_pool.device)
@@ -116,96 +77,14 @@ class TorchNativeBackend(AttentionBackend):
 
     def init_forward(self, batch: ForwardBatch) -> None:
         if self.deterministic:
-            self._md = self._per_query(batch)
-            return
-        if (
-            batch.mode is ForwardMode.EXTEND
-            and batch.max_seq_len == batch.max_extend_len  # nothing cached (no prefix)
-            and (batch.batch_size == 1 or (BATCHED_CAUSAL and _equal(batch.extend_lens_list)))
-        ):
-            self._md = _Metadata(None, None, None, True)  # the fresh K/V, causally
-            return
-        if (
-            PREFIX_SPLIT
-            and batch.mode is ForwardMode.EXTEND
-            and batch.max_seq_len > batch.max_extend_len  # a cached prefix
-            and _equal(batch.extend_lens_list)
-            and int(batch.seq_lens.min()) == batch.max_seq_len  # so every prefix is as long
-            and self.token_pool.device.type == "cpu"
-        ):
-            prefix = batch.max_seq_len - batch.max_extend_len
-            rows = self.req_pool.req_to_token[batch.req_rows, :prefix].to(torch.int64)
-            self._reserve_workspace(rows.numel())
-            self._md = _Metadata(rows, None, None, False, prefix_split=True)
-            return
-        seq_lens = batch.seq_lens
-        cols = torch.arange(batch.max_seq_len, device=seq_lens.device)
-        valid = cols[None, :] < seq_lens[:, None]  # [bs, S]
-        rows = self.req_pool.req_to_token[batch.req_rows, : batch.max_seq_len].to(torch.int64)
-        kv_index = rows.masked_fill_(~valid, 0)
-        if batch.mode is ForwardMode.DECODE and batch.batch_size > 1:
-            plan = plan_shared_prefixes(kv_index, seq_lens, self.dtype)
-            if plan is not None:
-                self._md = _Metadata(None, None, None, False, plan)
-                return
-        if batch.mode is ForwardMode.DECODE and self._decode_kernel:
-            self._md = _Metadata(kv_index, None, None, False, seq_lens=seq_lens)
-            return
-        self._reserve_workspace(kv_index.numel())
-        if batch.mode is ForwardMode.DECODE:
-            mask = None if bool(valid.all()) else self._additive(valid[:, None, None, :])
-            self._md = _Metadata(kv_index, mask, None, False)
-            return
-        bs, max_ext = batch.batch_size, batch.max_extend_len
-        if bs * max_ext > RAGGED_WASTE * batch.num_tokens:
-            self._md = self._ragged(batch, kv_index)
-            return
-        # Query i of request b sits at position prefix_b + i and sees keys j <= that position.
-        q_pos = batch.prefix_lens[:, None] + torch.arange(max_ext, device=seq_lens.device)
-        allowed = (cols[None, None, :] <= q_pos[:, :, None]) & valid[:, None, :]  # [bs, E, S]
-        allowed[:, :, 0] |= ~allowed.any(-1)  # padded queries look at key 0: no NaN rows
-        token_req = torch.repeat_interleave(
-            torch.arange(bs, device=seq_lens.device),
-            batch.extend_lens,
-            output_size=batch.num_tokens,
-        )
-        starts = torch.cumsum(batch.extend_lens, 0) - batch.extend_lens
-        local = torch.arange(batch.num_tokens, device=seq_lens.device) - starts[token_req]
-        # None when every request extends by the same length: nothing to pad.
-        pad_index = None if max_ext * bs == batch.num_tokens else token_req * max_ext + local
-        self._md = _Metadata(kv_index, self._additive(allowed[:, None]), pad_index, False)
+            self._md = per_query_plan(batch, self.req_pool)
+        else:
+            self._md = plan_batch(batch, self.req_pool, self.dtype, self._decode_kernel)
+        if self._md.gathers:
+            assert self._md.kv_index is not None
+            self._reserve_workspace(self._md.kv_index.numel())
 
-    def _per_query(self, batch: ForwardBatch) -> _Metadata:
-        """Deterministic mode: every query token reads its request's row up to its position."""
-        seq_lens = batch.seq_lens
-        rows = self.req_pool.req_to_token[batch.req_rows, : batch.max_seq_len].to(torch.int64)
-        if batch.mode is ForwardMode.DECODE:
-            return _Metadata(rows, None, None, False, seq_lens=seq_lens)
-        token_req = torch.repeat_interleave(
-            torch.arange(batch.batch_size), batch.extend_lens, output_size=batch.num_tokens
-        )
-        starts = torch.cumsum(batch.extend_lens, 0) - batch.extend_lens
-        local = torch.arange(batch.num_tokens) - starts[token_req]
-        lens = batch.prefix_lens[token_req] + local + 1
-        return _Metadata(rows, None, None, False, seq_lens=lens, rows=token_req)
-
-    def _ragged(self, batch: ForwardBatch, kv_index: torch.Tensor) -> _Metadata:
-        """Padding every request to the longest extend would multiply the attention work (one
-        1088-token prefill beside nine 64-token ones pads 10x): attend request by request."""
-        reqs, start = [], 0
-        for b, ext in enumerate(batch.extend_lens_list):
-            prefix = int(batch.prefix_lens[b])
-            seq = prefix + ext
-            mask = None
-            if prefix:
-                device = kv_index.device
-                q_pos = prefix + torch.arange(ext, device=device)[:, None]
-                mask = self._additive(torch.arange(seq, device=device)[None, :] <= q_pos)
-            reqs.append(_RaggedReq(start, start + ext, kv_index[b, :seq], mask))
-            start += ext
-        return _Metadata(None, None, None, False, ragged=reqs)
-
-    def _ragged_forward(self, q: torch.Tensor, layer: int, reqs: list[_RaggedReq]) -> torch.Tensor:
+    def _ragged_forward(self, q: torch.Tensor, layer: int, reqs: list[RaggedReq]) -> torch.Tensor:
         out = q.new_empty((q.shape[0], self.num_heads * self.head_dim))
         for r in reqs:
             qr = q[r.start : r.end].transpose(0, 1)[None]  # [1, heads, ext, d]
@@ -223,11 +102,6 @@ class TorchNativeBackend(AttentionBackend):
         if self._k_ws.numel() < need:
             self._k_ws = torch.empty(need, dtype=self._k_ws.dtype, device=self._k_ws.device)
             self._v_ws = torch.empty_like(self._k_ws)
-
-    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
-        # Additive float masks run SDPA's fast CPU kernel; boolean ones fall back to a slower one.
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
-        return mask.masked_fill_(~allowed, float("-inf"))
 
     # ---- per layer --------------------------------------------------------------------------
 
@@ -281,7 +155,7 @@ class TorchNativeBackend(AttentionBackend):
             return out.reshape(bs, -1)
         return self._extend(q, k_all, v_all, md, batch)
 
-    def _gather(self, layer: int, md: _Metadata) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather(self, layer: int, md: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
         assert md.kv_index is not None
         bs, seq = md.kv_index.shape
         if self._quantized:  # decoded into fresh tensors
@@ -305,7 +179,7 @@ class TorchNativeBackend(AttentionBackend):
         q: torch.Tensor,
         k_all: torch.Tensor,
         v_all: torch.Tensor,
-        md: _Metadata,
+        md: AttentionPlan,
         batch: ForwardBatch,
     ) -> torch.Tensor:
         bs, max_ext = batch.batch_size, batch.max_extend_len
@@ -320,7 +194,3 @@ class TorchNativeBackend(AttentionBackend):
         )
         out = out.transpose(1, 2).reshape(bs * max_ext, self.num_heads * self.head_dim)
         return out if md.pad_index is None else out[md.pad_index]
-
-
-def _equal(values: list[int]) -> bool:
-    return all(v == values[0] for v in values)
