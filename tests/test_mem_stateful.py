@@ -30,6 +30,7 @@ from radixkv.mem import (
     SeqSlots,
     TokenToKVPool,
 )
+from radixkv.mem.host_tier import HostTier
 from radixkv.mem.radix_cache import TreeNode
 
 Prefix = tuple[int, ...]
@@ -127,6 +128,10 @@ class HierarchyMachine(RuleBasedStateMachine):
             for i in range(page, r.seq.cached_len + 1, page)
         }
 
+    def lower_tier_hit(self, prompt: list[int], limit: int) -> int:
+        """How much of `prompt` a lower tier could load (0: there is none)."""
+        return 0
+
     def next_token(self) -> int:
         self.sample += 1
         return 100 + self.sample % 3
@@ -204,9 +209,19 @@ class HierarchyMachine(RuleBasedStateMachine):
     )
     def admit(self, segments, tail, chunk_units):
         prompt = [t for s in segments for t in [s * 10 + j % 2 for j in range(self.seg)]] + tail
-        expected = self.ref.longest(prompt, (len(prompt) - 1) // self.page_size * self.page_size)
+        limit = (len(prompt) - 1) // self.page_size * self.page_size
+        expected = self.ref.longest(prompt, limit)
+        also = self.lower_tier_hit(prompt, limit)
+        locked = self.locked_prefixes()
         seq = self.mgr.admit(prompt)
         assert seq is not None
+        self.absorb_evictions(locked)  # loading from a lower tier may make room in the pool
+        if seq.cached_len > expected:  # loaded back: now in the pool's tree too
+            assert seq.cached_len == also, (seq.cached_len, expected, also)
+            contents = tree_contents(self.tree)
+            for i in range(expected + self.page_size, seq.cached_len + 1, self.page_size):
+                self.ref.entries[tuple(prompt[:i])] = [contents[tuple(prompt[:i])], 0]
+            expected = seq.cached_len
         self.ref.touch(prompt, expected)
         assert seq.cached_len == expected
         assert self.mgr.req_pool.read(seq.row, 0, expected).tolist() == self.ref.slots(
@@ -317,6 +332,51 @@ class HierarchyPage4Fp8(HierarchyMachine):
     kv_dtype = torch.float8_e4m3fn
 
 
+class HierarchyWithHostTier(HierarchyMachine):
+    """The same rules over a pool with a host tier under it (`--kv-host-tier`): what the pool
+    evicts is written to the tier, and an admission loads back what the tier holds beyond the
+    pool's match. Checked besides the base invariants: an admission's hit is exactly the pool's
+    match or the tier's longer one; the K/V it serves are the prefix's (`check_cached_kv`); every
+    page the tier holds was cached in the pool once and holds that prefix's K/V; no slot of either
+    tier leaks (`check_integrity`)."""
+
+    tier_pages = 6
+
+    def __init__(self) -> None:
+        super().__init__()
+        p = self.page_size
+        tier_pool = TokenToKVPool(
+            KVLayout(1, 1, 2, self.kv_dtype), self.tier_pages * self.seg // p * p, page_size=p
+        )
+        self.tier = HostTier(tier_pool)
+        self.mgr = KVCacheManager(self.pool, self.mgr.req_pool, self.tree, host=self.tier)
+        self.ever: set[Prefix] = set()  # every page prefix the pool has cached
+
+    def lower_tier_hit(self, prompt: list[int], limit: int) -> int:
+        return min(self.tier.longest(prompt), limit)
+
+    @invariant()
+    def tier_holds_prefixes_the_pool_had_with_their_kv(self):
+        self.ever |= set(self.ref.entries)
+        held = tree_contents(self.tier.tree)
+        assert set(held) <= self.ever
+        for prefix, slots in held.items():
+            start = len(prefix) - self.page_size
+            k, v = self.tier.pool.read_kv(0, torch.tensor(slots), torch.float32)
+            want = self.expected_kv(list(prefix), start, len(prefix))
+            tol = 0.07 * want.abs().amax(-1, keepdim=True)
+            assert bool(((k - want).abs() <= tol).all()) and bool(((v - want).abs() <= tol).all())
+
+
+class HierarchyTierPage1(HierarchyWithHostTier):
+    page_size = 1
+
+
+class HierarchyTierPage4Int8(HierarchyWithHostTier):
+    page_size = 4
+    kv_dtype = torch.int8
+
+
 def policy_machine(policy: str, page: int) -> type:
     return type(f"Hierarchy{policy.upper()}", (HierarchyMachine,),
                 {"eviction_policy": policy, "page_size": page})  # fmt: skip
@@ -346,3 +406,7 @@ TestHierarchyPage1Int8 = HierarchyPage1Int8.TestCase
 TestHierarchyPage1Int8.settings = SETTINGS
 TestHierarchyPage4Fp8 = HierarchyPage4Fp8.TestCase
 TestHierarchyPage4Fp8.settings = SETTINGS
+TestHierarchyTierPage1 = HierarchyTierPage1.TestCase
+TestHierarchyTierPage1.settings = SETTINGS
+TestHierarchyTierPage4Int8 = HierarchyTierPage4Int8.TestCase
+TestHierarchyTierPage4Int8.settings = settings(SETTINGS, max_examples=100)
