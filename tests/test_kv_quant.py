@@ -126,9 +126,11 @@ def test_kernel_refuses_codes_without_scales():
         cpu_attention.decode_attention(q, codes, codes, idx, lens, 0.125)
 
 
-def test_deterministic_mode_reads_a_quantized_cache_batch_invariantly():
-    """--deterministic sends every attention through the C kernel, codes included: a request
-    gives the same tokens alone and in a batch."""
+@pytest.mark.parametrize("name", ["int8", "fp8_e4m3"])
+def test_deterministic_mode_reads_a_quantized_cache_batch_invariantly(name):
+    """--deterministic sends every attention through the C kernel, codes included (and, for fp8,
+    queries and keys through the key rotation): a request gives the same tokens alone and in a
+    batch."""
     from test_model_tiny import ours_from, prompts, tiny_hf
 
     from radixkv.mem import ReqToTokenPool
@@ -137,7 +139,7 @@ def test_deterministic_mode_reads_a_quantized_cache_batch_invariantly():
     model = ours_from(tiny_hf(heads=8, kv_heads=2))
 
     def driver() -> PoolDriver:
-        pool = TokenToKVPool(kv_layout(model.config, "int8", model.dtype), 4096)
+        pool = TokenToKVPool(kv_layout(model.config, name, model.dtype), 4096)
         rows = ReqToTokenPool(16, model.config.max_position_embeddings)
         return PoolDriver(ModelRunner(model, pool, rows, "torch", deterministic=True))
 
