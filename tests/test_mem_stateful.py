@@ -212,9 +212,11 @@ class HierarchyMachine(RuleBasedStateMachine):
         limit = (len(prompt) - 1) // self.page_size * self.page_size
         expected = self.ref.longest(prompt, limit)
         also = self.lower_tier_hit(prompt, limit)
-        locked = self.locked_prefixes()
+        matched = {tuple(prompt[:i]) for i in range(self.page_size, expected + 1, self.page_size)}
+        locked = self.locked_prefixes() | matched  # the match stays locked while a tier loads
         seq = self.mgr.admit(prompt)
         assert seq is not None
+        self.ref.touch(prompt, expected)  # the pool's match, first
         self.absorb_evictions(locked)  # loading from a lower tier may make room in the pool
         if seq.cached_len > expected:  # loaded back: now in the pool's tree too
             assert seq.cached_len == also, (seq.cached_len, expected, also)
@@ -222,7 +224,7 @@ class HierarchyMachine(RuleBasedStateMachine):
             for i in range(expected + self.page_size, seq.cached_len + 1, self.page_size):
                 self.ref.entries[tuple(prompt[:i])] = [contents[tuple(prompt[:i])], 0]
             expected = seq.cached_len
-        self.ref.touch(prompt, expected)
+            self.ref.touch(prompt, expected)  # inserting the loaded part touches the path
         assert seq.cached_len == expected
         assert self.mgr.req_pool.read(seq.row, 0, expected).tolist() == self.ref.slots(
             prompt, expected

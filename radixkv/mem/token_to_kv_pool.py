@@ -216,11 +216,10 @@ class TokenToKVPool:
     def set_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write `k`, `v` of shape `[len(slots), kv_heads, head_dim]` into `slots` of `layer`
         (quantized to codes and scales in a quantized pool)."""
-        if self.layout.quantized:
-            codes, scale = quantize(k, self.layout.dtype)
-            self.k_buffer[layer][slots], self.k_scale[layer][slots] = codes, scale
-            codes, scale = quantize(v, self.layout.dtype)
-            self.v_buffer[layer][slots], self.v_scale[layer][slots] = codes, scale
+        if self.layout.quantized:  # K and V in one call: half the small ops of a decode step
+            codes, scale = quantize(torch.stack((k, v)), self.layout.dtype)
+            self.k_buffer[layer][slots], self.k_scale[layer][slots] = codes[0], scale[0]
+            self.v_buffer[layer][slots], self.v_scale[layer][slots] = codes[1], scale[1]
             return
         self.k_buffer[layer][slots] = k.to(self.layout.dtype)
         self.v_buffer[layer][slots] = v.to(self.layout.dtype)
