@@ -14,6 +14,9 @@ from radixkv.tools.workloads import GeneratedSharedPrefix, MultiTurnChat
 SMALL = {
     "shared-prefix": GeneratedSharedPrefix(4, 5, 64, 16, 8),
     "multi-turn": MultiTurnChat(chats=6, turns=3, system_len=32, user_len=8, output_len=8),
+    "multi-turn-varied": MultiTurnChat(
+        chats=6, turns=4, system_len=32, user_len=8, output_len=8, min_turns=1
+    ),
 }
 
 

@@ -50,6 +50,26 @@ def test_multi_turn_chat_has_turns_over_one_system_prompt():
     assert len({tuple(c.prefix_ids) for c in convs}) == 1
 
 
+def test_multi_turn_chat_with_min_turns_varies_lengths_and_keeps_the_turns_it_has():
+    fixed = MultiTurnChat(chats=40, turns=6, seed=3).conversations()
+    varied = MultiTurnChat(chats=40, turns=6, seed=3, min_turns=2).conversations()
+    lengths = [len(c.turns) for c in varied]
+    assert min(lengths) >= 2 and max(lengths) <= 6 and len(set(lengths)) > 2
+    for f, v in zip(fixed, varied, strict=True):  # the same chats, cut short
+        assert v.prefix_ids == f.prefix_ids and v.turns == f.turns[: len(v.turns)]
+    with pytest.raises(ValueError, match="min_turns 7"):
+        MultiTurnChat(turns=6, min_turns=7)
+
+
+def test_bench_refuses_an_option_of_another_workload(capsys):
+    from radixkv.tools.bench import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--workload", "shared-prefix", "--turns", "3"])
+    assert exc.value.code == 2
+    assert "--turns does not apply to --workload shared-prefix" in capsys.readouterr().err
+
+
 def test_few_shot_tree_shares_instruction_and_examples():
     wl = FewShotTree(instruction_len=10, branches=2, examples_len=6, sub_branches=2,
                      sub_examples_len=4, questions=3, question_len=2, output_len=1)  # fmt: skip

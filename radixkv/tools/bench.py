@@ -172,10 +172,15 @@ def plot(records: list[RequestRecord], summary: dict[str, Any], path: Path) -> N
 
 
 def _workload(args: argparse.Namespace) -> Any:
+    """The workload the options describe; an option of another workload is refused, not ignored."""
     cls = WORKLOADS[args.workload]
     fields = {f.name for f in dataclasses.fields(cls)}
-    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    return cls(**overrides)
+    every = {f.name for c in WORKLOADS.values() for f in dataclasses.fields(c)}
+    given = {k: v for k, v in vars(args).items() if k in every and v is not None}
+    if unused := sorted(set(given) - fields):
+        names = ", ".join(f"--{name.replace('_', '-')}" for name in unused)
+        raise ValueError(f"{names} does not apply to --workload {args.workload}")
+    return cls(**given)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,7 +244,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_bench(build_parser().parse_args(argv))
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        _workload(args)  # options that fit no part of the chosen workload: a usage error
+    except ValueError as exc:
+        ap.error(str(exc))
+    run_bench(args)
 
 
 if __name__ == "__main__":

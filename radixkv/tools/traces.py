@@ -21,10 +21,14 @@ from typing import Any
 from radixkv.mem import KVCacheManager, KVLayout, RadixCache, ReqToTokenPool, TokenToKVPool
 from radixkv.tools.workloads import GeneratedSharedPrefix, MultiTurnChat, PrefixTrie
 
-# SGLang's generated-shared-prefix defaults, and a multi-turn chat of the same scale.
+# SGLang's generated-shared-prefix defaults, a multi-turn chat of the same scale, and the same chat
+# with 1-16 turns per conversation (where a conversation's depth does not tell whether it is over).
 TRACE_WORKLOADS: dict[str, GeneratedSharedPrefix | MultiTurnChat] = {
     "shared-prefix": GeneratedSharedPrefix(64, 16, 2048, 128, 256),
     "multi-turn": MultiTurnChat(chats=64, turns=8, system_len=512, user_len=128, output_len=128),
+    "multi-turn-varied": MultiTurnChat(
+        chats=64, turns=16, system_len=512, user_len=128, output_len=128, min_turns=1
+    ),
 }
 
 

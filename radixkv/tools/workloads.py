@@ -164,8 +164,10 @@ class GeneratedSharedPrefix:
 
 @dataclass(frozen=True)
 class MultiTurnChat:
-    """`chats` conversations over one system prompt, `turns` turns each; every prompt carries the
-    whole history (previous user turns and the model's real replies)."""
+    """`chats` conversations over one system prompt, `turns` turns each (with `min_turns`, each
+    chat's count drawn uniformly from `min_turns..turns`, so the length of a conversation does not
+    say whether it goes on); every prompt carries the whole history (previous user turns and the
+    model's real replies)."""
 
     chats: int = 16
     turns: int = 4
@@ -173,13 +175,21 @@ class MultiTurnChat:
     user_len: int = 64
     output_len: int = 32
     seed: int = 0
+    min_turns: int = 0  # 0: every chat has `turns` turns
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_turns <= self.turns:
+            raise ValueError(f"min_turns {self.min_turns} must be 0 or at most turns {self.turns}")
 
     def conversations(self) -> list[Conversation]:
         rng = random.Random(self.seed)
+        lengths = random.Random(self.seed + 1)  # its own stream: fixed-length chats unchanged
         system = _ids(rng, self.system_len)
         convs = []
         for c in range(self.chats):
             turns = [Turn(_ids(rng, self.user_len), self.output_len) for _ in range(self.turns)]
+            if self.min_turns:
+                turns = turns[: lengths.randint(self.min_turns, self.turns)]
             convs.append(Conversation(system, turns, c))
         return convs
 
