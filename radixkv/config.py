@@ -71,6 +71,10 @@ class ServerArgs:
         None, "keep cached prefixes on disk in this directory (blocks of 64 tokens, checksummed, "
         "keyed by model and KV dtype): a runtime restarted on it serves them without recomputing",
     )  # fmt: skip
+    kv_storage_size: int | None = option(
+        None, "keep --kv-storage-dir under this size, e.g. 20GiB, evicting the least recently "
+        "used blocks (default: no limit)", parse=parse_size,
+    )  # fmt: skip
     page_size: int = option(1, "tokens per KV page (radix-tree keys are whole pages)")
     max_context_len: int | None = option(None, "context length (default: the model's, capped at "
                                          "8192)", aliases=("--context-length",))  # fmt: skip
@@ -241,6 +245,8 @@ class ServerArgs:
             raise ValueError("prefix_hash_tokens and router_tree_tokens must be >= 1")
         if not 0 < self.worker_timeout < float("inf"):
             raise ValueError(f"worker_timeout must be > 0, got {self.worker_timeout}")
+        if self.kv_storage_size is not None and self.kv_storage_dir is None:
+            raise ValueError("--kv-storage-size limits --kv-storage-dir, which is not set")
         if self.disable_radix_cache and (self.kv_host_tier or self.kv_storage_dir):
             raise ValueError(
                 "--kv-host-tier and --kv-storage-dir keep what the radix cache holds: they do "

@@ -286,6 +286,7 @@ class Stats(msgspec.Struct, kw_only=True):
     storage_hit_tokens: int = 0
     storage_stored_tokens: int = 0
     storage_corrupt_blocks: int = 0
+    storage_evicted_blocks: int = 0  # removed to stay under --kv-storage-size
     # from a router: each worker's own (the fields above are their sums)
     workers: list[WorkerStats] = msgspec.field(default_factory=list)
 

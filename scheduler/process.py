@@ -72,7 +72,7 @@ def build_scheduler(args: ServerArgs, model: LlamaForCausalLM | None = None) -> 
     runner = ModelRunner(model, token_pool, req_pool, backend, deterministic=args.deterministic)
     disk = None
     if args.kv_storage_dir is not None:
-        disk = DiskStore(args.kv_storage_dir, token_pool, args.model)
+        disk = DiskStore(args.kv_storage_dir, token_pool, args.model, args.kv_storage_size)
     return Scheduler(args, runner, KVCacheManager(token_pool, req_pool, tree, host, disk))
 
 

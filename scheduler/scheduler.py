@@ -181,6 +181,7 @@ class Scheduler:
         if disk is not None:
             s.storage_hit_tokens, s.storage_stored_tokens = disk.hit_tokens, disk.stored_tokens
             s.storage_corrupt_blocks = disk.corrupt_blocks
+            s.storage_evicted_blocks = disk.evicted_blocks
         return s
 
     def has_work(self) -> bool:

@@ -122,11 +122,19 @@ def test_the_model_gives_the_same_tokens_from_the_tier_as_computed():
 # ---- KV on disk across restarts (--kv-storage-dir) -----------------------------------------------
 
 
-def with_disk(layout: KVLayout, directory, model: str = "m", pool_tokens: int = 400):
-    from radixkv.mem.storage import DiskStore
+def with_disk(
+    layout: KVLayout,
+    directory,
+    model: str = "m",
+    pool_tokens: int = 400,
+    max_blocks: int | None = None,
+):
+    from radixkv.mem.storage import BLOCK, DiskStore
 
     pool = TokenToKVPool(layout, pool_tokens)
-    disk = DiskStore(directory, pool, model)
+    block_file = 50 + BLOCK * layout.bytes_per_token  # header + payload
+    limit = None if max_blocks is None else max_blocks * block_file
+    disk = DiskStore(directory, pool, model, limit)
     return KVCacheManager(pool, ReqToTokenPool(4, 512), RadixCache(pool), disk=disk)
 
 
@@ -160,6 +168,37 @@ def test_a_corrupt_block_is_skipped_never_served(damage, tmp_path):
     assert serve(mgr, prompt, [5]) == 64  # the first block only; the rest computed again
     assert mgr.disk is not None and mgr.disk.corrupt_blocks == 1
     assert serve(with_disk(LAYOUTS[0], tmp_path), prompt, [5]) == 192  # rewritten since
+
+
+def test_a_size_limit_evicts_least_recent_blocks_deepest_first_and_holds_across_restarts(tmp_path):
+    a = [rng_token(i) for i in range(200)]  # 3 whole blocks each
+    b = [rng_token(i) + 2000 for i in range(200)]
+    mgr = with_disk(LAYOUTS[0], tmp_path, max_blocks=5)
+    serve(mgr, a, [5])
+    serve(mgr, b, [5])  # a 6th block: a's deepest goes, not its first (that would orphan the rest)
+    disk = mgr.disk
+    assert disk is not None and disk.evicted_blocks == 1 and len(disk.files) == 5
+    assert sum(f.stat().st_size for f in tmp_path.rglob("*.kv")) == disk.bytes <= disk.max_bytes
+    # restarted: a is served from its 2 blocks and writes its third again, which evicts b's deepest
+    again = with_disk(LAYOUTS[0], tmp_path, max_blocks=5)
+    assert serve(again, a, [5]) == 128
+    assert again.disk is not None and again.disk.evicted_blocks == 1
+    # restarted with a smaller limit: the files' times keep the order (b least recent), and b
+    # loses its deepest remaining block, not its first
+    smaller = with_disk(LAYOUTS[0], tmp_path, max_blocks=4)
+    assert smaller.disk is not None and smaller.disk.evicted_blocks == 1
+    assert len(list(tmp_path.rglob("*.kv"))) == 4
+    assert serve(with_disk(LAYOUTS[0], tmp_path), b, [5]) == 64
+    assert serve(with_disk(LAYOUTS[0], tmp_path), a, [5]) == 192
+
+
+def test_storage_size_options_are_checked():
+    from radixkv.config import ServerArgs
+
+    with pytest.raises(ValueError, match="--kv-storage-dir, which is not set"):
+        ServerArgs(kv_storage_size=2**30)
+    with pytest.raises(ValueError, match="holds no block"):
+        with_disk(LAYOUTS[0], "/tmp/unused-by-this-test", max_blocks=0)
 
 
 def rng_token(i: int) -> int:

@@ -56,6 +56,8 @@ COUNTERS = (
      "Tokens written to --kv-storage-dir."),
     ("storage_corrupt_blocks", "kv_storage_corrupt_blocks", None, None,
      "Blocks in --kv-storage-dir found corrupt or truncated (skipped, removed)."),
+    ("storage_evicted_blocks", "kv_storage_evicted_blocks", None, None,
+     "Blocks removed from --kv-storage-dir to stay under --kv-storage-size."),
 )  # fmt: skip
 GAUGES = (
     ("kv_capacity", "kv_capacity_tokens", "sglang:max_total_num_tokens", None,

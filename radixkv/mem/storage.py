@@ -12,13 +12,23 @@ into place) when a request's prefix is cached (write-through, so a crash loses a
 being written); at admission the blocks beyond what the pool and the host tier hold are read
 back in order, each checked against its checksum: a missing, truncated or corrupt block ends the
 load there (it is counted and removed), never served.
+
+With `--kv-storage-size SIZE` the directory's `.kv` files (every model's and dtype's: the limit
+is the directory's) are kept under SIZE bytes by evicting least recently used blocks. A prefix's
+blocks are ordered so that its deepest block is the least recent of them (on a write or a read,
+the blocks are touched from the deepest to the first): a chain loses its tail first, never its
+head, which would make the blocks after it unreachable. Recency lives in the files' mtimes, so a
+restarted runtime keeps the order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,7 +42,13 @@ _HEADER = struct.Struct("<4sHIQ32s")  # magic, version, tokens, payload bytes, p
 
 
 class DiskStore:
-    def __init__(self, directory: str | Path, pool: TokenToKVPool, model: str) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        pool: TokenToKVPool,
+        model: str,
+        max_bytes: int | None = None,
+    ) -> None:
         if BLOCK % pool.page_size:
             raise ValueError(f"--kv-storage-dir needs a page size dividing {BLOCK}, "
                              f"not {pool.page_size}")  # fmt: skip
@@ -49,6 +65,28 @@ class DiskStore:
         self.hit_tokens = 0
         self.stored_tokens = 0
         self.corrupt_blocks = 0
+        self.evicted_blocks = 0
+        self.max_bytes = max_bytes
+        if max_bytes is not None and max_bytes < BLOCK * pool.layout.bytes_per_token:
+            raise ValueError(
+                f"--kv-storage-size {max_bytes} bytes holds no block of {BLOCK} tokens "
+                f"({BLOCK * pool.layout.bytes_per_token} bytes)"
+            )
+        # every block file in the directory, least recently used first, with its size
+        self.files: OrderedDict[Path, int] = OrderedDict()
+        self.bytes = 0
+        if max_bytes is not None:
+            found = []
+            for path in self.dir.glob("*/*.kv"):
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue
+                found.append((st.st_mtime_ns, path, st.st_size))
+            for _, path, size in sorted(found):
+                self.files[path] = size
+                self.bytes += size
+            self._evict()
 
     # ---- names ----------------------------------------------------------------------------------
 
@@ -77,7 +115,8 @@ class DiskStore:
     def write(self, tokens: Sequence[int], slots: torch.Tensor) -> None:
         """Store every whole block of `tokens` (KV in pool `slots`) not on disk yet."""
         blocks = len(tokens) // BLOCK
-        for i, name in enumerate(self._chain(tokens, blocks)):
+        names = self._chain(tokens, blocks)
+        for i, name in enumerate(names):
             if self._exists(name):
                 continue
             payload = self._serialize(slots[i * BLOCK : (i + 1) * BLOCK])
@@ -90,6 +129,36 @@ class DiskStore:
             tmp.replace(path)
             self.known.add(name)
             self.stored_tokens += BLOCK
+            if self.max_bytes is not None:
+                self.bytes += len(header) + len(payload) - self.files.pop(path, 0)
+                self.files[path] = len(header) + len(payload)
+        self._touch(names)
+        self._evict()
+
+    # ---- the size limit -------------------------------------------------------------------------
+
+    def _touch(self, names: list[bytes]) -> None:
+        """Mark a prefix's blocks used now, its first block the most recent (see the module)."""
+        if self.max_bytes is None or not names:
+            return
+        now = time.time_ns()
+        for depth, name in enumerate(reversed(names)):  # deepest first: oldest of the chain
+            path = self._path(name)
+            if path in self.files:
+                self.files.move_to_end(path)
+                with contextlib.suppress(OSError):  # the order outlives the process
+                    os.utime(path, ns=(now, now - len(names) + 1 + depth))
+
+    def _evict(self) -> None:
+        """Remove least recently used blocks until the directory is within `max_bytes`."""
+        if self.max_bytes is None:
+            return
+        while self.bytes > self.max_bytes and self.files:
+            path, size = self.files.popitem(last=False)
+            path.unlink(missing_ok=True)
+            self.known.discard(bytes.fromhex(path.stem))
+            self.bytes -= size
+            self.evicted_blocks += 1
 
     def _serialize(self, slots: torch.Tensor) -> bytes:
         pool, s = self.pool, slots.to(self.pool.device)
@@ -133,6 +202,7 @@ class DiskStore:
             self._deserialize(raw, lo - i * BLOCK, hi - i * BLOCK, dest[lo - start : hi - start])
             done = hi
         self.hit_tokens += done - start
+        self._touch(names[: -(-done // BLOCK)])
         return done - start
 
     def _read(self, name: bytes) -> bytes | None:
@@ -141,6 +211,7 @@ class DiskStore:
             data = path.read_bytes()
         except OSError:
             self.known.discard(name)
+            self.bytes -= self.files.pop(path, 0)
             return None
         ok = len(data) >= _HEADER.size
         if ok:
@@ -153,6 +224,7 @@ class DiskStore:
             self.corrupt_blocks += 1
             self.known.discard(name)
             path.unlink(missing_ok=True)  # never served; a later request writes it again
+            self.bytes -= self.files.pop(path, 0)
             return None
         return payload
 
