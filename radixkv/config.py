@@ -19,7 +19,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32")
 KV_CACHE_DTYPES = (*DTYPES, "fp8_e4m3", "fp8_e5m2", "int8")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-RADIX_EVICTION_POLICIES = ("lru", "lfu", "fifo", "filo", "mru", "slru", "gdsf")
+RADIX_EVICTION_POLICIES = ("lru", "lfu", "fifo", "filo", "mru", "slru", "priority", "gdsf")
 ROUTER_POLICIES = ("cache_aware", "round_robin", "least_load", "random", "prefix_hash")
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -93,8 +93,9 @@ class ServerArgs:
     )  # fmt: skip
     disable_radix_cache: bool = option(False, "share no prefixes (an ablation)")
     radix_eviction_policy: str = option(
-        "lru", "which unlocked radix-tree leaf is evicted first: lru, lfu, fifo, filo, mru, slru "
-        "(SGLang's), gdsf (hits weighted by recomputation cost, aged; docs/cache.md)",
+        "lru", "which unlocked radix-tree leaf is evicted first: lru, lfu, fifo, filo, mru, slru, "
+        "priority (SGLang's; priority: requests' `priority`, lowest first, then LRU), gdsf (hits "
+        "weighted by recomputation cost, aged; docs/cache.md)",
         choices=RADIX_EVICTION_POLICIES,
     )  # fmt: skip
     json_max_whitespace: int = option(

@@ -65,6 +65,10 @@ class SamplingParams(
     json_schema: str | None = None
     regex: str | None = None
     ebnf: str | None = None
+    # SGLang's request `priority`, for cache eviction only: with --radix-eviction-policy priority
+    # the prefixes a request caches are evicted after those of lower priority (higher is kept
+    # longer); refused under any other policy, and it does not reorder scheduling
+    priority: Int = 0
 
     @property
     def is_greedy(self) -> bool:

@@ -92,6 +92,12 @@ class Scheduler:
                 f"{limit}; retry later",
                 "overloaded",
             )
+        if params.priority and self.args.radix_eviction_policy != "priority":
+            raise RequestRejected(
+                f"priority {params.priority} orders cached prefixes for eviction only with "
+                "--radix-eviction-policy priority (it does not reorder scheduling)",
+                param="priority",
+            )
         need = math.ceil((len(input_ids) + params.max_new_tokens) / self.page) * self.page
         if need > self.mgr.token_pool.capacity:
             raise RequestRejected(
@@ -264,7 +270,7 @@ class Scheduler:
         # on: those positions are computed, not matched in the tree (admit matches at most
         # len(tokens) - 1 of the tokens it is given)
         cap = req.params.logprob_start_len if req.wants_prompt_logprobs else None
-        seq = self.mgr.admit(req.tree_ids, cap)
+        seq = self.mgr.admit(req.tree_ids, cap, req.params.priority)
         assert seq is not None  # a free row was checked by the caller
         fill = len(req.fill_ids)
         n = min(fill - seq.cached_len, limit)

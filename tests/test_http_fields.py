@@ -42,6 +42,9 @@ SHARED = {  # both endpoints: a value other than the default, and what happens t
     "ebnf": ('root ::= "a"', OK),
     "guided_json": ({"type": "object"}, REFUSED),  # not declared at all
     "cache_salt": ("tenant-a", OK),  # vLLM's; its effect: tests/test_scheduler_model.py
+    # SGLang's and vLLM's; the fake takes it, a real scheduler refuses it unless
+    # --radix-eviction-policy priority (tests/test_scheduler_model.py)
+    "priority": (1, OK),
 }
 COMPLETIONS = {
     **SHARED,
@@ -95,6 +98,7 @@ GENERATE = {
     "rid": ("abc", REFUSED),
     "lora_path": ("x", REFUSED),
     "cache_salt": ("tenant-a", OK),
+    "priority": (1, OK),  # SGLang's top-level field (see SHARED)
 }
 SAMPLING_PARAMS = {
     "temperature": (0.5, OK),
@@ -114,6 +118,7 @@ SAMPLING_PARAMS = {
     "regex": ("[a-z]+", OK),
     "ebnf": ('root ::= "a"', OK),
     "json_schema": ('{"type": "object"}', OK),
+    "priority": (1, OK),
     "n": (2, REFUSED),
     "skip_special_tokens": (False, REFUSED),
 }
@@ -190,6 +195,23 @@ def test_cache_salt_reaches_the_scheduler_from_every_endpoint(http):
         assert bool(r["meta_info"]["cached_tokens"]) is cached
     r = http.post("/v1/completions", json={"prompt": "hi", "cache_salt": ""})
     assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
+
+
+def test_priority_reaches_the_sampling_params_from_every_body():
+    import msgspec
+
+    from radixkv.http.openai_protocol import ChatCompletionRequest, CompletionRequest, GenerateBody
+
+    def decode(body: dict, cls: type):
+        return msgspec.json.decode(msgspec.json.encode(body), type=cls)
+
+    assert decode({"prompt": "x", "priority": 2}, CompletionRequest).sampling(8).priority == 2
+    chat = {"messages": [{"role": "user", "content": "x"}], "priority": 3}
+    assert decode(chat, ChatCompletionRequest).sampling(8).priority == 3
+    assert decode({"text": "x", "priority": 4}, GenerateBody).sampling.priority == 4
+    nested = {"text": "x", "sampling_params": {"priority": 5}}
+    assert decode(nested, GenerateBody).sampling.priority == 5
+    assert decode({"prompt": "x"}, CompletionRequest).sampling(8).priority == 0
 
 
 def test_stop_token_ids_end_a_v1_completion(http):

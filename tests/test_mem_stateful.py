@@ -206,15 +206,16 @@ class HierarchyMachine(RuleBasedStateMachine):
         segments=st.lists(st.integers(0, 2), min_size=1, max_size=5),
         tail=st.lists(st.integers(0, 2), max_size=4),
         chunk_units=st.integers(1, 12),
+        priority=st.integers(0, 2),
     )
-    def admit(self, segments, tail, chunk_units):
+    def admit(self, segments, tail, chunk_units, priority):
         prompt = [t for s in segments for t in [s * 10 + j % 2 for j in range(self.seg)]] + tail
         limit = (len(prompt) - 1) // self.page_size * self.page_size
         expected = self.ref.longest(prompt, limit)
         also = self.lower_tier_hit(prompt, limit)
         matched = {tuple(prompt[:i]) for i in range(self.page_size, expected + 1, self.page_size)}
         locked = self.locked_prefixes() | matched  # the match stays locked while a tier loads
-        seq = self.mgr.admit(prompt)
+        seq = self.mgr.admit(prompt, priority=priority if self.eviction_policy == "priority" else 0)
         assert seq is not None
         self.ref.touch(prompt, expected)  # the pool's match, first
         self.absorb_evictions(locked)  # loading from a lower tier may make room in the pool
@@ -387,7 +388,15 @@ def policy_machine(policy: str, page: int) -> type:
 # every other eviction policy: the hierarchy's invariants hold whatever order leaves go in
 TestEvictionPolicies = {
     policy: policy_machine(policy, page).TestCase
-    for policy, page in (("lfu", 1), ("fifo", 4), ("filo", 1), ("mru", 1), ("slru", 4), ("gdsf", 1))
+    for policy, page in (
+        ("lfu", 1),
+        ("fifo", 4),
+        ("filo", 1),
+        ("mru", 1),
+        ("slru", 4),
+        ("priority", 1),
+        ("gdsf", 1),
+    )
 }
 for _case in TestEvictionPolicies.values():
     _case.settings = settings(SETTINGS, max_examples=60)
@@ -396,6 +405,7 @@ TestHierarchyFIFO = TestEvictionPolicies["fifo"]
 TestHierarchyFILO = TestEvictionPolicies["filo"]
 TestHierarchyMRU = TestEvictionPolicies["mru"]
 TestHierarchySLRU = TestEvictionPolicies["slru"]
+TestHierarchyPriority = TestEvictionPolicies["priority"]
 TestHierarchyGDSF = TestEvictionPolicies["gdsf"]
 
 TestHierarchyPage1 = HierarchyPage1.TestCase

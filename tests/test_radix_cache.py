@@ -298,6 +298,34 @@ def test_each_eviction_policy_picks_its_own_leaf():
     assert evicted_first("lru", script) == [9]
 
 
+def test_priority_eviction_keeps_what_important_requests_cached():
+    """SGLang's `priority` policy: the lowest priority goes first, LRU within one; a node's
+    priority is the highest of the requests that cached through it."""
+    pool = TokenToKVPool(LAYOUT, 4096)
+    tree = RadixCache(pool, eviction_policy="priority")
+    stem = [5] * 4
+
+    def put_with(tokens: list[int], priority: int) -> None:
+        slots = pool.alloc(len(tokens))
+        assert slots is not None
+        pool.free(slots[: tree.insert(tokens, slots, priority=priority)])
+
+    put_with([*stem, 1, 1], 2)  # an important request
+    put_with([*stem, 2, 2], 0)  # then two ordinary ones, used later
+    put_with([3] * 4, 0)
+    tree.match_prefix([3] * 4 + [0])
+    tree.evict(2)  # the older of the two ordinary leaves goes, not the important one
+    assert len(tree.match_prefix([*stem, 2, 2, 0]).indices) == 4
+    assert len(tree.match_prefix([*stem, 1, 1, 0]).indices) == 6
+    tree.evict(2)
+    assert len(tree.match_prefix([3] * 4 + [0]).indices) == 0
+    tree.evict(2)  # only the important leaf is left to go; its stem stays, a leaf now
+    stem_match = tree.match_prefix([*stem, 1, 1, 0])
+    assert len(stem_match.indices) == 4
+    assert stem_match.last_node.priority == 2  # the highest request that cached through it
+    tree.check_integrity()
+
+
 def test_gdsf_ages_leaves_that_stop_being_hit():
     pool = TokenToKVPool(LAYOUT, 64)
     tree = RadixCache(pool, eviction_policy="gdsf")

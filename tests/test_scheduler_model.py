@@ -118,6 +118,30 @@ def test_abort_frees_a_running_request(model):
     assert s.get_stats().finished == {"abort": 1, "length": 1}
 
 
+def test_request_priority_orders_eviction_under_the_priority_policy_and_is_refused_otherwise(
+    model,
+):
+    with pytest.raises(RequestRejected, match="--radix-eviction-policy priority"):
+        make(model).add_request("p", [1, 2, 3], SamplingParams(max_new_tokens=2, priority=1))
+    s = make(model, radix_eviction_policy="priority", max_total_tokens=256)
+
+    def finish(rid: str, ids: list[int], priority: int = 0) -> int:
+        s.add_request(rid, ids, SamplingParams(max_new_tokens=2, ignore_eos=True,
+                                               priority=priority))  # fmt: skip
+        cached = 0
+        while s.has_work():
+            for out in s.step():
+                cached = out.cached_tokens if out.finish_reason else cached
+        return cached
+
+    important = [100 + i for i in range(100)]
+    finish("important", important, priority=3)
+    finish("ordinary", [300 + i for i in range(100)])  # used later, but lower priority
+    finish("pressure", [500 + i for i in range(100)])  # 300 tokens > 256: one must go
+    assert finish("again", [*important, 1]) == 100  # kept; under LRU it would have gone
+    s.check_idle()
+
+
 def test_requests_that_can_never_be_served_are_rejected_clearly(model):
     # Empty prompts and prompts over the context are refused by the front end (validation.py,
     # tests/test_frontend_detokenizer.py); the scheduler checks what only it knows.

@@ -93,6 +93,7 @@ class _Sampling(_Body, kw_only=True):
     include_stop_str_in_output: bool | None = None
     regex: str | None = None
     ebnf: str | None = None
+    priority: Int | None = None  # 0; SGLang's and vLLM's: cache eviction order (docs/api.md)
 
     LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
         "skip_special_tokens": (True,),
@@ -121,6 +122,7 @@ class _Sampling(_Body, kw_only=True):
             logprob_start_len=self.logprob_start_len,
             regex=self.regex,
             ebnf=self.ebnf,
+            priority=self.priority or 0,
         )
 
     @property
@@ -398,6 +400,7 @@ class GenerateBody(_Body, kw_only=True):
     return_routed_experts: bool | None = None  # MoE models only: none here
     return_cached_tokens_details: bool | None = None  # meta_info always has them
     cache_salt: str | None = None  # as on /v1: shares cached KV only with the same salt
+    priority: Int | None = None  # SGLang's top-level field: sampling_params.priority here
 
     LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
         "lora_path": (), "image_data": (), "rid": (),
@@ -413,14 +416,15 @@ class GenerateBody(_Body, kw_only=True):
 
     @property
     def sampling(self) -> SamplingParams:
-        """`sampling_params`, with SGLang's top-level logprob fields folded in."""
+        """`sampling_params`, with SGLang's top-level logprob and priority fields folded in."""
+        sp = self.sampling_params
+        if self.priority is not None:
+            sp = msgspec.structs.replace(sp, priority=self.priority)
         if not self.return_logprob:
-            return self.sampling_params
+            return sp
         top = self.top_logprobs_num or 0
         start = -1 if self.logprob_start_len is None else self.logprob_start_len
-        return msgspec.structs.replace(
-            self.sampling_params, logprobs=True, top_logprobs=top, logprob_start_len=start
-        )
+        return msgspec.structs.replace(sp, logprobs=True, top_logprobs=top, logprob_start_len=start)
 
 
 class TokenizeBody(_Body, kw_only=True):

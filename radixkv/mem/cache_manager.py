@@ -28,6 +28,7 @@ class SeqSlots:
     cached_len: int
     kv_len: int
     last_node: TreeNode
+    priority: int = 0  # the request's, given to what it caches (`priority` eviction policy)
 
 
 class KVCacheManager:
@@ -75,7 +76,7 @@ class KVCacheManager:
     # ---- a request's life ---------------------------------------------------------------------
 
     def admit(
-        self, tokens: Sequence[int] | torch.Tensor, max_match: int | None = None
+        self, tokens: Sequence[int] | torch.Tensor, max_match: int | None = None, priority: int = 0
     ) -> SeqSlots | None:
         """Match the cached prefix of `tokens` (at most `max_match` of them), lock it and point a
         fresh row at it.
@@ -93,7 +94,8 @@ class KVCacheManager:
         self.tree.lock(node)
         row = self.req_pool.alloc()
         self.req_pool.write(row, 0, indices)
-        return SeqSlots(row=row, cached_len=len(indices), kv_len=len(indices), last_node=node)
+        return SeqSlots(row=row, cached_len=len(indices), kv_len=len(indices), last_node=node,
+                        priority=priority)  # fmt: skip
 
     def _load_from(
         self,
@@ -188,7 +190,7 @@ class KVCacheManager:
             self.disk.write(_as_ids(key), slots)
         # Resume at the request's locked node: its cached prefix is not compared again.
         present, indices, node = self.tree.insert_and_match(
-            key, slots, (seq.last_node, seq.cached_len)
+            key, slots, (seq.last_node, seq.cached_len), seq.priority
         )
         # Re-point the row before freeing the duplicates, so it never names a free slot. From
         # `present` on, the tree holds the request's own slots: the row already names them.
@@ -214,7 +216,7 @@ class KVCacheManager:
         slots = self.req_pool.read(seq.row, 0, seq.kv_len)
         if self.disk is not None and not self.tree.disable:
             self.disk.write(_as_ids(key), slots)
-        present = self.tree.insert(key, slots, (seq.last_node, seq.cached_len))
+        present = self.tree.insert(key, slots, (seq.last_node, seq.cached_len), seq.priority)
         aligned = seq.kv_len // self.page_size * self.page_size
         self.token_pool.free(slots[seq.cached_len : present])
         self.token_pool.free(slots[aligned:])

@@ -11,6 +11,9 @@ policy costs O(log n) per touch, lock, unlock and eviction, never a walk over th
 - `mru`: most recently used first (for a scan that will not come back).
 - `slru`: segmented LRU: leaves hit once (probation) before leaves hit again (protected), LRU
   within each.
+- `priority`: the lowest request `priority` first, LRU within one (SGLang's): a node's priority
+  is the highest of the requests that cached through it, so a prefix shared with an important
+  request stays as long as that request's own tail.
 - `gdsf` (ours, docs/cache.md): Greedy-Dual-Size-Frequency for a prefix tree, with exponential
   aging: a leaf is worth `hits x cost x 2^(last use / GDSF_HALF_LIFE)`, where `cost` is what
   recomputing one of its tokens costs relative to a token at the start of a prompt,
@@ -42,6 +45,7 @@ def eviction_key(policy: str) -> Callable[[Any], tuple[float, ...]]:
         "filo": lambda n: (-n.created, -n.id),
         "mru": lambda n: (-n.last_access, -n.id),
         "slru": lambda n: (n.hits > 1, n.last_access, n.id),
+        "priority": lambda n: (n.priority, n.last_access, n.id),
         "gdsf": lambda n: (n.score, n.last_access, n.id),
         # offline only (bench/radix_ops.py): the score is minus the next use, farthest first
         "belady": lambda n: (n.score, n.id),

@@ -25,7 +25,7 @@ class TreeNode:
 
     __slots__ = (
         "children", "created", "depth", "hits", "id", "key", "last_access", "lock_ref", "parent",
-        "score", "value",
+        "priority", "score", "value",
     )  # fmt: skip
 
     def __init__(self, node_id: int, key: list[int], value: torch.Tensor, parent: TreeNode | None):
@@ -41,6 +41,7 @@ class TreeNode:
         self.created = 0  # the clock when its tokens were first cached
         self.depth: int = 0 if parent is None else parent.depth + len(parent.key)  # tokens above
         self.score = 0.0  # gdsf
+        self.priority = 0  # the highest `priority` of the requests cached through it
 
     def __repr__(self) -> str:
         return f"TreeNode(id={self.id}, len={len(self.key)}, lock_ref={self.lock_ref})"
@@ -185,6 +186,7 @@ class RadixCache:
         tokens: Sequence[int] | torch.Tensor,
         slots: torch.Tensor,
         start: tuple[TreeNode, int] | None = None,
+        priority: int = 0,
     ) -> int:
         """Cache the page-aligned part of `tokens` held in `slots`; return the length already
         present (a page multiple).
@@ -196,14 +198,18 @@ class RadixCache:
         `start = (node, n)`: a node the caller holds locked whose path is `tokens[:n]` (a request's
         `last_node` and `cached_len`): the walk resumes there instead of comparing those `n`
         tokens again. The result is the same as inserting from the root.
+
+        `priority` (a request's, for the `priority` eviction policy) raises every node on the path
+        to at least that value.
         """
-        return self.insert_and_match(tokens, slots, start)[0]
+        return self.insert_and_match(tokens, slots, start, priority)[0]
 
     def insert_and_match(
         self,
         tokens: Sequence[int] | torch.Tensor,
         slots: torch.Tensor,
         start: tuple[TreeNode, int] | None = None,
+        priority: int = 0,
     ) -> tuple[int, torch.Tensor, TreeNode]:
         """`insert`, also returning the tree's slots for `tokens[n:aligned]` (n = the start's
         length, or 0) and the node that ends at `aligned`: what re-pointing a running request at
@@ -220,7 +226,7 @@ class RadixCache:
             raise ValueError(f"insert: start length {pos} is not a page boundary within {aligned}")
         walk = node
         while walk is not self.root:  # the path above the start counts as used, as from the root
-            self._touch(walk)
+            self._touch(walk, priority=priority)
             walk = walk.parent  # type: ignore[assignment]
         values: list[torch.Tensor] = []
         present = aligned
@@ -228,7 +234,7 @@ class RadixCache:
             child = node.children.get(self._child_key(key, pos))
             if child is None:
                 present = pos
-                node = self._add_leaf(node, key[pos:aligned], slots[pos:aligned])
+                node = self._add_leaf(node, key[pos:aligned], slots[pos:aligned], priority)
                 if self.events is not None:
                     self.events.append(CacheEvent("stored", key[:aligned]))
                 values.append(node.value)
@@ -236,7 +242,7 @@ class RadixCache:
             m = self._common_len(child.key, key, pos, aligned)
             if m < len(child.key):
                 child = self._split(child, m)
-            self._touch(child)
+            self._touch(child, priority=priority)
             values.append(child.value)
             node, pos = child, pos + m
         if not values:
@@ -432,7 +438,7 @@ class RadixCache:
         is out of the eviction list."""
         node.score = gdsf_score(node.hits, node.depth, node.last_access)
 
-    def _touch(self, node: TreeNode, hit: bool = False) -> None:
+    def _touch(self, node: TreeNode, hit: bool = False, priority: int = 0) -> None:
         """Mark `node` used now. `hit`: a match ended in it, which frequency-based policies count:
         a request reused the path down to here and went its own way (a system prompt shared by
         many conversations collects hits; a conversation's own earlier turns, which its next
@@ -443,16 +449,20 @@ class RadixCache:
             self._lru.remove(node)  # out while its key changes
         node.last_access = self._clock
         node.hits += hit
+        node.priority = max(node.priority, priority)
         self._rescore(node)
         if listed:
             self._lru.add(node)
 
-    def _add_leaf(self, parent: TreeNode, key: list[int], value: torch.Tensor) -> TreeNode:
+    def _add_leaf(
+        self, parent: TreeNode, key: list[int], value: torch.Tensor, priority: int = 0
+    ) -> TreeNode:
         if parent is not self.root and parent.lock_ref == 0 and not parent.children:
             self._lru.remove(parent)
         leaf = TreeNode(next(self._ids), key, value.to(torch.int64, copy=True), parent)
         leaf.last_access = leaf.created = self._clock
         leaf.hits = 1
+        leaf.priority = priority
         self._rescore(leaf)
         parent.children[self._child_key(key, 0)] = leaf
         self._evictable += len(key)
@@ -466,6 +476,7 @@ class RadixCache:
         head = TreeNode(next(self._ids), child.key[:m], child.value[:m], parent)
         head.lock_ref = child.lock_ref
         head.last_access, head.hits, head.created = child.last_access, child.hits, child.created
+        head.priority = child.priority
         head.score = child.score
         listed = child.lock_ref == 0 and not child.children
         if listed:
