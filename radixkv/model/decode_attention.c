@@ -194,10 +194,12 @@ static inline __m512i load_bf16x32(const uint8_t *p, const int kind) {
         __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
         return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
     }
-    __m512i w = _mm512_slli_epi16(_mm512_cvtepu8_epi16(b), 8);  /* the code in the high byte */
+    /* sign-extended, then shifted so that exponent and mantissa land in their bf16 fields; the
+       mask keeps the sign's top copy and clears the others */
+    __m512i w = _mm512_cvtepi8_epi16(b);
     if (kind == KV_E4M3)  /* s eeee mmm -> s 0000eeee mmm0000 */
-        return _mm512_and_si512(_mm512_srai_epi16(w, 4), _mm512_set1_epi16((short)0x87ff));
-    return _mm512_and_si512(_mm512_srai_epi16(w, 3), _mm512_set1_epi16((short)0x8fff));
+        return _mm512_and_si512(_mm512_slli_epi16(w, 4), _mm512_set1_epi16((short)0x87ff));
+    return _mm512_and_si512(_mm512_slli_epi16(w, 5), _mm512_set1_epi16((short)0x8fff));
 }
 
 /* bf16 value of a code = code value * 2^-kind_shift(kind) (see load_bf16x32). */
