@@ -7,12 +7,9 @@ head; the grouped query heads of a KV head share each K/V row read (GQA). It is 
 counterpart of `radixkv.kernels`' Triton decode kernel, and what closes most of the gap between
 fp32 decode and the memory roofline (docs/model.md).
 
-The C source (`decode_attention.c`, beside this file) is compiled on first use with the system
-C compiler (`cc -O3 -march=native -fopenmp`, ~6 s, once per source and CPU) into
-`$RADIXKV_CACHE_DIR/kernels/` (default `~/.cache/radixkv`), keyed by the source, the compiler,
-the flags and the CPU's model and feature flags, and loaded with ctypes: no torch headers, no
-build step at install time. Without a compiler (or with `RADIXKV_CPU_KERNEL=0`) the backend
-keeps the gather + SDPA path; `available()` says which.
+The C source (`decode_attention.c`, beside this file) is compiled on first use (~6 s, once per
+source and CPU; `cbuild.py`) and loaded with ctypes. Without a compiler (or with
+`RADIXKV_CPU_KERNEL=0`) the backend keeps the gather + SDPA path; `available()` says which.
 Where the compiler targets AVX512-BF16, bf16 K/V take the kernel's vector path (`fast_bf16()`);
 `RADIXKV_CPU_KERNEL_AVX512=0` keeps them on the portable C loops (for A/B runs).
 """
@@ -21,16 +18,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-from radixkv.model.dtype import cache_root, cpu_identity
+from radixkv.model import cbuild
 
 log = logging.getLogger("radixkv.model")
 
@@ -40,43 +35,13 @@ BLOCK = 32  # keys scored per block of the online softmax
 
 _SOURCE = (Path(__file__).parent / "decode_attention.c").read_text()
 
-# -ffast-math vectorises expf and the reductions; -fno-finite-math-only keeps -inf (the softmax's
-# starting maximum) meaning -inf. Only for compiling: linked with -ffast-math, the library would
-# pull in crtfastmath.o, whose constructor turns on flush-to-zero for the whole process.
-_COMPILE = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-fPIC",
-            "-std=c11", "-c")  # fmt: skip
-_LINK = ("-shared", "-fopenmp")
-
-
-def _cache_dir() -> Path:
-    return cache_root() / "kernels"
-
-
-def _build() -> Path:
-    """Compile the kernel (once per source, compiler, flags and CPU) and return the library."""
-    cc = os.environ.get("CC", "cc")
-    ident = "\0".join((_SOURCE, cc, *_COMPILE, *_LINK, cpu_identity()))
-    target = _cache_dir() / f"decode_attention_{hashlib.sha256(ident.encode()).hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src, obj = Path(tmp) / "decode_attention.c", Path(tmp) / "decode_attention.o"
-        src.write_text(_SOURCE)
-        built = Path(tmp) / target.name
-        for cmd in ([cc, *_COMPILE, str(src), "-o", str(obj)],
-                    [cc, *_LINK, str(obj), "-o", str(built), "-lm"]):  # fmt: skip
-            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
-        os.replace(built, target)  # atomic: concurrent builders leave one complete file
-    return target
-
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("RADIXKV_CPU_KERNEL", "1") == "0":
         return None
     try:
-        lib = ctypes.CDLL(str(_build()))
+        lib = ctypes.CDLL(str(cbuild.build("decode_attention", _SOURCE)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # RuntimeError: no home
         detail = getattr(exc, "stderr", "") or exc
         log.warning("CPU decode attention kernel unavailable (%s); using gather + SDPA", detail)

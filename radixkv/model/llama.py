@@ -1,7 +1,10 @@
 """A compact Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2) over the paged KV pool.
 
 Numerics follow `transformers`' LlamaForCausalLM (RMSNorm in float32, rotate-half rope, SDPA);
-Q/K/V and gate/up projections are fused into one matmul each.
+Q/K/V and gate/up projections are fused into one matmul each. With `fused_ops` (bf16 on the CPU,
+set by the runner) the small ops between the matmuls run as one-pass C kernels (`cpu_fused.py`):
+the residual stream is then updated in place and each layer hands its MLP output to the next
+layer's fused residual-add + RMSNorm.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radixkv.model import cpu_fused
 from radixkv.model.attention import AttentionBackend
 from radixkv.model.config import ModelConfig
 from radixkv.model.forward_batch import ForwardBatch
@@ -56,12 +60,20 @@ class LlamaAttention(nn.Module):
         sin: torch.Tensor,
         batch: ForwardBatch,
         backend: AttentionBackend,
+        fused: bool = False,
     ) -> torch.Tensor:
+        """`cos`, `sin`: the batch's `[tokens, 1, d]` angles, or with `fused` the whole tables
+        (read by `batch.positions` in the kernel)."""
         n = x.shape[0]
         qkv = self.qkv_proj(x)
         # q and k share positions: rotate both heads blocks in one go.
-        qk = qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim)
-        qk = apply_rotary(qk, cos, sin)
+        if fused:
+            heads = self.num_heads + self.num_kv_heads
+            cpu_fused.rope(qkv, heads, self.head_dim, batch.positions, cos, sin)
+            qk = qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim)
+        else:
+            qk = qkv[:, : self.q_size + self.kv_size].view(n, -1, self.head_dim)
+            qk = apply_rotary(qk, cos, sin)
         if backend.key_rotation is not None:  # the basis the pool stores keys in (fp8)
             rotation = backend.key_rotation
             qk = (qk.to(rotation.dtype) @ rotation).to(qk.dtype)
@@ -107,6 +119,24 @@ class LlamaDecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, backend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        delta: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: ForwardBatch,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        """The same layer over the fused kernels: `x` (the residual stream) is first advanced
+        by the previous layer's `delta` and then by this layer's attention, in place; returns
+        this layer's MLP output, the next `delta`. `cos`, `sin`: the rotary tables."""
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        h = cpu_fused.add_rmsnorm(x, delta, norm1.weight, norm1.eps)
+        attn = self.self_attn(h, cos, sin, batch, backend, fused=True)
+        h = cpu_fused.add_rmsnorm(x, attn, norm2.weight, norm2.eps)
+        return self.mlp(h)
+
 
 class LlamaForCausalLM(nn.Module):
     """The decoder stack and LM head; `forward` returns float32 logits of each request's last
@@ -123,6 +153,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary: RotaryEmbedding | None = None
         self.packed_head: nn.Module | None = None  # set by prepack()
+        self.fused_ops = False  # one-pass C kernels for the small ops (the runner sets it)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -139,16 +170,40 @@ class LlamaForCausalLM(nn.Module):
         hidden states of `batch.output_rows` instead (`logits` turns rows of them into logits)."""
         if self.rotary is None:
             raise RuntimeError("weights are not loaded: call load_hf_state_dict first")
-        cos, sin = self.rotary.lookup(batch.positions)
-        x = self.embed_tokens(batch.input_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, batch, backend)
-        if hidden and batch.output_rows is not None:
-            x = x[batch.output_rows]
-        elif batch.num_tokens != batch.batch_size:
-            x = x[batch.last_token_index]
-        x = self.norm(x)
+        if self.fused_ops:
+            x = self._forward_fused(batch, backend, hidden)
+        else:
+            cos, sin = self.rotary.lookup(batch.positions)
+            x = self.embed_tokens(batch.input_ids)
+            for layer in self.layers:
+                x = layer(x, cos, sin, batch, backend)
+            x = self.norm(x[self._output_rows(batch, hidden)])
         return x if hidden else self.logits(x)
+
+    def _forward_fused(
+        self, batch: ForwardBatch, backend: AttentionBackend, hidden: bool
+    ) -> torch.Tensor:
+        assert self.rotary is not None
+        self.rotary.check(batch.positions)
+        cos, sin = self.rotary.cos, self.rotary.sin
+        x = self.embed_tokens(batch.input_ids)
+        delta = None
+        for layer in self.layers:
+            assert isinstance(layer, LlamaDecoderLayer)
+            delta = layer.forward_fused(x, delta, cos, sin, batch, backend)
+        rows = self._output_rows(batch, hidden)
+        x, delta = x[rows], None if delta is None else delta[rows]
+        return cpu_fused.add_rmsnorm(x, delta, self.norm.weight, self.norm.eps)
+
+    @staticmethod
+    def _output_rows(batch: ForwardBatch, hidden: bool) -> slice | torch.Tensor:
+        """The rows whose final hidden states are wanted: `output_rows` (with `hidden`), each
+        request's last token, or all rows of a decode batch."""
+        if hidden and batch.output_rows is not None:
+            return batch.output_rows
+        if batch.num_tokens != batch.batch_size:
+            return batch.last_token_index
+        return slice(None)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """float32 logits of final hidden states `[n, hidden]`."""

@@ -10,6 +10,7 @@ import torch
 from radixkv.mem.kv_quant import QUANTIZED, key_rotation
 from radixkv.mem.req_to_token_pool import ReqToTokenPool
 from radixkv.mem.token_to_kv_pool import KVLayout, TokenToKVPool
+from radixkv.model import cpu_fused
 from radixkv.model.attention import AttentionBackend
 from radixkv.model.config import ModelConfig
 from radixkv.model.dtype import resolve_dtype
@@ -80,6 +81,7 @@ class ModelRunner:
             )
         if model.device.type == "cpu":
             model.prepack()
+        model.fused_ops = cpu_fused.usable(model.dtype, model.device)
         if deterministic:
             if backend != "torch" or model.device.type != "cpu":
                 raise RuntimeError(

@@ -50,13 +50,17 @@ class RotaryEmbedding:
         self.cos = emb.cos().to(dtype=dtype, device=device)
         self.sin = emb.sin().to(dtype=dtype, device=device)
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape `[num_tokens, 1, head_dim]` (broadcast over heads)."""
+    def check(self, positions: torch.Tensor) -> None:
+        """Raise ValueError for a position past the tables."""
         if positions.numel() and int(positions.max()) >= self.max_positions:
             raise ValueError(
                 f"position {int(positions.max())} is past max_position_embeddings "
                 f"{self.max_positions} of this model; shorten the request"
             )
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape `[num_tokens, 1, head_dim]` (broadcast over heads)."""
+        self.check(positions)
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
