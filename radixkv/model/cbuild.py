@@ -1,9 +1,10 @@
-"""Compile a C source beside this package into a shared library, once per source and CPU.
+"""Compile C sources beside this package into a shared library, once per source and CPU.
 
-The CPU kernels (`decode_attention.c`, `fused_ops.c`) are built on first use with the system C
-compiler (`cc -O3 -march=native -fopenmp`, a few seconds) into `$RADIXKV_CACHE_DIR/kernels/`
-(default `~/.cache/radixkv`), keyed by the source, the compiler, the flags and the CPU's model and
-feature flags, and loaded with ctypes: no torch headers, no build step at install time.
+The CPU kernels (`decode_attention.c` + `extend_attention.c`, `fused_ops.c`) are built on first
+use with the system C compiler (`cc -O3 -march=native -fopenmp`, a few seconds) into
+`$RADIXKV_CACHE_DIR/kernels/` (default `~/.cache/radixkv`), keyed by the sources, the compiler,
+the flags and the CPU's model and feature flags, and loaded with ctypes: no torch headers, no
+build step at install time.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from radixkv.model.dtype import cache_root, cpu_identity
 
+HERE = Path(__file__).parent
 # -ffast-math vectorises expf and the reductions; -fno-finite-math-only keeps -inf (the softmax's
 # starting maximum) meaning -inf. Only for compiling: linked with -ffast-math, the library would
 # pull in crtfastmath.o, whose constructor turns on flush-to-zero for the whole process.
@@ -24,21 +26,32 @@ COMPILE = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fop
 LINK = ("-shared", "-fopenmp")
 
 
-def build(name: str, source: str) -> Path:
-    """The library compiled from `source` (built now unless already in the cache)."""
+def build(name: str, files: tuple[str, ...]) -> Path:
+    """The library `name` compiled from `files` (C sources and the headers they include, beside
+    this module), built now unless already in the cache."""
+    texts = {f: (HERE / f).read_text() for f in files}
     cc = os.environ.get("CC", "cc")
-    ident = "\0".join((source, cc, *COMPILE, *LINK, cpu_identity()))
+    ident = "\0".join((*(f"{f}\0{t}" for f, t in texts.items()), cc, *COMPILE, *LINK,
+                       cpu_identity()))  # fmt: skip
     digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
     target = cache_root() / "kernels" / f"{name}_{digest}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src, obj = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.o"
-        src.write_text(source)
+        objects = []
+        for f, text in texts.items():
+            (Path(tmp) / f).write_text(text)
+        for f in texts:
+            if f.endswith(".c"):
+                obj = str(Path(tmp) / f"{f[:-2]}.o")
+                run([cc, *COMPILE, str(Path(tmp) / f), "-o", obj])
+                objects.append(obj)
         built = Path(tmp) / target.name
-        for cmd in ([cc, *COMPILE, str(src), "-o", str(obj)],
-                    [cc, *LINK, str(obj), "-o", str(built), "-lm"]):  # fmt: skip
-            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+        run([cc, *LINK, *objects, "-o", str(built), "-lm"])
         os.replace(built, target)  # atomic: concurrent builders leave one complete file
     return target
+
+
+def run(cmd: list[str]) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)

@@ -21,7 +21,6 @@ import functools
 import logging
 import os
 import subprocess
-from pathlib import Path
 
 import torch
 
@@ -33,7 +32,7 @@ MAX_HEADS = 64  # query heads the kernel supports
 MAX_HEAD_DIM = 256
 BLOCK = 32  # keys scored per block of the online softmax
 
-_SOURCE = (Path(__file__).parent / "decode_attention.c").read_text()
+_FILES = ("attention_common.h", "decode_attention.c", "extend_attention.c")
 
 
 @functools.cache
@@ -41,7 +40,7 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("RADIXKV_CPU_KERNEL", "1") == "0":
         return None
     try:
-        lib = ctypes.CDLL(str(cbuild.build("decode_attention", _SOURCE)))
+        lib = ctypes.CDLL(str(cbuild.build("attention", _FILES)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # RuntimeError: no home
         detail = getattr(exc, "stderr", "") or exc
         log.warning("CPU decode attention kernel unavailable (%s); using gather + SDPA", detail)
@@ -55,6 +54,12 @@ def _library() -> ctypes.CDLL | None:
                    ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int]  # fmt: skip
     lib.has_avx512_bf16.restype = ctypes.c_int
     lib.has_avx512_bf16.argtypes = []
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.extend_workspace.restype = i64
+    lib.extend_workspace.argtypes = [ptr, i32, i32, i32]
+    lib.extend_attention.restype = i32
+    lib.extend_attention.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i32, i32, i32, i32,
+                                     ctypes.c_float, ptr, ptr, ptr]  # fmt: skip
     return lib
 
 

@@ -16,7 +16,8 @@ bf16 rounding boundary (~5 in 10^6 elements). SiLU-mul stays torch's: a C loop a
 vector expf, whose last-bit differences from torch's flip ~1 in 10^3 bf16 results, for no
 measurable gain. Used for bf16 models on the CPU (`usable`); float32 models keep torch's ops,
 which match `transformers` bit for bit. `RADIXKV_FUSED_OPS=0` turns the fused ops off;
-`LlamaForCausalLM.fused_ops` switches them per model (`bench/fused_ops.py` alternates both).
+`LlamaForCausalLM.fused_ops` switches them per model (`bench/cpu_switches.py` alternates
+both).
 Compiled on first use like the decode kernel (`cbuild.py`).
 """
 
@@ -27,7 +28,6 @@ import functools
 import logging
 import os
 import subprocess
-from pathlib import Path
 
 import torch
 
@@ -35,7 +35,6 @@ from radixkv.model import cbuild
 
 log = logging.getLogger("radixkv.model")
 
-_SOURCE = (Path(__file__).parent / "fused_ops.c").read_text()
 MAX_HEAD_DIM = 1024  # the rope kernel's per-head buffers
 
 
@@ -44,7 +43,7 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("RADIXKV_FUSED_OPS", "1") == "0":
         return None
     try:
-        lib = ctypes.CDLL(str(cbuild.build("fused_ops", _SOURCE)))
+        lib = ctypes.CDLL(str(cbuild.build("fused_ops", ("fused_ops.c",))))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # RuntimeError: no home
         detail = getattr(exc, "stderr", "") or exc
         log.warning("fused CPU ops unavailable (%s); using torch's ops", detail)

@@ -9,29 +9,11 @@
      P.V with VDPBF16PS over pairs of keys (the probabilities rounded to bf16 as flash attention
      does on GPUs; the sums stay float32); over an int8 pool, where AVX512-VNNI is there too,
      integer dot products (VPDPWSSD) on int16 queries and probabilities instead. */
-#include <math.h>
-#include <omp.h>
-#include <stdint.h>
-#include <string.h>
+#include "attention_common.h"
 
 #define MAX_HEADS 64
 #define MAX_HEAD_DIM 256
 #define BLOCK 32
-
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t bits = ((uint32_t)x) << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);  /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 /* What the pool stores (kv_kind): the query's dtype (float or bf16), or one-byte codes with a
    bf16 scale per slot and KV head (radixkv/mem/kv_quant.py): value = code * scale. */
@@ -121,9 +103,7 @@ ATTEND(float, LOAD_F32)
 ATTEND(uint16_t, LOAD_BF16)
 ATTEND(uint8_t, LOAD_CODE)
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#define HAVE_AVX512_BF16 1
+#if HAVE_AVX512_BF16
 #ifdef __AVX512VNNI__
 #define HAVE_VNNI 1  /* int8 pools: integer dot products (VPDPWSSD), see attend_bf16_avx512_g */
 #else
@@ -148,25 +128,6 @@ static inline __attribute__((always_inline)) __m512 sum16(const __m512 *a, const
     return ADD(_mm512_shuffle_f32x4(s8[0], s8[1], 0x88), _mm512_shuffle_f32x4(s8[0], s8[1], 0xDD));
 }
 #undef ADD
-
-/* e^x for x <= 0 (Cody-Waite reduction, degree-7 Taylor on |r| <= ln2/2: relative error ~2e-9
-   before rounding); below -87 the result is a subnormal or 0, which the caller masks anyway. */
-static inline __m512 exp512(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.f / 5040.f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
-}
 
 /* Keys between a row's prefetch and its use. The K and V rows of a KV head are 64-512 bytes
    every kvh * d * element bytes; the hardware prefetchers follow that stride, but not far enough
@@ -423,8 +384,6 @@ static void attend_bf16_avx512(const uint16_t *q, const uint8_t *k, const uint8_
     for (int g = g0; g < g1; g++)
         attend_bf16_avx512_g(q, k, v, ks, vs, slots, n, kvh, g, group, d, kind, scale, out);
 }
-#else
-#define HAVE_AVX512_BF16 0
 #endif
 
 /* 1 when this build has the AVX512-BF16 path (the flags it was compiled with target it). */

@@ -7,7 +7,8 @@ requests. Decode groups the query heads of each KV head (`[bs, kv_heads, group, 
 needs no K/V expansion; extend pads queries to `[bs, max_extend_len]`. A single request without a
 cached prefix attends to its own fresh K/V with `is_causal` (no gather, no mask). A decode batch
 whose requests share a long cached prefix reads that prefix once per group (`cascade.py`); other
-decode batches on the CPU read K/V straight from the pool with a C kernel (`cpu_attention.py`).
+decode batches on the CPU read K/V straight from the pool with a C kernel (`cpu_attention.py`),
+and so do extend batches of a bf16 model over a bf16 pool (`cpu_extend.py`).
 
 Deterministic mode (`deterministic=True`) sends every attention, decode and extend alike, through
 that C kernel, one query at a time over its own causal length: a token's attention is then
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from radixkv.mem.req_to_token_pool import ReqToTokenPool
 from radixkv.mem.token_to_kv_pool import TokenToKVPool
-from radixkv.model import cpu_attention
+from radixkv.model import cpu_attention, cpu_extend
 from radixkv.model.attention import AttentionBackend
 from radixkv.model.cascade import cascade_decode, extend_over_prefix
 from radixkv.model.forward_batch import ForwardBatch, ForwardMode
@@ -65,6 +66,11 @@ class TorchNativeBackend(AttentionBackend):
             and cpu_attention.supports(dtype, num_heads, head_dim, layout.dtype)
             and cpu_attention.available()
         )
+        # extend batches on the C extend kernel (public: benchmarks switch it per step)
+        self.extend_kernel = token_pool.device.type == "cpu" and cpu_extend.usable(
+            dtype, layout.dtype, num_heads, num_kv_heads, head_dim
+        )
+        self._ext_ws = torch.empty(0, dtype=torch.bfloat16)  # reused, as the gather workspace
         self.deterministic = deterministic
         if deterministic and not self._decode_kernel:
             raise RuntimeError(
@@ -79,10 +85,17 @@ class TorchNativeBackend(AttentionBackend):
         if self.deterministic:
             self._md = per_query_plan(batch, self.req_pool)
         else:
-            self._md = plan_batch(batch, self.req_pool, self.dtype, self._decode_kernel)
+            self._md = plan_batch(
+                batch, self.req_pool, self.dtype, self._decode_kernel, self.extend_kernel
+            )
         if self._md.gathers:
             assert self._md.kv_index is not None
             self._reserve_workspace(self._md.kv_index.numel())
+        if self._md.extend_kernel:  # K and V packed per request, in blocks of 32 keys
+            keys = int(((batch.seq_lens + 31) // 32).sum()) * 32
+            need = 2 * keys * self.num_kv_heads * self.head_dim
+            if self._ext_ws.numel() < need:
+                self._ext_ws = torch.empty(need, dtype=torch.bfloat16)
 
     def _ragged_forward(self, q: torch.Tensor, layer: int, reqs: list[RaggedReq]) -> torch.Tensor:
         out = q.new_empty((q.shape[0], self.num_heads * self.head_dim))
@@ -110,6 +123,14 @@ class TorchNativeBackend(AttentionBackend):
     ) -> torch.Tensor:
         self.token_pool.set_kv(layer, batch.out_cache_loc, k, v)
         md = self._md
+        if md.extend_kernel:
+            assert md.kv_index is not None
+            k_buf, v_buf = self.token_pool.get_kv_buffer(layer)
+            out = cpu_extend.extend_attention(
+                q, k_buf, v_buf, md.kv_index, batch.prefix_lens, batch.extend_lens, self.scale,
+                workspace=self._ext_ws,
+            )  # fmt: skip
+            return out.view(q.shape[0], -1)
         if md.self_causal:  # bs requests of `ext` fresh tokens each
             if self._quantized:  # attend to the K/V as stored, as every other path does: a
                 # prompt then sees the same codes computed at once, in chunks or from cache

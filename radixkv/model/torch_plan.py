@@ -11,6 +11,9 @@ tensors that path needs (docs/model.md, "Attention backend"):
 - `seq_lens`: decode on the CPU reads K/V straight from the pool with the C kernel (and, in
   deterministic mode, every query, decode or extend, one at a time: `per_query_plan`);
 - `ragged`: an extend batch too uneven to pad attends request by request;
+- `extend_kernel`: on the CPU with bf16 K/V, every extend batch goes to the C extend kernel
+  (`cpu_extend.py`), which reads each request's row of slots itself: the paths above are then
+  for decode, other dtypes and devices;
 - otherwise one padded SDPA call over `kv_index`, with an additive mask where needed.
 """
 
@@ -48,11 +51,14 @@ class AttentionPlan:
     seq_lens: torch.Tensor | None = None  # the CPU kernel: per query, its keys (`kv_index` rows)
     rows: torch.Tensor | None = None  # the CPU kernel over extend queries: each one's kv_index row
     prefix_split: bool = False  # extend of one length over cached prefixes of one length
+    extend_kernel: bool = False  # extend on the CPU kernel, reading `kv_index` rows
 
     @property
     def gathers(self) -> bool:
         """Whether every layer gathers `kv_index`'s K/V into the backend's workspace."""
-        return self.prefix_split or (self.kv_index is not None and self.seq_lens is None)
+        return self.prefix_split or (
+            self.kv_index is not None and self.seq_lens is None and not self.extend_kernel
+        )
 
 
 @dataclass(slots=True)
@@ -64,10 +70,18 @@ class RaggedReq:
 
 
 def plan_batch(
-    batch: ForwardBatch, req_pool: ReqToTokenPool, dtype: torch.dtype, decode_kernel: bool
+    batch: ForwardBatch,
+    req_pool: ReqToTokenPool,
+    dtype: torch.dtype,
+    decode_kernel: bool,
+    extend_kernel: bool = False,
 ) -> AttentionPlan:
     """The path for `batch` and its index tensors; `decode_kernel`: the C kernel can read the
-    pool (CPU), so decode uses it and an extend over cached prefixes may split."""
+    pool (CPU), so decode uses it and an extend over cached prefixes may split;
+    `extend_kernel`: extend batches go to the C extend kernel."""
+    if batch.mode is ForwardMode.EXTEND and extend_kernel:
+        rows = req_pool.req_to_token[batch.req_rows, : batch.max_seq_len].to(torch.int64)
+        return AttentionPlan(rows, None, None, False, extend_kernel=True)
     if (
         batch.mode is ForwardMode.EXTEND
         and batch.max_seq_len == batch.max_extend_len  # nothing cached (no prefix)

@@ -1,0 +1,94 @@
+"""The C extend attention kernel (`cpu_extend.py`) against a float32 SDPA reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from radixkv.model import cpu_extend
+
+pytestmark = pytest.mark.skipif(
+    not cpu_extend.usable(torch.bfloat16, torch.bfloat16, 9, 3, 64),
+    reason="no AVX512-BF16 build of the attention kernels here",
+)
+
+
+def reference(q, k_buf, v_buf, kv_index, prefix, ext, scale):
+    outs, start = [], 0
+    for b, (p, e) in enumerate(zip(prefix, ext, strict=True)):
+        slots = kv_index[b, : p + e]
+        k = k_buf[slots].float().transpose(0, 1)[None]
+        v = v_buf[slots].float().transpose(0, 1)[None]
+        qq = q[start : start + e].float().transpose(0, 1)[None]
+        allowed = torch.ones(e, p + e, dtype=torch.bool).tril(p)  # query i sees keys <= p + i
+        o = F.scaled_dot_product_attention(qq, k, v, attn_mask=allowed, scale=scale,
+                                           enable_gqa=True)  # fmt: skip
+        outs.append(o[0].transpose(0, 1))
+        start += e
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize(
+    ("kvh", "group", "d"), [(3, 3, 64), (2, 4, 128), (1, 8, 128), (2, 2, 32), (1, 5, 96)]
+)
+@pytest.mark.parametrize(
+    ("prefix", "ext"),
+    [
+        ([0], [1]),
+        ([0], [5]),
+        ([0, 7, 100], [40, 33, 1]),  # mixed: fresh, short prefix, one token after 100
+        ([31, 32, 33], [1, 2, 64]),  # prefixes around a block edge
+        ([3], [70]),  # query blocks cross key blocks off their edges
+        ([200, 0], [64, 130]),
+    ],
+)
+def test_matches_causal_attention_over_the_slots(kvh, group, d, prefix, ext):
+    gen = torch.Generator().manual_seed(kvh * 100 + d + sum(ext))
+    slots = 600
+    k_buf = torch.randn(slots, kvh, d, generator=gen).bfloat16()
+    v_buf = torch.randn(slots, kvh, d, generator=gen).bfloat16()
+    longest = max(p + e for p, e in zip(prefix, ext, strict=True))
+    # each request's slots scattered over the pool; rows padded with junk past their length
+    kv_index = torch.stack([torch.randperm(slots, generator=gen)[: longest + 3]
+                            for _ in prefix])  # fmt: skip
+    q = (torch.randn(sum(ext), kvh * group, d, generator=gen) * 2).bfloat16()
+    scale = d**-0.5
+    got = cpu_extend.extend_attention(
+        q, k_buf, v_buf, kv_index, torch.tensor(prefix), torch.tensor(ext), scale
+    )
+    want = reference(q, k_buf, v_buf, kv_index, prefix, ext, scale)
+    # bf16 output and bf16 probabilities in P.V (as flash attention on GPUs)
+    assert (got.float() - want).abs().max() < 0.02
+
+
+def test_a_reused_workspace_and_long_sequences():
+    gen = torch.Generator().manual_seed(1)
+    k_buf = torch.randn(2300, 3, 64, generator=gen).bfloat16()
+    v_buf = torch.randn(2300, 3, 64, generator=gen).bfloat16()
+    kv_index = torch.arange(2 * 1100).view(2, 1100) + 1
+    prefix, ext = [1000, 0], [100, 1100]
+    q = torch.randn(1200, 9, 64, generator=gen).bfloat16()
+    ws = torch.empty(10, dtype=torch.bfloat16)  # too small: replaced
+    args = (q, k_buf, v_buf, kv_index, torch.tensor(prefix), torch.tensor(ext), 0.125)
+    first = cpu_extend.extend_attention(*args, workspace=ws)
+    big = torch.full((10**7,), float("nan"), dtype=torch.bfloat16)  # stale NaNs never read
+    again = cpu_extend.extend_attention(*args, workspace=big)
+    assert torch.equal(first, again)
+    want = reference(q, k_buf, v_buf, kv_index, prefix, ext, 0.125)
+    assert (first.float() - want).abs().max() < 0.02
+
+
+def test_bad_calls_are_refused():
+    q = torch.zeros(4, 9, 64, dtype=torch.bfloat16)
+    kv = torch.zeros(10, 3, 64, dtype=torch.bfloat16)
+    index = torch.zeros(1, 8, dtype=torch.int64)
+    lens = torch.tensor([0]), torch.tensor([4])
+    with pytest.raises(ValueError, match="unsupported"):
+        cpu_extend.extend_attention(q.float(), kv, kv, index, *lens, 0.1)
+    with pytest.raises(ValueError, match="int64"):
+        cpu_extend.extend_attention(q, kv, kv, index.int(), *lens, 0.1)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_extend.extend_attention(q, kv, kv, index, torch.tensor([6]), torch.tensor([4]), 0.1)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_extend.extend_attention(q, kv, kv, index, torch.tensor([0]), torch.tensor([3]), 0.1)
