@@ -1,15 +1,19 @@
 """The CPU speed switches of the model on and off, alternated in one run.
 
-    python bench/cpu_switches.py [--switch fused_ops|extend_kernel] [--rounds 5]
+    python bench/cpu_switches.py [--switch fused_ops|extend_kernel|cascade] [--rounds 5]
 
 The bf16 model through `ModelRunner` (packed weights, the C kernels), one switch flipped per
 step: `fused_ops` (`LlamaForCausalLM.fused_ops`: residual add + RMSNorm and rope as one-pass C
 kernels) or `extend_kernel` (`TorchNativeBackend.extend_kernel`: extend attention on the C
-kernel instead of SDPA). Three steps, each timed whole:
+kernel instead of SDPA) or `cascade` (`torch_plan.CASCADE_OVER_KERNEL`: a decode batch sharing
+prefixes on the cascade's torch calls instead of the C decode kernel). Four steps, each timed
+whole:
 - prefill: `--prefill` prompts (N x tokens) with nothing cached;
 - prefix hit: `--hits` requests (N x new tokens) over one cached `--prefix`-token prompt;
 - decode: a batch of `--decode` requests (N x context; their context slots are allocated without
-  computing them, which a decode step's cost does not depend on).
+  computing them, which a decode step's cost does not depend on);
+- shared decode: `--groups` groups of `--hits` requests, each group over its own cached
+  `--prefix`-token prompt, decoding together.
 On and off alternate within each round (a noisy moment hits both alike); the median per mode and
 the ratio off / on.
 """
@@ -25,6 +29,7 @@ from collections.abc import Callable
 
 import torch
 
+from radixkv.model import torch_plan
 from radixkv.model.model_runner import ModelRunner
 from radixkv.protocol import SamplingParams
 from radixkv.testing import DriverRequest, PoolDriver
@@ -65,18 +70,21 @@ def decoding_batch(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--switch", choices=("fused_ops", "extend_kernel"), default="fused_ops")
+    ap.add_argument("--switch", choices=("fused_ops", "extend_kernel", "cascade"),
+                    default="fused_ops")  # fmt: skip
     ap.add_argument("--prefill", type=shape, default=(4, 1024), help="prompts x tokens")
     ap.add_argument("--prefix", type=int, default=1024, help="the cached prompt of the hits")
     ap.add_argument("--hits", type=shape, default=(16, 64), help="requests x new tokens")
     ap.add_argument("--decode", type=shape, default=(64, 1024), help="requests x context")
+    ap.add_argument("--groups", type=int, default=4, help="groups of the shared decode")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     (pn, plen), (hn, hlen), (dn, dctx) = args.prefill, args.hits, args.decode
-    slots = pn * plen + args.prefix + hn * hlen + dn * (dctx + args.rounds * 2 + 8) + 64
+    shared = args.groups * (args.prefix + hn * (hlen + args.rounds * 2 + 8))
+    slots = pn * plen + args.prefix + hn * hlen + dn * (dctx + args.rounds * 2 + 8) + shared + 64
     runner = ModelRunner.from_pretrained(
         "smollm2-135m", dtype="bf16", num_slots=slots,
-        max_running_requests=max(pn, hn, dn) + 2,
+        max_running_requests=max(pn, dn, args.groups * (hn + 1)) + 2,
         max_context_len=max(plen, args.prefix + hlen, dctx) + 64,
     )  # fmt: skip
     switches: dict[str, tuple[Callable[[bool], None], bool]] = {
@@ -85,6 +93,7 @@ def main() -> None:
             lambda on: setattr(runner.backend, "extend_kernel", on),
             bool(getattr(runner.backend, "extend_kernel", False)),
         ),
+        "cascade": (lambda on: setattr(torch_plan, "CASCADE_OVER_KERNEL", on), True),
     }
     flip, available = switches[args.switch]
     if not available:
@@ -102,8 +111,8 @@ def main() -> None:
     times: dict[tuple[str, bool], list[float]] = {}
     timed_step(drv, [drv.add(prompts[0], GO_ON)], release=True)  # first-call costs
 
-    def hits() -> list[DriverRequest]:
-        return [drv.add(system.tokens[: args.prefix] + tokens(hlen), GO_ON, prefix_from=system,
+    def hits(base: DriverRequest = system) -> list[DriverRequest]:
+        return [drv.add(base.tokens[: args.prefix] + tokens(hlen), GO_ON, prefix_from=base,
                         prefix_len=args.prefix) for _ in range(hn)]  # fmt: skip
 
     for _ in range(args.rounds):
@@ -118,11 +127,26 @@ def main() -> None:
         for on in (True, False):
             flip(on)
             times.setdefault(("decode", on), []).append(timed_step(drv, reqs, release=False))
+    for r in reqs:
+        drv.release(r)
+    flip(True)
+    groups = []
+    for _ in range(args.groups):
+        base = drv.add(tokens(args.prefix), GO_ON)
+        drv.step([base])
+        groups += hits(base)
+    drv.step(groups)  # their new tokens
+    drv.step(groups)  # warm-up
+    for _ in range(args.rounds):
+        for on in (True, False):
+            flip(on)
+            times.setdefault(("shared", on), []).append(timed_step(drv, groups, release=False))
     print("| step | off (ms) | on (ms) | off / on |\n|---|---:|---:|---:|")
     labels = {
         "prefill": f"prefill {pn} x {plen}",
         "hits": f"{hn} x {hlen} new tokens over a cached {args.prefix}",
         "decode": f"decode {dn} x {dctx}",
+        "shared": f"decode {args.groups} groups x {hn} sharing {args.prefix} (+{hlen} each)",
     }
     for step, label in labels.items():
         off = statistics.median(times[(step, False)]) * 1e3

@@ -170,6 +170,7 @@ def test_shared_prefix_decode_reads_the_prefix_once_with_the_same_tokens(model, 
         return plan
 
     monkeypatch.setattr(cascade, "MIN_SAVED", 1)
+    monkeypatch.setattr("radixkv.model.torch_plan.CASCADE_OVER_KERNEL", True)
     monkeypatch.setattr("radixkv.model.torch_plan.plan_shared_prefixes", counting_plan)
     results = run(make(model), prompts())
     assert {rid: r[0] for rid, r in results.items()} == alone

@@ -7,7 +7,8 @@ tensors that path needs (docs/model.md, "Attention backend"):
   `is_causal` SDPA call (no gather, no mask);
 - `prefix_split`: requests adding one number of tokens to cached prefixes of one length attend to
   the prefix and to their new tokens in two mask-free calls (`cascade.extend_over_prefix`);
-- `cascade`: a decode batch whose requests share a long cached prefix reads it once per group;
+- `cascade`: a decode batch whose requests share a long cached prefix reads it once per group
+  (where the C decode kernel is unavailable: the kernel is faster, `CASCADE_OVER_KERNEL`);
 - `seq_lens`: decode on the CPU reads K/V straight from the pool with the C kernel (and, in
   deterministic mode, every query, decode or extend, one at a time: `per_query_plan`);
 - `ragged`: an extend batch too uneven to pad attends request by request;
@@ -38,6 +39,12 @@ BATCHED_CAUSAL = os.environ.get("RADIXKV_BATCHED_CAUSAL", "1") != "0"
 # their own new tokens (causal), merged by log-sum-exp, instead of one call over the padded
 # [bs, extend, seq] mask. RADIXKV_PREFIX_SPLIT=0 turns it off (A/B runs).
 PREFIX_SPLIT = os.environ.get("RADIXKV_PREFIX_SPLIT", "1") != "0"
+# A decode batch whose requests share cached prefixes: with the C decode kernel available, the
+# kernel reads every request's whole row, the shared part from the cache once a group's first
+# request has pulled it in, and beats the cascade's torch calls (`bench/cpu_switches.py --switch
+# cascade`); the cascade remains for decode without the kernel. Switchable for A/B runs
+# (RADIXKV_CASCADE_OVER_KERNEL=1, or this attribute).
+CASCADE_OVER_KERNEL = os.environ.get("RADIXKV_CASCADE_OVER_KERNEL", "0") == "1"
 
 
 @dataclass(slots=True)
@@ -104,7 +111,11 @@ def plan_batch(
     valid = cols[None, :] < seq_lens[:, None]  # [bs, S]
     rows = req_pool.req_to_token[batch.req_rows, : batch.max_seq_len].to(torch.int64)
     kv_index = rows.masked_fill_(~valid, 0)
-    if batch.mode is ForwardMode.DECODE and batch.batch_size > 1:
+    if (
+        batch.mode is ForwardMode.DECODE
+        and batch.batch_size > 1
+        and (CASCADE_OVER_KERNEL or not decode_kernel)
+    ):
         cascade = plan_shared_prefixes(kv_index, seq_lens, dtype)
         if cascade is not None:
             return AttentionPlan(None, None, None, False, cascade)
