@@ -62,6 +62,29 @@ def test_matches_causal_attention_over_the_slots(kvh, group, d, prefix, ext):
     assert (got.float() - want).abs().max() < 0.02
 
 
+@pytest.mark.parametrize("kind", ["int8", "fp8_e4m3", "fp8_e5m2"])
+def test_a_quantized_pool_is_read_as_its_dequantized_values(kind):
+    from radixkv.mem.kv_quant import QUANTIZED, dequantize, quantize
+
+    gen = torch.Generator().manual_seed(2)
+    k_buf, v_buf = (torch.randn(400, 3, 64, generator=gen).bfloat16() for _ in range(2))
+    (k_codes, ks), (v_codes, vs) = (quantize(x, QUANTIZED[kind][0]) for x in (k_buf, v_buf))
+    kv_index = torch.stack([torch.randperm(400, generator=gen)[:200] for _ in range(2)])
+    prefix, ext = [100, 0], [37, 200]
+    q = torch.randn(sum(ext), 9, 64, generator=gen).bfloat16()
+    got = cpu_extend.extend_attention(
+        q, k_codes, v_codes, kv_index, torch.tensor(prefix), torch.tensor(ext), 0.125,
+        scales=(ks, vs),
+    )  # fmt: skip
+    k_vals = dequantize(k_codes, ks, torch.bfloat16)
+    v_vals = dequantize(v_codes, vs, torch.bfloat16)
+    want = reference(q, k_vals, v_vals, kv_index, prefix, ext, 0.125)
+    assert (got.float() - want).abs().max() < 0.02
+    with pytest.raises(ValueError, match="scales"):
+        cpu_extend.extend_attention(q, k_codes, v_codes, kv_index, torch.tensor(prefix),
+                                    torch.tensor(ext), 0.125)  # fmt: skip
+
+
 def test_a_reused_workspace_and_long_sequences():
     gen = torch.Generator().manual_seed(1)
     k_buf = torch.randn(2300, 3, 64, generator=gen).bfloat16()
@@ -92,3 +115,43 @@ def test_bad_calls_are_refused():
         cpu_extend.extend_attention(q, kv, kv, index, torch.tensor([6]), torch.tensor([4]), 0.1)
     with pytest.raises(ValueError, match="do not fit"):
         cpu_extend.extend_attention(q, kv, kv, index, torch.tensor([0]), torch.tensor([3]), 0.1)
+
+
+@pytest.mark.slow
+def test_the_backend_sends_extends_to_the_kernel_with_sdpas_results():
+    from radixkv.model import torch_plan
+    from radixkv.model.model_runner import ModelRunner
+    from radixkv.testing import PoolDriver
+
+    runner = ModelRunner.from_pretrained(
+        "smollm2-135m", dtype="bf16", num_slots=4096, max_running_requests=8
+    )
+    backend = runner.backend
+    assert getattr(backend, "extend_kernel", False)  # bf16 model, bf16 pool, this CPU
+    drv = PoolDriver(runner)
+    base = drv.add([(j * 7919) % 30000 + 100 for j in range(200)])
+    drv.step([base])
+    prompts = [[(j * 104729 + i) % 30000 + 100 for j in range(n)] for i, n in
+               enumerate((3, 90, 150))]  # fmt: skip
+    plans, logits = [], {}
+    real_plan = torch_plan.plan_batch
+
+    def spy(*args):
+        plans.append(real_plan(*args))
+        return plans[-1]
+
+    torch_plan_name = "radixkv.model.torch_backend.plan_batch"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch_plan_name, spy)
+        for on in (True, False):
+            backend.extend_kernel = on
+            reqs = [drv.add(p) for p in prompts]
+            hit = drv.add([*base.tokens[:200], 5, 6, 7, 8], prefix_from=base, prefix_len=200)
+            logits[on] = drv.step([*reqs, hit], decode=False)  # fresh prompts and a prefix hit
+            for r in [*reqs, hit]:
+                drv.release(r)
+    assert plans[0].extend_kernel and not plans[1].extend_kernel
+    ref, got = logits[False], logits[True]
+    spread = ref.max(-1).values - ref.min(-1).values
+    assert ((got - ref).abs().max(-1).values < 0.03 * spread).all()
+    assert (ref.topk(3, dim=-1).indices == got.argmax(-1, keepdim=True)).any(-1).all()

@@ -1,5 +1,6 @@
 /* What the CPU attention kernels (decode_attention.c, extend_attention.c) share: bf16
-   conversions and, where the compiler targets AVX512-BF16, a vector exp. */
+   conversions, the values of one-byte KV codes and, where the compiler targets AVX512-BF16, a
+   vector exp. */
 #ifndef RADIXKV_ATTENTION_COMMON_H
 #define RADIXKV_ATTENTION_COMMON_H
 #include <math.h>
@@ -21,6 +22,29 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
     if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);  /* NaN */
     bits += 0x7fffu + ((bits >> 16) & 1u);
     return (uint16_t)(bits >> 16);
+}
+
+/* What the pool stores (kv_kind): the query's dtype (float or bf16), or one-byte codes with a
+   bf16 scale per slot and KV head (radixkv/mem/kv_quant.py): value = code * scale. */
+enum { KV_SAME = 0, KV_INT8 = 1, KV_E4M3 = 2, KV_E5M2 = 3 };
+
+/* The value of every one-byte code of a kind (the portable path decodes through this table). */
+static float code_table[4][256];
+
+static inline float decode_fp8(uint8_t x, int mant_bits, int bias) {
+    int e = (x & 0x7f) >> mant_bits, m = x & ((1 << mant_bits) - 1);
+    float mag = e ? ldexpf(1.f + (float)m / (float)(1 << mant_bits), e - bias)
+                  : ldexpf((float)m / (float)(1 << mant_bits), 1 - bias);
+    return x & 0x80 ? -mag : mag;
+}
+
+/* Fills code_table (once per process; the callers check a value first). */
+static inline void fill_code_tables(void) {
+    for (int x = 0; x < 256; x++) {
+        code_table[KV_INT8][x] = (float)(int8_t)x;
+        code_table[KV_E4M3][x] = decode_fp8((uint8_t)x, 3, 7);
+        code_table[KV_E5M2][x] = decode_fp8((uint8_t)x, 2, 15);
+    }
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__)

@@ -58,8 +58,8 @@ def _library() -> ctypes.CDLL | None:
     lib.extend_workspace.restype = i64
     lib.extend_workspace.argtypes = [ptr, i32, i32, i32]
     lib.extend_attention.restype = i32
-    lib.extend_attention.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i32, i32, i32, i32,
-                                     ctypes.c_float, ptr, ptr, ptr]  # fmt: skip
+    lib.extend_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i32, ptr, i64, ptr, ptr, ptr, i32,
+                                     i32, i32, i32, ctypes.c_float, ptr, ptr, ptr]  # fmt: skip
     return lib
 
 
@@ -80,7 +80,7 @@ def fast_bf16() -> bool:
 
 
 # one-byte codes of a quantized pool, by the kernel's kv_kind (decode_attention.c)
-_CODE_KINDS = {torch.int8: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
+CODE_KINDS = {torch.int8: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
 
 
 def supports(
@@ -90,7 +90,7 @@ def supports(
     float32 or bf16, K/V in q's dtype (`kv_dtype` None) or one-byte codes with scales."""
     return (
         dtype in (torch.float32, torch.bfloat16)
-        and kv_dtype in (None, dtype, *_CODE_KINDS)
+        and kv_dtype in (None, dtype, *CODE_KINDS)
         and num_heads <= MAX_HEADS
         and (head_dim <= MAX_HEAD_DIM)
     )
@@ -123,7 +123,7 @@ def decode_attention(
     bs, heads, d = q.shape
     kvh = k_buf.shape[1]
     group = heads // kvh
-    kind = _CODE_KINDS.get(k_buf.dtype, 0)
+    kind = CODE_KINDS.get(k_buf.dtype, 0)
     if not (
         supports(q.dtype, heads, d, k_buf.dtype)
         and k_buf.dtype == v_buf.dtype

@@ -11,8 +11,9 @@ VDPBF16PS loops stream, then computes blocks of 32 query tokens x 32 keys with a
 softmax (design in the C file; figures in docs/model.md, from `bench/cpu_switches.py --switch
 extend_kernel`).
 
-Used by the torch backend for bf16 models with a bf16 KV pool where the library has the
-AVX512-BF16 path (`usable`); `RADIXKV_EXTEND_KERNEL=0` keeps SDPA (A/B runs).
+Used by the torch backend for bf16 models over a bf16 or quantized (int8, fp8) KV pool where the
+library has the AVX512-BF16 path (`usable`): codes are turned into bf16 values (code x scale, as
+the pool's `dequantize`) by the packing; `RADIXKV_EXTEND_KERNEL=0` keeps SDPA (A/B runs).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def usable(dtype: torch.dtype, kv_dtype: torch.dtype, num_heads: int, num_kv_hea
     return (
         os.environ.get("RADIXKV_EXTEND_KERNEL", "1") != "0"
         and dtype == torch.bfloat16
-        and kv_dtype == torch.bfloat16
+        and (kv_dtype == torch.bfloat16 or kv_dtype in cpu_attention.CODE_KINDS)
         and head_dim % 32 == 0
         and head_dim <= MAX_HEAD_DIM
         and num_heads % num_kv_heads == 0
@@ -51,11 +52,13 @@ def extend_attention(
     extend_lens: torch.Tensor,
     scale: float,
     workspace: torch.Tensor | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`q [tokens, heads, d]` (request b's `extend_lens[b]` queries packed in order, at positions
     `prefix_lens[b] + i`) attends causally to `kv_index[b, :prefix_lens[b] + extend_lens[b]]`
     rows of the pool buffers `[slots, kv_heads, d]` (the new tokens' K/V already written);
-    returns `[tokens, heads, d]`. All bf16 on the CPU; index tensors int64; the slots trusted
+    returns `[tokens, heads, d]`. q bf16, K/V bf16 or one-byte codes with `scales` (the pool's
+    bf16 `[slots, kv_heads]` K and V scales), on the CPU; index tensors int64; the slots trusted
     (they come from `ReqToTokenPool` rows). `workspace`: a bf16 tensor reused across calls
     (grown here when short; a fresh one per layer costs page faults), else one is made."""
     lib = cpu_attention._library()
@@ -67,6 +70,14 @@ def extend_attention(
                          f"{k_buf.dtype} {tuple(k_buf.shape)}")  # fmt: skip
     if v_buf.dtype != k_buf.dtype or v_buf.shape != k_buf.shape:
         raise ValueError("K and V buffers differ")
+    kind = cpu_attention.CODE_KINDS.get(k_buf.dtype, 0)
+    if (scales is not None) != bool(kind):
+        raise ValueError("scales go with a quantized pool, and only with one")
+    if scales is not None and any(
+        x.dtype != torch.bfloat16 or x.shape != k_buf.shape[:2] or not x.is_contiguous()
+        for x in scales
+    ):
+        raise ValueError(f"scales must be contiguous bf16 {tuple(k_buf.shape[:2])}")
     for name, t in (("kv_index", kv_index), ("prefix_lens", prefix_lens),
                     ("extend_lens", extend_lens)):  # fmt: skip
         if t.dtype != torch.int64:
@@ -87,7 +98,9 @@ def extend_attention(
     ws_k, ws_v = workspace[:need], workspace[need : 2 * need]
     out = torch.empty_like(q)
     done = lib.extend_attention(
-        q.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(), kv_index.data_ptr(),
+        q.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(),
+        None if scales is None else scales[0].data_ptr(),
+        None if scales is None else scales[1].data_ptr(), kind, kv_index.data_ptr(),
         kv_index.shape[1], prefix_lens.data_ptr(), extend_lens.data_ptr(), q_start.data_ptr(),
         bs, kvh, heads // kvh, d, scale, ws_k.data_ptr(), ws_v.data_ptr(), out.data_ptr(),
     )  # fmt: skip

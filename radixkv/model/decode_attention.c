@@ -15,28 +15,6 @@
 #define MAX_HEAD_DIM 256
 #define BLOCK 32
 
-/* What the pool stores (kv_kind): the query's dtype (float or bf16), or one-byte codes with a
-   bf16 scale per slot and KV head (radixkv/mem/kv_quant.py): value = code * scale. */
-enum { KV_SAME = 0, KV_INT8 = 1, KV_E4M3 = 2, KV_E5M2 = 3 };
-
-/* The value of every one-byte code of a kind (the portable path decodes through this table). */
-static float code_table[4][256];
-
-static float decode_fp8(uint8_t x, int mant_bits, int bias) {
-    int e = (x & 0x7f) >> mant_bits, m = x & ((1 << mant_bits) - 1);
-    float mag = e ? ldexpf(1.f + (float)m / (float)(1 << mant_bits), e - bias)
-                  : ldexpf((float)m / (float)(1 << mant_bits), 1 - bias);
-    return x & 0x80 ? -mag : mag;
-}
-
-static void fill_code_tables(void) {
-    for (int x = 0; x < 256; x++) {
-        code_table[KV_INT8][x] = (float)(int8_t)x;
-        code_table[KV_E4M3][x] = decode_fp8((uint8_t)x, 3, 7);
-        code_table[KV_E5M2][x] = decode_fp8((uint8_t)x, 2, 15);
-    }
-}
-
 /* Query heads [qh0, qh1) of one request attend to its n keys. A key's K (and V) row holds every
    KV head ([kvh, d], contiguous), so one pass over the slots reads each row once for all heads.
    q: the request's [heads, d] floats; out: the same layout. ks, vs: the codes' scales ([slots,

@@ -5,7 +5,9 @@
    read through its row of slots: one kernel for prompts with nothing cached, for new tokens
    after a cached prefix and for chunks of a long prompt, with no padding, mask or gather.
    Two phases:
-   1. pack: each request's K and V, per KV head, into the layouts the arithmetic streams (K per
+   1. pack: each request's K and V, per KV head, as bf16 (codes of a quantized pool times their
+      scales, rounded to bf16 as the pool's dequantize does) into the layouts the arithmetic
+      streams (K per
       block of 32 keys as [d/2][32] words, a word a key's dimensions 2i and 2i+1; V per pair of
       keys as [d][2], the pair's values of a dimension side by side);
    2. attend, one task per (request, KV head, block of up to 32 query tokens): for every block
@@ -20,12 +22,26 @@
 #define MAX_ROWS 128  /* query rows per task: tokens x grouped heads */
 #define MAX_D 256
 
+/* One K or V row of KV head g of a slot as bf16: copied (kind KV_SAME), or codes times the
+   slot's scale for the head. */
+static inline void load_row(const uint8_t *buf, const uint16_t *scales, int kind, int64_t slot,
+                            int kvh, int g, int d, uint16_t *dst) {
+    if (kind == KV_SAME) {
+        memcpy(dst, buf + (slot * kvh + g) * d * 2, (size_t)d * 2);
+        return;
+    }
+    const uint8_t *codes = buf + (slot * kvh + g) * d;
+    const float scale = bf16_to_f32(scales[slot * kvh + g]), *table = code_table[kind];
+    for (int i = 0; i < d; i++) dst[i] = f32_to_bf16(table[codes[i]] * scale);
+}
+
 /* Phase 1 for one request: its first n slots' K and V rows, every KV head. Keys past n, to the
    end of the last block, are zeros (their probabilities are 0, and 0 times a stale NaN would
    not be). kp, vp: this request's part of the workspaces, blocks * 32 * d bf16 per KV head. */
-static void pack_request(const uint16_t *k, const uint16_t *v, const int64_t *slots, int64_t n,
-                         int kvh, int d, int64_t blocks, uint16_t *kp, uint16_t *vp) {
-    const int64_t row = (int64_t)kvh * d, per_head = blocks * KEYS * d;
+static void pack_request(const uint8_t *k, const uint8_t *v, const uint16_t *ks,
+                         const uint16_t *vs, int kind, const int64_t *slots, int64_t n, int kvh,
+                         int d, int64_t blocks, uint16_t *kp, uint16_t *vp) {
+    const int64_t per_head = blocks * KEYS * d;
     #pragma omp parallel for schedule(static) if (blocks > 1)
     for (int64_t blk = 0; blk < blocks; blk++)
         for (int g = 0; g < kvh; g++) {
@@ -36,8 +52,9 @@ static void pack_request(const uint16_t *k, const uint16_t *v, const int64_t *sl
                 uint16_t *vj = vb + (j / 2) * 2 * d + (j & 1);
                 if (t < n) {
                     uint32_t kr[MAX_D / 2];
-                    memcpy(kr, k + slots[t] * row + g * d, (size_t)d * 2);
-                    const uint16_t *vr = v + slots[t] * row + g * d;
+                    uint16_t vr[MAX_D];
+                    load_row(k, ks, kind, slots[t], kvh, g, d, (uint16_t *)kr);
+                    load_row(v, vs, kind, slots[t], kvh, g, d, vr);
                     for (int i = 0; i < d / 2; i++) kb[i * KEYS + j] = kr[i];
                     for (int i = 0; i < d; i++) vj[2 * i] = vr[i];
                 } else {
@@ -178,21 +195,24 @@ int64_t extend_workspace(const int64_t *seq_lens, int bs, int kvh, int d) {
 
 /* Returns 0 where this build has no AVX512-BF16 path (nothing done), else 1.
    q, out: [tokens, heads, d] bf16, request b's queries at rows q_start[b] ..; k, v: the pool's
-   [slots, kvh, d] bf16; request b's slots are kv_index[b] (rows of `stride`); prefix_lens,
-   ext_lens per request; ws_k, ws_v: extend_workspace() bf16 elements each. */
-int extend_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v,
-                     const int64_t *kv_index, int64_t stride, const int64_t *prefix_lens,
+   [slots, kvh, d] bf16 (kv_kind KV_SAME) or one-byte codes with bf16 scales ks, vs ([slots,
+   kvh]); request b's slots are kv_index[b] (rows of `stride`); prefix_lens, ext_lens per
+   request; ws_k, ws_v: extend_workspace() bf16 elements each. */
+int extend_attention(const uint16_t *q, const void *k, const void *v, const uint16_t *ks,
+                     const uint16_t *vs, int kv_kind, const int64_t *kv_index, int64_t stride,
+                     const int64_t *prefix_lens,
                      const int64_t *ext_lens, const int64_t *q_start, int bs, int kvh, int group,
                      int d, float scale, uint16_t *ws_k, uint16_t *ws_v, uint16_t *out) {
 #if HAVE_AVX512_BF16
     const int heads = kvh * group, qt = task_tokens(group);
+    if (kv_kind != KV_SAME && code_table[KV_E4M3][1] == 0.f) fill_code_tables();
     int64_t *off = malloc(sizeof(int64_t) * (size_t)(bs + 1)), tasks = 0;
     off[0] = 0;
     for (int b = 0; b < bs; b++) {
         int64_t n = prefix_lens[b] + ext_lens[b], blocks = (n + KEYS - 1) / KEYS;
         off[b + 1] = off[b] + blocks * KEYS * kvh * d;
-        pack_request(k, v, kv_index + b * stride, n, kvh, d, blocks, ws_k + off[b],
-                     ws_v + off[b]);
+        pack_request(k, v, ks, vs, kv_kind, kv_index + b * stride, n, kvh, d, blocks,
+                     ws_k + off[b], ws_v + off[b]);
         tasks += (ext_lens[b] + qt - 1) / qt;
     }
     int64_t *task_req = malloc(sizeof(int64_t) * (size_t)(tasks + 1));
@@ -219,7 +239,7 @@ int extend_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v,
     free(off);
     return 1;
 #else
-    (void)q; (void)k; (void)v; (void)kv_index; (void)stride; (void)prefix_lens; (void)ext_lens;
+    (void)q; (void)k; (void)v; (void)ks; (void)vs; (void)kv_kind; (void)kv_index; (void)stride; (void)prefix_lens; (void)ext_lens;
     (void)q_start; (void)bs; (void)kvh; (void)group; (void)d; (void)scale; (void)ws_k;
     (void)ws_v; (void)out;
     return 0;

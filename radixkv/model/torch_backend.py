@@ -126,9 +126,10 @@ class TorchNativeBackend(AttentionBackend):
         if md.extend_kernel:
             assert md.kv_index is not None
             k_buf, v_buf = self.token_pool.get_kv_buffer(layer)
+            scales = self.token_pool.get_kv_scales(layer) if self._quantized else None
             out = cpu_extend.extend_attention(
                 q, k_buf, v_buf, md.kv_index, batch.prefix_lens, batch.extend_lens, self.scale,
-                workspace=self._ext_ws,
+                workspace=self._ext_ws, scales=scales,
             )  # fmt: skip
             return out.view(q.shape[0], -1)
         if md.self_causal:  # bs requests of `ext` fresh tokens each
