@@ -32,7 +32,7 @@ MAX_HEADS = 64  # query heads the kernel supports
 MAX_HEAD_DIM = 256
 BLOCK = 32  # keys scored per block of the online softmax
 
-_FILES = ("attention_common.h", "decode_attention.c", "extend_attention.c")
+_FILES = ("cpu_kernels.h", "decode_attention.c", "extend_attention.c")
 
 
 @functools.cache

@@ -43,7 +43,7 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("RADIXKV_FUSED_OPS", "1") == "0":
         return None
     try:
-        lib = ctypes.CDLL(str(cbuild.build("fused_ops", ("fused_ops.c",))))
+        lib = ctypes.CDLL(str(cbuild.build("fused_ops", ("cpu_kernels.h", "fused_ops.c"))))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # RuntimeError: no home
         detail = getattr(exc, "stderr", "") or exc
         log.warning("fused CPU ops unavailable (%s); using torch's ops", detail)

@@ -9,7 +9,7 @@
      P.V with VDPBF16PS over pairs of keys (the probabilities rounded to bf16 as flash attention
      does on GPUs; the sums stay float32); over an int8 pool, where AVX512-VNNI is there too,
      integer dot products (VPDPWSSD) on int16 queries and probabilities instead. */
-#include "attention_common.h"
+#include "cpu_kernels.h"
 
 #define MAX_HEADS 64
 #define MAX_HEAD_DIM 256

@@ -15,7 +15,7 @@
       VDPBF16PS, each row's query broadcast a word at a time against a packed K word row; the
       causal mask and an online softmax in float32; P.V with VDPBF16PS over pairs of keys, the
       probabilities rounded to bf16 as flash attention does on GPUs (the sums stay float32). */
-#include "attention_common.h"
+#include "cpu_kernels.h"
 
 #if HAVE_AVX512_BF16
 #define KEYS 32       /* keys per block */

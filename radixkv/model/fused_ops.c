@@ -2,30 +2,12 @@
    which documents them.
 
    Each op rounds where torch's unfused sequence rounds (bf16: every op's result is rounded to
-   bf16 from float32), so a bf16 result differs from torch's only where a float32 reduction or
-   exp in a different order lands on the other side of a bf16 rounding boundary (rare; the
-   tests count them). Rows are independent: a row's result never depends on the batch. */
-#include <math.h>
-#include <omp.h>
-#include <stdint.h>
-#include <string.h>
+   bf16 from float32), so a bf16 result differs from torch's only where a float32 reduction
+   summed in another order lands on the other side of a bf16 rounding boundary (rare; the tests
+   count them). Rows are independent: a row's result never depends on the batch. */
+#include "cpu_kernels.h"
 
-static inline float bf16_to_f32(uint16_t x) {
-    uint32_t bits = ((uint32_t)x) << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);  /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-/* float32 stored as is; bf16 through the two helpers above */
+/* float32 stored as is; bf16 through the helpers of cpu_kernels.h */
 static inline float load_float(const float *p, int64_t i) { return p[i]; }
 static inline float load_uint16_t(const uint16_t *p, int64_t i) { return bf16_to_f32(p[i]); }
 static inline void store_float(float *p, int64_t i, float f) { p[i] = f; }

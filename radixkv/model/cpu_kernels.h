@@ -1,4 +1,4 @@
-/* What the CPU attention kernels (decode_attention.c, extend_attention.c) share: bf16
+/* What the CPU kernels (decode_attention.c, extend_attention.c, fused_ops.c) share: bf16
    conversions, the values of one-byte KV codes and, where the compiler targets AVX512-BF16, a
    vector exp. */
 #ifndef RADIXKV_ATTENTION_COMMON_H
