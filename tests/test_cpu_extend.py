@@ -115,6 +115,12 @@ def test_bad_calls_are_refused():
         cpu_extend.extend_attention(q, kv, kv, index, torch.tensor([6]), torch.tensor([4]), 0.1)
     with pytest.raises(ValueError, match="do not fit"):
         cpu_extend.extend_attention(q, kv, kv, index, torch.tensor([0]), torch.tensor([3]), 0.1)
+    two = torch.zeros(2, 8, dtype=torch.int64)
+    with pytest.raises(ValueError, match="negative"):  # sums to the 4 queries, but -1
+        cpu_extend.extend_attention(q, kv, kv, two, torch.tensor([0, 0]), torch.tensor([5, -1]),
+                                    0.1)  # fmt: skip
+    with pytest.raises(ValueError, match="heads of 64"):
+        cpu_extend.extend_attention(q, kv[..., :32], kv[..., :32], index, *lens, 0.1)
 
 
 @pytest.mark.slow

@@ -68,8 +68,9 @@ def extend_attention(
     if lib is None or not usable(q.dtype, k_buf.dtype, heads, kvh, d):
         raise ValueError(f"unsupported extend attention: q {q.dtype} {tuple(q.shape)}, K/V "
                          f"{k_buf.dtype} {tuple(k_buf.shape)}")  # fmt: skip
-    if v_buf.dtype != k_buf.dtype or v_buf.shape != k_buf.shape:
-        raise ValueError("K and V buffers differ")
+    if v_buf.dtype != k_buf.dtype or v_buf.shape != k_buf.shape or k_buf.shape[2] != d:
+        raise ValueError(f"K/V buffers {tuple(k_buf.shape)}, {tuple(v_buf.shape)} do not hold "
+                         f"heads of {d}")  # fmt: skip
     kind = cpu_attention.CODE_KINDS.get(k_buf.dtype, 0)
     if (scales is not None) != bool(kind):
         raise ValueError("scales go with a quantized pool, and only with one")
@@ -84,6 +85,8 @@ def extend_attention(
             raise ValueError(f"{name} must be int64")
     if extend_lens.shape != (bs,) or kv_index.shape[0] != bs:
         raise ValueError("one prefix length, extend length and kv_index row per request")
+    if bs and (int(prefix_lens.min()) < 0 or int(extend_lens.min()) < 0):
+        raise ValueError("lengths cannot be negative")
     seq_lens = (prefix_lens + extend_lens).contiguous()
     if int(extend_lens.sum()) != tokens or (bs and int(seq_lens.max()) > kv_index.shape[1]):
         raise ValueError("the queries or the sequences do not fit the lengths given")

@@ -38,8 +38,9 @@ static inline float decode_fp8(uint8_t x, int mant_bits, int bias) {
     return x & 0x80 ? -mag : mag;
 }
 
-/* Fills code_table (once per process; the callers check a value first). */
-static inline void fill_code_tables(void) {
+/* Fills code_table when the library is loaded (a constructor: no caller can see it half
+   filled, whatever threads call the kernels). */
+__attribute__((constructor)) static void fill_code_tables(void) {
     for (int x = 0; x < 256; x++) {
         code_table[KV_INT8][x] = (float)(int8_t)x;
         code_table[KV_E4M3][x] = decode_fp8((uint8_t)x, 3, 7);

@@ -381,7 +381,6 @@ void decode_attention(const void *q, const void *k, const void *v, const uint16_
                       int group, int d, float scale, int is_bf16, int split, int portable) {
     int heads = kvh * group;
     if (split != 1 && split != kvh) split = bs >= 2 * omp_get_max_threads() ? 1 : kvh;
-    if (kv_kind != KV_SAME && code_table[KV_E4M3][1] == 0.f) fill_code_tables();
     #pragma omp parallel for schedule(static)
     for (int task = 0; task < bs * split; task++) {
         int b = task / split, part = task % split;

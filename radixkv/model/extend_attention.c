@@ -205,7 +205,6 @@ int extend_attention(const uint16_t *q, const void *k, const void *v, const uint
                      int d, float scale, uint16_t *ws_k, uint16_t *ws_v, uint16_t *out) {
 #if HAVE_AVX512_BF16
     const int heads = kvh * group, qt = task_tokens(group);
-    if (kv_kind != KV_SAME && code_table[KV_E4M3][1] == 0.f) fill_code_tables();
     int64_t *off = malloc(sizeof(int64_t) * (size_t)(bs + 1)), tasks = 0;
     off[0] = 0;
     for (int b = 0; b < bs; b++) {

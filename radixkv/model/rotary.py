@@ -51,7 +51,9 @@ class RotaryEmbedding:
         self.sin = emb.sin().to(dtype=dtype, device=device)
 
     def check(self, positions: torch.Tensor) -> None:
-        """Raise ValueError for a position past the tables."""
+        """Raise ValueError for a position outside the tables."""
+        if positions.numel() and int(positions.min()) < 0:
+            raise ValueError(f"negative position {int(positions.min())}")
         if positions.numel() and int(positions.max()) >= self.max_positions:
             raise ValueError(
                 f"position {int(positions.max())} is past max_position_embeddings "

@@ -7,8 +7,9 @@ requests. Decode groups the query heads of each KV head (`[bs, kv_heads, group, 
 needs no K/V expansion; extend pads queries to `[bs, max_extend_len]`. A single request without a
 cached prefix attends to its own fresh K/V with `is_causal` (no gather, no mask). On the CPU,
 decode batches read K/V straight from the pool with a C kernel (`cpu_attention.py`), and so do
-extend batches of a bf16 model over a bf16 pool (`cpu_extend.py`); without the kernel, a decode
-batch whose requests share a long cached prefix reads that prefix once per group (`cascade.py`).
+extend batches of a bf16 model (bf16 or quantized pool, `cpu_extend.py`); without the kernel, a
+decode batch whose requests share a long cached prefix reads that prefix once per group
+(`cascade.py`).
 
 Deterministic mode (`deterministic=True`) sends every attention, decode and extend alike, through
 that C kernel, one query at a time over its own causal length: a token's attention is then
