@@ -12,9 +12,9 @@ tensors that path needs (docs/model.md, "Attention backend"):
 - `seq_lens`: decode on the CPU reads K/V straight from the pool with the C kernel (and, in
   deterministic mode, every query, decode or extend, one at a time: `per_query_plan`);
 - `ragged`: an extend batch too uneven to pad attends request by request;
-- `extend_kernel`: on the CPU with bf16 K/V, every extend batch goes to the C extend kernel
-  (`cpu_extend.py`), which reads each request's row of slots itself: the paths above are then
-  for decode, other dtypes and devices;
+- `extend_kernel`: on the CPU, for a bf16 model (bf16 or quantized pool), every extend batch
+  goes to the C extend kernel (`cpu_extend.py`), which reads each request's row of slots
+  itself: the paths above are then for decode, other dtypes and devices;
 - otherwise one padded SDPA call over `kv_index`, with an additive mask where needed.
 """
 
