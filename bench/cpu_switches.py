@@ -1,12 +1,14 @@
 """The CPU speed switches of the model on and off, alternated in one run.
 
-    python bench/cpu_switches.py [--switch fused_ops|extend_kernel|cascade] [--rounds 5]
+    python bench/cpu_switches.py [--switch fused_ops|extend_kernel|cascade|head_major] [--rounds 5]
 
 The bf16 model through `ModelRunner` (packed weights, the C kernels), one switch flipped per
 step: `fused_ops` (`LlamaForCausalLM.fused_ops`: residual add + RMSNorm and rope as one-pass C
 kernels) or `extend_kernel` (`TorchNativeBackend.extend_kernel`: extend attention on the C
 kernel instead of SDPA) or `cascade` (`torch_plan.CASCADE_OVER_KERNEL`: a decode batch sharing
-prefixes on the cascade's torch calls instead of the C decode kernel). Four steps, each timed
+prefixes on the cascade's torch calls instead of the C decode kernel) or `head_major` (the KV
+pool's buffers stored `[kv_heads, slots, head_dim]`, as `TokenToKVPool` makes them, or copied
+to slot-major `[slots, kv_heads, head_dim]`, the values unchanged). Four steps, each timed
 whole:
 - prefill: `--prefill` prompts (N x tokens) with nothing cached;
 - prefix hit: `--hits` requests (N x new tokens) over one cached `--prefix`-token prompt;
@@ -29,6 +31,7 @@ from collections.abc import Callable
 
 import torch
 
+from radixkv.mem.token_to_kv_pool import TokenToKVPool
 from radixkv.model import torch_plan
 from radixkv.model.model_runner import ModelRunner
 from radixkv.protocol import SamplingParams
@@ -68,9 +71,20 @@ def decoding_batch(
     return reqs
 
 
+def relayout(pool: TokenToKVPool, head_major: bool) -> None:
+    """Copy every K/V buffer of `pool` into the head-major or the slot-major layout."""
+    for buffers in (pool.k_buffer, pool.v_buffer):
+        for layer, x in enumerate(buffers):
+            hm = x.stride(1) > x.stride(0)
+            if hm != head_major:
+                buffers[layer] = (
+                    x.transpose(0, 1).contiguous().transpose(0, 1) if head_major else x.contiguous()
+                )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--switch", choices=("fused_ops", "extend_kernel", "cascade"),
+    ap.add_argument("--switch", choices=("fused_ops", "extend_kernel", "cascade", "head_major"),
                     default="fused_ops")  # fmt: skip
     ap.add_argument("--prefill", type=shape, default=(4, 1024), help="prompts x tokens")
     ap.add_argument("--prefix", type=int, default=1024, help="the cached prompt of the hits")
@@ -94,6 +108,7 @@ def main() -> None:
             bool(getattr(runner.backend, "extend_kernel", False)),
         ),
         "cascade": (lambda on: setattr(torch_plan, "CASCADE_OVER_KERNEL", on), True),
+        "head_major": (lambda on: relayout(runner.token_pool, on), True),
     }
     flip, available = switches[args.switch]
     if not available:

@@ -46,6 +46,10 @@ def main() -> None:
     for name in ("int8", "fp8_e4m3", "fp8_e5m2"):
         (k, ks), (v, vs) = (quantize(x, QUANTIZED[name][0]) for x in kv)
         pools[name] = (k, v, (ks, vs))
+    for name in list(pools):  # the same values in a head-major pool, [kv_heads, slots, d]
+        k, v, scales = pools[name]
+        k, v = (x.transpose(0, 1).contiguous().transpose(0, 1) for x in (k, v))
+        pools[f"{name} head-major"] = (k, v, scales)
     flush = torch.empty(64 * 2**20, dtype=torch.uint8)
     fast = cpu_attention.fast_bf16()
     print(f"# decode_kernel  {time.strftime('%Y-%m-%d %H:%M')}  {platform.processor() or ''} "

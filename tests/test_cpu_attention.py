@@ -102,6 +102,46 @@ def test_kernel_at_its_limits_and_with_a_strided_query():
                                atol=2e-5, rtol=2e-5)  # fmt: skip
 
 
+def head_major(x):
+    """The pool's layout: stored `[kv_heads, slots, d]`, seen as `[slots, kv_heads, d]`."""
+    return x.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8", "fp8_e4m3"])
+def test_a_head_major_pool_reads_as_the_same_values_slot_major(kind):
+    """The kernel follows the buffers' slot and head strides: the pool's head-major buffers and
+    slot-major copies of them give identical results (the same sums in the same order)."""
+    from radixkv.mem.kv_quant import QUANTIZED, quantize
+
+    g = torch.Generator().manual_seed(3)
+    dtype = torch.float32 if kind == "float32" else torch.bfloat16
+    k_buf, v_buf = (torch.randn(2048, 3, 64, generator=g).to(dtype) for _ in range(2))
+    scales = None
+    if kind in QUANTIZED:
+        (k_buf, ks), (v_buf, vs) = (quantize(x, QUANTIZED[kind][0]) for x in (k_buf, v_buf))
+        scales = (ks, vs)
+    q = torch.randn(5, 9, 64, generator=g).to(dtype)
+    lens = torch.tensor([1, 33, 700, 64, 1000])
+    kv_index = scattered_rows(lens.tolist(), 2048, 16, g)
+    for split in (1, 3):
+        want = cpu_attention.decode_attention(q, k_buf, v_buf, kv_index, lens, 0.125, split,
+                                              scales=scales)  # fmt: skip
+        got = cpu_attention.decode_attention(q, head_major(k_buf), head_major(v_buf), kv_index,
+                                             lens, 0.125, split, scales=scales)  # fmt: skip
+        assert torch.equal(got, want)
+
+
+def test_buffers_laid_out_apart_or_with_strided_head_dims_are_refused():
+    q = torch.randn(2, 4, 64)
+    buf = torch.randn(8, 2, 64)
+    idx, lens = torch.zeros(2, 4, dtype=torch.int64), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="equal strides"):
+        cpu_attention.decode_attention(q, head_major(buf), buf, idx, lens, 0.125)
+    strided = torch.randn(64, 8, 2).permute(1, 2, 0)  # [8, 2, 64], the head dim strided
+    with pytest.raises(ValueError, match="contiguous head dims"):
+        cpu_attention.decode_attention(q, strided, strided, idx, lens, 0.125)
+
+
 def test_loading_the_kernel_leaves_float_semantics_alone():
     """Linked with -ffast-math, a library turns on flush-to-zero for the process when loaded."""
     assert cpu_attention.available()

@@ -85,6 +85,30 @@ def test_a_quantized_pool_is_read_as_its_dequantized_values(kind):
                                     torch.tensor(ext), 0.125)  # fmt: skip
 
 
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
+def test_a_head_major_pool_reads_as_the_same_values_slot_major(kind):
+    """The pool's head-major buffers (`[kv_heads, slots, d]` seen as `[slots, kv_heads, d]`) and
+    slot-major copies of them: identical results."""
+    from radixkv.mem.kv_quant import QUANTIZED, quantize
+
+    gen = torch.Generator().manual_seed(4)
+    k_buf, v_buf = (torch.randn(600, 3, 64, generator=gen).bfloat16() for _ in range(2))
+    scales = None
+    if kind in QUANTIZED:
+        (k_buf, ks), (v_buf, vs) = (quantize(x, QUANTIZED[kind][0]) for x in (k_buf, v_buf))
+        scales = (ks, vs)
+    kv_index = torch.stack([torch.randperm(599, generator=gen)[:290] + 1 for _ in range(2)])
+    prefix, ext = torch.tensor([200, 0]), torch.tensor([37, 290])
+    q = torch.randn(327, 9, 64, generator=gen).bfloat16()
+    hm = [x.transpose(0, 1).contiguous().transpose(0, 1) for x in (k_buf, v_buf)]
+    want = cpu_extend.extend_attention(q, k_buf, v_buf, kv_index, prefix, ext, 0.125,
+                                       scales=scales)  # fmt: skip
+    got = cpu_extend.extend_attention(q, *hm, kv_index, prefix, ext, 0.125, scales=scales)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="equal strides"):
+        cpu_extend.extend_attention(q, hm[0], v_buf, kv_index, prefix, ext, 0.125, scales=scales)
+
+
 def test_a_reused_workspace_and_long_sequences():
     gen = torch.Generator().manual_seed(1)
     k_buf = torch.randn(2300, 3, 64, generator=gen).bfloat16()

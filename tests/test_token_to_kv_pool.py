@@ -12,6 +12,8 @@ def test_buffers_have_one_padding_page_and_every_layer():
     pool = TokenToKVPool(LAYOUT, 32, page_size=4)
     assert len(pool.k_buffer) == len(pool.v_buffer) == 3
     assert pool.k_buffer[0].shape == (36, 2, 4)
+    # stored head-major: a KV head's slots are one contiguous run (the kernels read them so)
+    assert pool.k_buffer[0].stride() == pool.v_buffer[2].stride() == (4, 36 * 4, 1)
     assert pool.capacity == pool.available_size() == 32
     assert pool.memory_bytes == 36 * LAYOUT.bytes_per_token
 

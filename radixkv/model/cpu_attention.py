@@ -49,6 +49,7 @@ def _library() -> ctypes.CDLL | None:
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # q, k, v
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,  # scales, kv kind
+                   ctypes.c_int64, ctypes.c_int64,  # the pool's slot and head strides
                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                    ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int]  # fmt: skip
@@ -58,8 +59,9 @@ def _library() -> ctypes.CDLL | None:
     lib.extend_workspace.restype = i64
     lib.extend_workspace.argtypes = [ptr, i32, i32, i32]
     lib.extend_attention.restype = i32
-    lib.extend_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i32, ptr, i64, ptr, ptr, ptr, i32,
-                                     i32, i32, i32, ctypes.c_float, ptr, ptr, ptr]  # fmt: skip
+    lib.extend_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i32, i64, i64, ptr, i64, ptr, ptr,
+                                     ptr, i32, i32, i32, i32, ctypes.c_float, ptr, ptr,
+                                     ptr]  # fmt: skip
     return lib
 
 
@@ -94,6 +96,15 @@ def supports(
         and num_heads <= MAX_HEADS
         and (head_dim <= MAX_HEAD_DIM)
     )
+
+
+def check_pool_strides(k_buf: torch.Tensor, v_buf: torch.Tensor) -> None:
+    """The C kernels read a pool buffer `[slots, kv_heads, d]` through its slot and head strides
+    (any order: slot-major, or the pool's head-major `[kv_heads, slots, d]` seen permuted) with
+    each head's d values contiguous, K and V alike."""
+    if k_buf.stride() != v_buf.stride() or k_buf.stride(2) != 1:
+        raise ValueError(f"K/V buffers with strides {k_buf.stride()} and {v_buf.stride()}: "
+                         "the kernels need equal strides and contiguous head dims")  # fmt: skip
 
 
 def decode_attention(
@@ -148,7 +159,7 @@ def decode_attention(
     q = q.contiguous()
     kv_index = kv_index.contiguous()
     seq_lens = seq_lens.contiguous()
-    assert k_buf.is_contiguous() and v_buf.is_contiguous()
+    check_pool_strides(k_buf, v_buf)
     if rows is None:
         assert kv_index.shape[0] == bs
         rows_ptr = None
@@ -163,7 +174,8 @@ def decode_attention(
     lib.decode_attention(
         q.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(),
         None if k_scale is None else k_scale.data_ptr(),
-        None if v_scale is None else v_scale.data_ptr(), kind, kv_index.data_ptr(),
+        None if v_scale is None else v_scale.data_ptr(), kind, k_buf.stride(0), k_buf.stride(1),
+        kv_index.data_ptr(),
         kv_index.shape[1], rows_ptr, seq_lens.data_ptr(), out.data_ptr(), bs, kvh, group, d,
         scale, int(q.dtype == torch.bfloat16), split, int(portable or not _avx512_enabled()),
     )  # fmt: skip

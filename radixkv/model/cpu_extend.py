@@ -93,7 +93,7 @@ def extend_attention(
     q = q.contiguous()
     kv_index = kv_index.contiguous()
     prefix_lens, extend_lens = prefix_lens.contiguous(), extend_lens.contiguous()
-    assert k_buf.is_contiguous() and v_buf.is_contiguous()
+    cpu_attention.check_pool_strides(k_buf, v_buf)
     q_start = (torch.cumsum(extend_lens, 0) - extend_lens).contiguous()
     need = lib.extend_workspace(seq_lens.data_ptr(), bs, kvh, d)
     if workspace is None or workspace.numel() < 2 * need or workspace.dtype != torch.bfloat16:
@@ -103,7 +103,8 @@ def extend_attention(
     done = lib.extend_attention(
         q.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(),
         None if scales is None else scales[0].data_ptr(),
-        None if scales is None else scales[1].data_ptr(), kind, kv_index.data_ptr(),
+        None if scales is None else scales[1].data_ptr(), kind, k_buf.stride(0), k_buf.stride(1),
+        kv_index.data_ptr(),
         kv_index.shape[1], prefix_lens.data_ptr(), extend_lens.data_ptr(), q_start.data_ptr(),
         bs, kvh, heads // kvh, d, scale, ws_k.data_ptr(), ws_v.data_ptr(), out.data_ptr(),
     )  # fmt: skip

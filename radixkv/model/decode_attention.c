@@ -15,17 +15,17 @@
 #define MAX_HEAD_DIM 256
 #define BLOCK 32
 
-/* Query heads [qh0, qh1) of one request attend to its n keys. A key's K (and V) row holds every
-   KV head ([kvh, d], contiguous), so one pass over the slots reads each row once for all heads.
-   q: the request's [heads, d] floats; out: the same layout. ks, vs: the codes' scales ([slots,
-   kvh] bf16) when the pool is quantized, else NULL. */
+/* Query heads [qh0, qh1) of one request attend to its n keys. KV head h of slot t starts at
+   element t * kstr + h * hstr of k (and v), its d values contiguous. q: the request's [heads, d]
+   floats; out: the same layout. ks, vs: the codes' scales ([slots, kvh] bf16) when the pool is
+   quantized, else NULL. */
 #define ATTEND(T, LOAD)                                                                          \
 static void attend_##T(const float *q, const T *k, const T *v, const uint16_t *ks,               \
                        const uint16_t *vs, const float *table, const int64_t *slots, int64_t n,  \
-                       int kvh, int group, int d, int qh0, int qh1, float scale, float *out) {   \
+                       int64_t kstr, int64_t hstr, int kvh, int group, int d, int qh0, int qh1,  \
+                       float scale, float *out) {                                                \
     float m[MAX_HEADS], l[MAX_HEADS], s[MAX_HEADS][BLOCK];                                       \
     float acc[MAX_HEADS][MAX_HEAD_DIM];                                                          \
-    int64_t row = (int64_t)kvh * d;                                                              \
     (void)table;                                                                                 \
     for (int qh = qh0; qh < qh1; qh++) {                                                         \
         m[qh] = -INFINITY; l[qh] = 0.f;                                                          \
@@ -34,10 +34,10 @@ static void attend_##T(const float *q, const T *k, const T *v, const uint16_t *k
     for (int64_t t0 = 0; t0 < n; t0 += BLOCK) {                                                  \
         int nb = (int)(n - t0 < BLOCK ? n - t0 : BLOCK);                                         \
         for (int j = 0; j < nb; j++) {                                                           \
-            const T *kr = k + slots[t0 + j] * row;                                               \
+            const T *kr = k + slots[t0 + j] * kstr;                                              \
             for (int qh = qh0; qh < qh1; qh++) {                                                 \
                 const float *qq = q + qh * d;                                                    \
-                const T *kh = kr + (qh / group) * d;                                             \
+                const T *kh = kr + (qh / group) * hstr;                                          \
                 float dot = 0.f;                                                                 \
                 _Pragma("omp simd reduction(+:dot)")                                             \
                 for (int i = 0; i < d; i++) dot += qq[i] * LOAD(kh[i]);                          \
@@ -57,9 +57,9 @@ static void attend_##T(const float *q, const T *k, const T *v, const uint16_t *k
             m[qh] = mb;                                                                          \
         }                                                                                        \
         for (int j = 0; j < nb; j++) {                                                           \
-            const T *vr = v + slots[t0 + j] * row;                                               \
+            const T *vr = v + slots[t0 + j] * kstr;                                              \
             for (int qh = qh0; qh < qh1; qh++) {                                                 \
-                const T *vh = vr + (qh / group) * d;                                             \
+                const T *vh = vr + (qh / group) * hstr;                                          \
                 float p = s[qh][j];                                                              \
                 if (vs) p *= bf16_to_f32(vs[slots[t0 + j] * kvh + qh / group]);                 \
                 float *a = acc[qh];                                                              \
@@ -107,14 +107,10 @@ static inline __attribute__((always_inline)) __m512 sum16(const __m512 *a, const
 }
 #undef ADD
 
-/* Keys between a row's prefetch and its use. The K and V rows of a KV head are 64-512 bytes
-   every kvh * d * element bytes; the hardware prefetchers follow that stride, but not far enough
-   ahead: prefetching 64 keys on made the kernel ~15 % faster at batch 64 with 1k contexts. */
-#define AHEAD 64
-
-static inline void prefetch_bytes(const uint8_t *p, int bytes) {
-    for (int c = 0; c < bytes; c += 64) _mm_prefetch((const char *)p + c, _MM_HINT_T0);
-}
+/* No software prefetch: the pool is head-major (token_to_kv_pool.py), so a KV head's keys over
+   consecutive slots are one contiguous run that the hardware prefetchers stream; prefetching 64
+   keys ahead, which helped the slot-major pool on an earlier machine, made the kernel slower
+   (bench/decode_kernel.py, 2026-12-01: 3.9 ms a layer with, 2.0 ms without, head-major). */
 
 static inline __mmask16 first_lanes(int count) {
     return count >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (count > 0 ? count : 0)) - 1u);
@@ -162,11 +158,11 @@ static inline int kind_shift(int kind) { return kind == KV_E4M3 ? 120 : kind == 
    are exact in int32 and added to the float32 accumulators with that scale. */
 static inline __attribute__((always_inline)) void attend_bf16_avx512_g(
         const uint16_t *q, const uint8_t *k, const uint8_t *v, const uint16_t *ks,
-        const uint16_t *vs, const int64_t *slots, int64_t n, int kvh, int g, const int group,
-        const int d, const int kind, float scale, float *out) {
+        const uint16_t *vs, const int64_t *slots, int64_t n, int64_t kstr, int64_t hstr, int kvh,
+        int g, const int group, const int d, const int kind, float scale, float *out) {
     const int dc = d / 32, esz = kind == KV_SAME ? 2 : 1;
     const int ints = HAVE_VNNI && kind == KV_INT8;
-    const int64_t row = (int64_t)kvh * d * esz, off = (int64_t)g * d * esz;
+    const int64_t row = kstr * esz, off = g * hstr * esz;  /* bytes */
     const int q_shift = kind == KV_E4M3 || kind == KV_E5M2 ? 60 : 0;
     const float score_mul = scale * ldexpf(1.f, kind_shift(kind) - q_shift);
     const float p_mul = ldexpf(1.f, kind_shift(kind));
@@ -225,9 +221,6 @@ static inline __attribute__((always_inline)) void attend_bf16_avx512_g(
             for (int j = 0; j < 16; j++)  /* past the end: the last key again, masked below */
                 kr[j] = k + slots[t0 + (j0 + j < nb ? j0 + j : nb - 1)] * row + off;
             __mmask16 valid = first_lanes(nb - j0);
-            if (t0 + j0 + AHEAD + 16 <= n)  /* rows alone stream, but not far enough ahead */
-                for (int j = 0; j < 16; j++)
-                    prefetch_bytes(k + slots[t0 + j0 + AHEAD + j] * row + off, d * esz);
             /* each K row loaded once for the group's query heads; 16 keys' sums reduced at once */
             __m512 dots[MAX_HEADS][16];
             for (int j = 0; j < 16; j++) {
@@ -292,10 +285,6 @@ static inline __attribute__((always_inline)) void attend_bf16_avx512_g(
             for (int h = 0; h < group; h++)
                 for (int c = 0; c < 2 * dc; c++) iacc[h][c] = _mm512_setzero_si512();
         for (int jj = 0; jj < (nb + 1) / 2; jj++) {
-            if (t0 + 2 * jj + AHEAD + 1 < n) {
-                prefetch_bytes(v + slots[t0 + 2 * jj + AHEAD] * row + off, d * esz);
-                prefetch_bytes(v + slots[t0 + 2 * jj + AHEAD + 1] * row + off, d * esz);
-            }
             const uint8_t *va = v + slots[t0 + 2 * jj] * row + off;
             const uint8_t *vb = 2 * jj + 1 < nb ? v + slots[t0 + 2 * jj + 1] * row + off
                                                 : va;  /* its p is 0 */
@@ -347,12 +336,13 @@ static inline __attribute__((always_inline)) void attend_bf16_avx512_g(
    constant shape adds ~0.3 s to the first-use compile). */
 static void attend_bf16_avx512(const uint16_t *q, const uint8_t *k, const uint8_t *v,
                                const uint16_t *ks, const uint16_t *vs, const int64_t *slots,
-                               int64_t n, int kvh, int g0, int g1, int group, int d, int kind,
-                               float scale, float *out) {
+                               int64_t n, int64_t kstr, int64_t hstr, int kvh, int g0, int g1,
+                               int group, int d, int kind, float scale, float *out) {
 #define SHAPE(G, D, KIND)                                                                        \
     if (group == G && d == D && kind == KIND) {                                                  \
         for (int g = g0; g < g1; g++)                                                            \
-            attend_bf16_avx512_g(q, k, v, ks, vs, slots, n, kvh, g, G, D, KIND, scale, out);     \
+            attend_bf16_avx512_g(q, k, v, ks, vs, slots, n, kstr, hstr, kvh, g, G, D, KIND,      \
+                                 scale, out);                                                    \
         return;                                                                                  \
     }
 #define SHAPES(KIND) SHAPE(3, 64, KIND) SHAPE(4, 128, KIND) SHAPE(8, 128, KIND)
@@ -360,7 +350,8 @@ static void attend_bf16_avx512(const uint16_t *q, const uint8_t *k, const uint8_
 #undef SHAPES
 #undef SHAPE
     for (int g = g0; g < g1; g++)
-        attend_bf16_avx512_g(q, k, v, ks, vs, slots, n, kvh, g, group, d, kind, scale, out);
+        attend_bf16_avx512_g(q, k, v, ks, vs, slots, n, kstr, hstr, kvh, g, group, d, kind, scale,
+                             out);
 }
 #endif
 
@@ -368,7 +359,8 @@ static void attend_bf16_avx512(const uint16_t *q, const uint8_t *k, const uint8_
 int has_avx512_bf16(void) { return HAVE_AVX512_BF16; }
 
 /* q, out: [bs, kvh * group, d] (float, or bf16 when is_bf16); k, v: the pool's [slots, kvh, d]
-   in q's dtype (kv_kind KV_SAME) or one-byte codes with bf16 scales ks, vs [slots, kvh];
+   in q's dtype (kv_kind KV_SAME) or one-byte codes with bf16 scales ks, vs [slots, kvh] (kstr,
+   hstr: the pool's slot and head strides, in elements; its d values contiguous);
    kv_index: rows of `stride` slots; query b reads row rows[b] (row b when rows is NULL) up to
    seq_lens[b] keys. One task per query when there are enough for the threads; otherwise one per
    (query, KV head), so a single long request still uses every thread. `split`: 1 or kvh forces
@@ -376,7 +368,8 @@ int has_avx512_bf16(void) { return HAVE_AVX512_BF16; }
    same way (the layout only says which thread computes it): the kernel is batch-invariant.
    `portable`: 1 keeps the portable loops where the AVX512-BF16 path would apply (A/B, tests). */
 void decode_attention(const void *q, const void *k, const void *v, const uint16_t *ks,
-                      const uint16_t *vs, int kv_kind, const int64_t *kv_index, int64_t stride,
+                      const uint16_t *vs, int kv_kind, int64_t kstr, int64_t hstr,
+                      const int64_t *kv_index, int64_t stride,
                       const int64_t *rows, const int64_t *seq_lens, void *out, int bs, int kvh,
                       int group, int d, float scale, int is_bf16, int split, int portable) {
     int heads = kvh * group;
@@ -391,8 +384,8 @@ void decode_attention(const void *q, const void *k, const void *v, const uint16_
 #if HAVE_AVX512_BF16
         if (is_bf16 && d % 32 == 0 && !portable) {
             attend_bf16_avx512((const uint16_t *)q + base, (const uint8_t *)k, (const uint8_t *)v,
-                               ks, vs, slots, seq_lens[b], kvh, qh0 / group, qh1 / group, group,
-                               d, kv_kind, scale, of);
+                               ks, vs, slots, seq_lens[b], kstr, hstr, kvh, qh0 / group,
+                               qh1 / group, group, d, kv_kind, scale, of);
             for (int i = qh0 * d; i < qh1 * d; i++) ((uint16_t *)out)[base + i] = f32_to_bf16(of[i]);
             continue;
         }
@@ -402,14 +395,14 @@ void decode_attention(const void *q, const void *k, const void *v, const uint16_
                             : ((const float *)q)[base + i];
         if (kv_kind != KV_SAME)
             attend_uint8_t(qf, (const uint8_t *)k, (const uint8_t *)v, ks, vs,
-                           code_table[kv_kind], slots, seq_lens[b], kvh, group, d, qh0, qh1,
-                           scale, of);
+                           code_table[kv_kind], slots, seq_lens[b], kstr, hstr, kvh, group, d,
+                           qh0, qh1, scale, of);
         else if (is_bf16)
             attend_uint16_t(qf, (const uint16_t *)k, (const uint16_t *)v, NULL, NULL, NULL, slots,
-                            seq_lens[b], kvh, group, d, qh0, qh1, scale, of);
+                            seq_lens[b], kstr, hstr, kvh, group, d, qh0, qh1, scale, of);
         else
             attend_float(qf, (const float *)k, (const float *)v, NULL, NULL, NULL, slots,
-                         seq_lens[b], kvh, group, d, qh0, qh1, scale, of);
+                         seq_lens[b], kstr, hstr, kvh, group, d, qh0, qh1, scale, of);
         for (int i = qh0 * d; i < qh1 * d; i++) {
             if (is_bf16) ((uint16_t *)out)[base + i] = f32_to_bf16(of[i]);
             else ((float *)out)[base + i] = of[i];

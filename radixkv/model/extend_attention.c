@@ -22,15 +22,19 @@
 #define MAX_ROWS 128  /* query rows per task: tokens x grouped heads */
 #define MAX_D 256
 
+/* Where the pool keeps a slot's KV heads: head g of slot t at element t * slot + g * head. */
+typedef struct { int64_t slot, head; } strides_t;
+
 /* One K or V row of KV head g of a slot as bf16: copied (kind KV_SAME), or codes times the
    slot's scale for the head. */
 static inline void load_row(const uint8_t *buf, const uint16_t *scales, int kind, int64_t slot,
-                            int kvh, int g, int d, uint16_t *dst) {
+                            strides_t st, int kvh, int g, int d, uint16_t *dst) {
+    const int64_t at = slot * st.slot + g * st.head;
     if (kind == KV_SAME) {
-        memcpy(dst, buf + (slot * kvh + g) * d * 2, (size_t)d * 2);
+        memcpy(dst, buf + at * 2, (size_t)d * 2);
         return;
     }
-    const uint8_t *codes = buf + (slot * kvh + g) * d;
+    const uint8_t *codes = buf + at;
     const float scale = bf16_to_f32(scales[slot * kvh + g]), *table = code_table[kind];
     for (int i = 0; i < d; i++) dst[i] = f32_to_bf16(table[codes[i]] * scale);
 }
@@ -39,8 +43,9 @@ static inline void load_row(const uint8_t *buf, const uint16_t *scales, int kind
    end of the last block, are zeros (their probabilities are 0, and 0 times a stale NaN would
    not be). kp, vp: this request's part of the workspaces, blocks * 32 * d bf16 per KV head. */
 static void pack_request(const uint8_t *k, const uint8_t *v, const uint16_t *ks,
-                         const uint16_t *vs, int kind, const int64_t *slots, int64_t n, int kvh,
-                         int d, int64_t blocks, uint16_t *kp, uint16_t *vp) {
+                         const uint16_t *vs, int kind, const int64_t *slots, int64_t n,
+                         strides_t st, int kvh, int d, int64_t blocks, uint16_t *kp,
+                         uint16_t *vp) {
     const int64_t per_head = blocks * KEYS * d;
     #pragma omp parallel for schedule(static) if (blocks > 1)
     for (int64_t blk = 0; blk < blocks; blk++)
@@ -53,8 +58,8 @@ static void pack_request(const uint8_t *k, const uint8_t *v, const uint16_t *ks,
                 if (t < n) {
                     uint32_t kr[MAX_D / 2];
                     uint16_t vr[MAX_D];
-                    load_row(k, ks, kind, slots[t], kvh, g, d, (uint16_t *)kr);
-                    load_row(v, vs, kind, slots[t], kvh, g, d, vr);
+                    load_row(k, ks, kind, slots[t], st, kvh, g, d, (uint16_t *)kr);
+                    load_row(v, vs, kind, slots[t], st, kvh, g, d, vr);
                     for (int i = 0; i < d / 2; i++) kb[i * KEYS + j] = kr[i];
                     for (int i = 0; i < d; i++) vj[2 * i] = vr[i];
                 } else {
@@ -196,11 +201,12 @@ int64_t extend_workspace(const int64_t *seq_lens, int bs, int kvh, int d) {
 /* Returns 0 where this build has no AVX512-BF16 path (nothing done), else 1.
    q, out: [tokens, heads, d] bf16, request b's queries at rows q_start[b] ..; k, v: the pool's
    [slots, kvh, d] bf16 (kv_kind KV_SAME) or one-byte codes with bf16 scales ks, vs ([slots,
-   kvh]); request b's slots are kv_index[b] (rows of `stride`); prefix_lens, ext_lens per
+   kvh]), KV head h of slot t at element t * kstr + h * hstr (its d values contiguous);
+   request b's slots are kv_index[b] (rows of `stride`); prefix_lens, ext_lens per
    request; ws_k, ws_v: extend_workspace() bf16 elements each. */
 int extend_attention(const uint16_t *q, const void *k, const void *v, const uint16_t *ks,
-                     const uint16_t *vs, int kv_kind, const int64_t *kv_index, int64_t stride,
-                     const int64_t *prefix_lens,
+                     const uint16_t *vs, int kv_kind, int64_t kstr, int64_t hstr,
+                     const int64_t *kv_index, int64_t stride, const int64_t *prefix_lens,
                      const int64_t *ext_lens, const int64_t *q_start, int bs, int kvh, int group,
                      int d, float scale, uint16_t *ws_k, uint16_t *ws_v, uint16_t *out) {
 #if HAVE_AVX512_BF16
@@ -210,8 +216,8 @@ int extend_attention(const uint16_t *q, const void *k, const void *v, const uint
     for (int b = 0; b < bs; b++) {
         int64_t n = prefix_lens[b] + ext_lens[b], blocks = (n + KEYS - 1) / KEYS;
         off[b + 1] = off[b] + blocks * KEYS * kvh * d;
-        pack_request(k, v, ks, vs, kv_kind, kv_index + b * stride, n, kvh, d, blocks,
-                     ws_k + off[b], ws_v + off[b]);
+        pack_request(k, v, ks, vs, kv_kind, kv_index + b * stride, n,
+                     (strides_t){kstr, hstr}, kvh, d, blocks, ws_k + off[b], ws_v + off[b]);
         tasks += (ext_lens[b] + qt - 1) / qt;
     }
     int64_t *task_req = malloc(sizeof(int64_t) * (size_t)(tasks + 1));
@@ -238,7 +244,8 @@ int extend_attention(const uint16_t *q, const void *k, const void *v, const uint
     free(off);
     return 1;
 #else
-    (void)q; (void)k; (void)v; (void)ks; (void)vs; (void)kv_kind; (void)kv_index; (void)stride; (void)prefix_lens; (void)ext_lens;
+    (void)q; (void)k; (void)v; (void)ks; (void)vs; (void)kv_kind; (void)kstr; (void)hstr;
+    (void)kv_index; (void)stride; (void)prefix_lens; (void)ext_lens;
     (void)q_start; (void)bs; (void)kvh; (void)group; (void)d; (void)scale; (void)ws_k;
     (void)ws_v; (void)out;
     return 0;
