@@ -1,6 +1,7 @@
 """The CPU speed switches of the model on and off, alternated in one run.
 
-    python bench/cpu_switches.py [--switch fused_ops|extend_kernel|cascade|head_major] [--rounds 5]
+    python bench/cpu_switches.py [--switch fused_ops|extend_kernel|cascade|head_major|c_store]
+                                 [--kv-cache-dtype auto] [--rounds 5]
 
 The bf16 model through `ModelRunner` (packed weights, the C kernels), one switch flipped per
 step: `fused_ops` (`LlamaForCausalLM.fused_ops`: residual add + RMSNorm and rope as one-pass C
@@ -8,7 +9,9 @@ kernels) or `extend_kernel` (`TorchNativeBackend.extend_kernel`: extend attentio
 kernel instead of SDPA) or `cascade` (`torch_plan.CASCADE_OVER_KERNEL`: a decode batch sharing
 prefixes on the cascade's torch calls instead of the C decode kernel) or `head_major` (the KV
 pool's buffers stored `[kv_heads, slots, head_dim]`, as `TokenToKVPool` makes them, or copied
-to slot-major `[slots, kv_heads, head_dim]`, the values unchanged). Four steps, each timed
+to slot-major `[slots, kv_heads, head_dim]`, the values unchanged) or `c_store`
+(`TorchNativeBackend.c_store`: new K/V written by the C kernel instead of `set_kv`; matters most
+with `--kv-cache-dtype int8` or fp8, where it quantizes too). Four steps, each timed
 whole:
 - prefill: `--prefill` prompts (N x tokens) with nothing cached;
 - prefix hit: `--hits` requests (N x new tokens) over one cached `--prefix`-token prompt;
@@ -84,8 +87,9 @@ def relayout(pool: TokenToKVPool, head_major: bool) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--switch", choices=("fused_ops", "extend_kernel", "cascade", "head_major"),
-                    default="fused_ops")  # fmt: skip
+    ap.add_argument("--switch", default="fused_ops", choices=("fused_ops", "extend_kernel",
+                    "cascade", "head_major", "c_store"))  # fmt: skip
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto, int8, fp8_e4m3, fp8_e5m2")
     ap.add_argument("--prefill", type=shape, default=(4, 1024), help="prompts x tokens")
     ap.add_argument("--prefix", type=int, default=1024, help="the cached prompt of the hits")
     ap.add_argument("--hits", type=shape, default=(16, 64), help="requests x new tokens")
@@ -100,6 +104,7 @@ def main() -> None:
         "smollm2-135m", dtype="bf16", num_slots=slots,
         max_running_requests=max(pn, dn, args.groups * (hn + 1)) + 2,
         max_context_len=max(plen, args.prefix + hlen, dctx) + 64,
+        kv_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
     )  # fmt: skip
     switches: dict[str, tuple[Callable[[bool], None], bool]] = {
         "fused_ops": (lambda on: setattr(runner.model, "fused_ops", on), runner.model.fused_ops),
@@ -109,6 +114,10 @@ def main() -> None:
         ),
         "cascade": (lambda on: setattr(torch_plan, "CASCADE_OVER_KERNEL", on), True),
         "head_major": (lambda on: relayout(runner.token_pool, on), True),
+        "c_store": (
+            lambda on: setattr(runner.backend, "c_store", on),
+            bool(getattr(runner.backend, "c_store", False)),
+        ),
     }
     flip, available = switches[args.switch]
     if not available:
@@ -122,7 +131,8 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     when = time.strftime("%Y-%m-%d %H:%M")
     print(f"# cpu_switches {args.switch}  {when}  {cpu}  threads {torch.get_num_threads()}  "
-          f"bf16; median of {args.rounds} rounds, on/off alternated\n")  # fmt: skip
+          f"bf16, KV {runner.token_pool.layout.dtype}; median of {args.rounds} rounds, on/off "
+          "alternated\n")  # fmt: skip
     times: dict[tuple[str, bool], list[float]] = {}
     timed_step(drv, [drv.add(prompts[0], GO_ON)], release=True)  # first-call costs
 

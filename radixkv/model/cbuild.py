@@ -1,10 +1,10 @@
 """Compile C sources beside this package into a shared library, once per source and CPU.
 
-The CPU kernels (`decode_attention.c` + `extend_attention.c`, `fused_ops.c`) are built on first
-use with the system C compiler (`cc -O3 -march=native -fopenmp`, a few seconds) into
-`$RADIXKV_CACHE_DIR/kernels/` (default `~/.cache/radixkv`), keyed by the sources, the compiler,
-the flags and the CPU's model and feature flags, and loaded with ctypes: no torch headers, no
-build step at install time.
+The CPU kernels (`decode_attention.c` + `extend_attention.c`, `fused_ops.c`, `kv_store.c`) are
+built on first use with the system C compiler (`cc -O3 -march=native -fopenmp`, a few seconds)
+into `$RADIXKV_CACHE_DIR/kernels/` (default `~/.cache/radixkv`), keyed by the sources, the
+compiler, the flags and the CPU's model and feature flags, and loaded with ctypes: no torch
+headers, no build step at install time.
 """
 
 from __future__ import annotations

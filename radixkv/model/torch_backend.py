@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from radixkv.mem.req_to_token_pool import ReqToTokenPool
 from radixkv.mem.token_to_kv_pool import TokenToKVPool
-from radixkv.model import cpu_attention, cpu_extend
+from radixkv.model import cpu_attention, cpu_extend, cpu_store
 from radixkv.model.attention import AttentionBackend
 from radixkv.model.cascade import cascade_decode, extend_over_prefix
 from radixkv.model.forward_batch import ForwardBatch, ForwardMode
@@ -72,6 +72,9 @@ class TorchNativeBackend(AttentionBackend):
             dtype, layout.dtype, num_heads, num_kv_heads, head_dim
         )
         self._ext_ws = torch.empty(0, dtype=torch.bfloat16)  # reused, as the gather workspace
+        # new K/V stored by the C kernel (CPU; K/V in the pool's dtype, or a quantized pool);
+        # public: benchmarks switch it per step
+        self.c_store = cpu_store.usable(token_pool, dtype)
         self.deterministic = deterministic
         if deterministic and not self._decode_kernel:
             raise RuntimeError(
@@ -83,6 +86,8 @@ class TorchNativeBackend(AttentionBackend):
     # ---- per batch --------------------------------------------------------------------------
 
     def init_forward(self, batch: ForwardBatch) -> None:
+        if self.c_store:  # the kernel writes where it is told: the slots checked once a batch
+            cpu_store.check_slots(self.token_pool, batch.out_cache_loc)
         if self.deterministic:
             self._md = per_query_plan(batch, self.req_pool)
         else:
@@ -122,7 +127,10 @@ class TorchNativeBackend(AttentionBackend):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, batch: ForwardBatch
     ) -> torch.Tensor:
-        self.token_pool.set_kv(layer, batch.out_cache_loc, k, v)
+        if self.c_store and cpu_store.heads_adjacent(k) and cpu_store.heads_adjacent(v):
+            cpu_store.store_kv(self.token_pool, layer, batch.out_cache_loc, k, v)
+        else:
+            self.token_pool.set_kv(layer, batch.out_cache_loc, k, v)
         md = self._md
         if md.extend_kernel:
             assert md.kv_index is not None
