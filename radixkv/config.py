@@ -87,6 +87,10 @@ class ServerArgs:
     max_prefill_tokens: int = option(4096, "new prompt tokens in one prefill batch")
     chunked_prefill_size: int = option(2048, "a longer uncached prompt is prefilled in chunks of "
                                        "this many tokens")  # fmt: skip
+    enable_mixed_chunk: bool = option(
+        False, "decoding requests ride along in each prefill batch (a token each, SGLang's "
+        "mixed chunk): a long prompt's prefill no longer stalls them, at some cost per token",
+    )  # fmt: skip
     schedule_policy: str = option(
         "lpm", "admission order: lpm (longest cached prefix first), dfs-weight, fcfs, lof, random",
         choices=SCHEDULE_POLICIES,

@@ -199,11 +199,12 @@ class Scheduler:
         """Run one batch: a prefill (extend) batch if anything can be admitted, else a decode."""
         if self.compiling:
             self._take_compiled()
+        riders = self._mixed_riders()
         admitted = self._admit()
         if admitted:
-            return self._run_extend(admitted)
+            return self._run_extend(admitted, riders)
         if self.running:
-            return self._run_decode()
+            return self._run_decode(riders)
         if not self.has_work() and not self._checked_idle:
             self.check_idle()
         return []
@@ -212,6 +213,20 @@ class Scheduler:
         """Invariants that must hold whenever nothing is in flight."""
         self.mgr.check_integrity([])
         self._checked_idle = True
+
+    def _mixed_riders(self) -> tuple[list[Req], torch.Tensor] | None:
+        """With --enable-mixed-chunk, when a prefill may run: the running requests and their
+        next slots, taken before admission, so that they decode a token in the prefill batch
+        instead of waiting for every chunk of a long prompt (or decode on their own if nothing
+        is admitted)."""
+        if not (self.args.enable_mixed_chunk and self.running and (self.waiting or self.chunked)):
+            return None
+        self._make_room_for_decode()
+        if not self.running:
+            return None
+        slots = self.mgr.alloc_decode([r.seq for r in self.running])
+        assert slots is not None  # room was made above
+        return list(self.running), slots
 
     # ---- admission ----------------------------------------------------------------------------
 
@@ -296,7 +311,9 @@ class Scheduler:
 
     # ---- running batches ----------------------------------------------------------------------
 
-    def _run_extend(self, admitted: list[tuple[Req, int]]) -> list[ReqOutput]:
+    def _run_extend(
+        self, admitted: list[tuple[Req, int]], riders: tuple[list[Req], torch.Tensor] | None
+    ) -> list[ReqOutput]:
         ids, prefix_lens, rows, slots = [], [], [], []
         for req, n in admitted:
             assert req.seq is not None
@@ -305,27 +322,39 @@ class Scheduler:
             prefix_lens.append(start)
             rows.append(req.seq.row)
             slots.append(self.mgr.req_pool.read(req.seq.row, start, req.seq.kv_len))
+        entries = list(admitted)
+        if riders is not None:  # decoding requests, a token each after their KV (mixed chunk)
+            entries += [(r, 1) for r in riders[0]]
+            ids += [[r.output_ids[-1]] for r in riders[0]]
+            prefix_lens += [r.seq.kv_len - 1 for r in riders[0]]
+            rows += [r.seq.row for r in riders[0]]
+            slots.append(riders[1])
         batch = ForwardBatch.extend(ids, prefix_lens, rows, torch.cat(slots), self.runner.device)
         if any(r.wants_prompt_logprobs for r, _ in admitted):
-            logits = self._forward_with_prompt_logprobs(batch, admitted, prefix_lens)
+            logits = self._forward_with_prompt_logprobs(batch, entries, prefix_lens)
         else:
             logits = self.runner.forward(batch)
-        done = [i for i, (r, _) in enumerate(admitted) if not r.prefilling]
+        done = [i for i, (r, _) in enumerate(entries) if not r.prefilling]
         outputs: list[ReqOutput] = []
         if done:
-            next_ids = self._sample(logits[done], [admitted[i][0] for i in done])
+            next_ids = self._sample(logits[done], [entries[i][0] for i in done])
         for req, _ in admitted:
             if req.prefilling:
                 assert req.seq is not None
                 self.mgr.cache_unfinished(req.seq, req.tree_ids)
                 self.chunked = req
         for i, (token, logprob) in zip(done, next_ids if done else [], strict=True):
-            req = admitted[i][0]
+            req = entries[i][0]
+            if i >= len(admitted):  # a rider: as in a decode step
+                outputs.extend(self._append(req, token, logprob))
+                continue
             req.extend_target = 0
             outputs.extend(self._append(req, token, logprob))
             if req.seq is not None:  # still running: share its prompt with later arrivals now
                 self.mgr.cache_unfinished(req.seq, req.tree_ids)
-        self._log_batch("prefill", admitted, sum(prefix_lens))
+        if riders is not None:
+            self._decoded(riders[0])
+        self._log_batch("prefill", admitted, sum(prefix_lens[: len(admitted)]))
         return outputs
 
     def _forward_with_prompt_logprobs(
@@ -362,32 +391,40 @@ class Scheduler:
                 req.prompt_lps_done = True  # a retraction's re-prefill need not compute them
         return self.runner.logits(hidden[last])
 
-    def _run_decode(self) -> list[ReqOutput]:
-        self._make_room_for_decode()
-        if not self.running:
-            return []
-        seqs = [r.seq for r in self.running]
-        slots = self.mgr.alloc_decode(seqs)
-        assert slots is not None  # room was made above
+    def _run_decode(self, riders: tuple[list[Req], torch.Tensor] | None) -> list[ReqOutput]:
+        """One token for every running request (their slots taken already when `riders`)."""
+        if riders is None:
+            self._make_room_for_decode()
+            if not self.running:
+                return []
+            slots = self.mgr.alloc_decode([r.seq for r in self.running])
+            assert slots is not None  # room was made above
+            riders = (list(self.running), slots)
+        reqs, slots = riders
+        seqs = [r.seq for r in reqs]
         batch = ForwardBatch.decode(
-            [r.output_ids[-1] for r in self.running],
+            [r.output_ids[-1] for r in reqs],
             [s.kv_len for s in seqs],
             [s.row for s in seqs],
             slots,
             self.runner.device,
         )
         logits = self.runner.forward(batch)
-        next_ids = self._sample(logits, self.running)
+        next_ids = self._sample(logits, reqs)
         outputs: list[ReqOutput] = []
-        for req, (token, logprob) in zip(list(self.running), next_ids, strict=True):
+        for req, (token, logprob) in zip(reqs, next_ids, strict=True):
             outputs.extend(self._append(req, token, logprob))
+        self._decoded(reqs)
+        return outputs
+
+    def _decoded(self, reqs: list[Req]) -> None:
+        """After a step that decoded `reqs` a token each (alone or riding in a prefill batch)."""
         self.new_token_ratio = max(
             self.args.min_new_token_ratio, self.new_token_ratio - self.args.new_token_ratio_decay
         )
         self._decode_steps += 1
         if self._decode_steps % 32 == 0:
-            self._log_batch("decode", [(r, 1) for r in self.running], 0)
-        return outputs
+            self._log_batch("decode", [(r, 1) for r in reqs], 0)
 
     def _make_room_for_decode(self) -> None:
         """Retract running requests (fewest generated tokens first) until every one left can get

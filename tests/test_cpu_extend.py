@@ -109,6 +109,37 @@ def test_a_head_major_pool_reads_as_the_same_values_slot_major(kind):
         cpu_extend.extend_attention(q, hm[0], v_buf, kv_index, prefix, ext, 0.125, scales=scales)
 
 
+@pytest.mark.parametrize("kind", ["bfloat16", "int8", "fp8_e4m3"])
+def test_one_token_requests_take_the_decode_path_beside_the_others(kind):
+    """A decoding request riding in a prefill batch (one new token after its context) attends
+    from the pool through the decode kernel's path: its rows equal that kernel's to the bit,
+    the other requests' rows are unchanged by its presence."""
+    from radixkv.mem.kv_quant import QUANTIZED, quantize
+    from radixkv.model import cpu_attention
+
+    gen = torch.Generator().manual_seed(6)
+    k_buf, v_buf = (torch.randn(3000, 3, 64, generator=gen).bfloat16() for _ in range(2))
+    scales = None
+    if kind in QUANTIZED:
+        (k_buf, ks), (v_buf, vs) = (quantize(x, QUANTIZED[kind][0]) for x in (k_buf, v_buf))
+        scales = (ks, vs)
+    prefix, ext = [1000, 0, 37, 700], [1, 45, 1, 64]
+    kv_index = torch.stack([torch.randperm(2999, generator=gen)[:1001] + 1 for _ in range(4)])
+    q = torch.randn(sum(ext), 9, 64, generator=gen).bfloat16()
+    mixed = cpu_extend.extend_attention(q, k_buf, v_buf, kv_index, torch.tensor(prefix),
+                                        torch.tensor(ext), 0.125, scales=scales)  # fmt: skip
+    rows = [0, 46]  # the one-token requests' query rows
+    lens = torch.tensor([1001, 38])
+    alone = cpu_attention.decode_attention(q[rows], k_buf, v_buf, kv_index[[0, 2]], lens, 0.125,
+                                           scales=scales)  # fmt: skip
+    assert torch.equal(mixed[rows], alone)
+    others = cpu_extend.extend_attention(
+        torch.cat([q[1:46], q[47:]]), k_buf, v_buf, kv_index[[1, 3]], torch.tensor([0, 700]),
+        torch.tensor([45, 64]), 0.125, scales=scales,
+    )  # fmt: skip
+    assert torch.equal(torch.cat([mixed[1:46], mixed[47:]]), others)
+
+
 def test_a_reused_workspace_and_long_sequences():
     gen = torch.Generator().manual_seed(1)
     k_buf = torch.randn(2300, 3, 64, generator=gen).bfloat16()

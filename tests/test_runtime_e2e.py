@@ -119,6 +119,11 @@ def test_radixkv_bench_against_a_running_runtime(rt, tmp_path, capsys):
     assert summary["cached_tokens"] == sum(r["cached_tokens"] for r in report["requests"])
     # later turns reuse the whole history and the chats share the system prompt
     assert summary["hit_rate"] >= 0.95 * summary["best_hit_rate"] > 0.5
+    # streamed: a gap between chunks for each token after the first (fewer where a partial
+    # character held a token back)
+    gaps = [len(r["itl"]) for r in report["requests"]]
+    assert all(0 < n <= r["output_ids"] - 1 for n, r in zip(gaps, report["requests"], strict=True))
+    assert summary["itl_s"]["p50"] > 0
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert "best possible" in capsys.readouterr().out
 

@@ -69,13 +69,20 @@ def test_shared_prefix_batch_matches_requests_run_alone(model, alone, policy):
     assert stats.cached_tokens == sum(cached) and stats.protected == 0
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
-def test_memory_pressure_evicts_chunks_and_retracts_with_identical_outputs(model, kv_cache_dtype):
+@pytest.mark.parametrize(("kv_cache_dtype", "mixed"), [("auto", False), ("int8", False),
+                                                      ("auto", True)])  # fmt: skip
+def test_memory_pressure_evicts_chunks_and_retracts_with_identical_outputs(
+    model, kv_cache_dtype, mixed
+):
     """Also with a quantized KV cache, in deterministic mode: every attention reads K/V as
     stored, so chunked, evicted-and-recomputed and retracted requests give the tokens of the
     unpressured run. (Without it a projection's last-bit batch variance can move a K value across
-    a code boundary, one int8 step: logprobs then differ by ~1e-3 and a near tie can flip.)"""
+    a code boundary, one int8 step: logprobs then differ by ~1e-3 and a near tie can flip.) And
+    with decoding requests riding in the prefill batches (mixed chunk), which take their slots
+    before admission and retract to get them."""
     quantized = {"kv_cache_dtype": kv_cache_dtype, "deterministic": kv_cache_dtype != "auto"}
+    if mixed:
+        quantized["enable_mixed_chunk"] = True
     unpressured = run(make(model, **quantized), prompts(), max_new=40)
     # ~650 distinct tokens in 420 slots, and a decode reserve far too small: the scheduler must
     # evict, chunk every prompt and retract running requests to finish them all
@@ -95,6 +102,29 @@ def test_memory_pressure_evicts_chunks_and_retracts_with_identical_outputs(model
     stats = s.get_stats()
     assert stats.retractions > 0 and stats.evicted_tokens > 0
     assert stats.kv_used == 0 and stats.protected == 0 and stats.running == 0
+
+
+def test_mixed_chunk_decodes_while_a_long_prompt_is_prefilled(model, alone):
+    """With --enable-mixed-chunk a running request gets a token in every chunk step of a later
+    long prompt (without it, none until that prefill ends), and every output is unchanged."""
+    results = run(make(model, enable_mixed_chunk=True, chunked_prefill_size=64,
+                       max_prefill_tokens=64), prompts())  # fmt: skip
+    assert {rid: r[0] for rid, r in results.items()} == alone
+    long_prompt = [(i * 13) % 900 + 50 for i in range(400)]
+    for mixed in (True, False):
+        s = make(model, enable_mixed_chunk=mixed, chunked_prefill_size=64, max_prefill_tokens=64)
+        s.add_request("a", prompts()[0][:40], SamplingParams(max_new_tokens=60, ignore_eos=True))
+        s.step()  # a's prefill (one chunk) and first token: a is decoding
+        s.add_request("b", long_prompt, SamplingParams(max_new_tokens=2, ignore_eos=True))
+        per_step = []
+        while not any(r.rid == "b" and r.seq is not None and not r.prefilling
+                      for r in s.running):  # fmt: skip
+            per_step.append(sum(len(o.token_ids) for o in s.step() if o.rid == "a"))
+        # 400 tokens in chunks of 64: 7 steps; a decodes in each only when mixed
+        assert len(per_step) == 7 and per_step == [int(mixed)] * 7
+        while s.has_work():
+            s.step()
+        s.check_idle()
 
 
 def test_page_size_16_gives_the_same_outputs(model, alone):

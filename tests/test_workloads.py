@@ -84,11 +84,12 @@ def test_bench_summary_reads_hit_rate_against_the_best():
     from radixkv.tools.bench import RequestRecord, summarize
 
     recs = [
-        RequestRecord(0, 0, 0.0, 1.0, [1, 2, 3, 4], [7, 8], 0, 0.5, 1.0),
-        RequestRecord(1, 0, 0.1, 2.0, [1, 2, 3, 5], [9, 9], 3, 0.6, 1.9),
+        RequestRecord(0, 0, 0.0, 1.0, [1, 2, 3, 4], [7, 8], 0, 0.5, 1.0, [0.5]),
+        RequestRecord(1, 0, 0.1, 2.0, [1, 2, 3, 5], [9, 9], 3, 0.6, 1.9, [1.3]),
     ]
     s = summarize(recs)
     assert s["hit_rate"] == 3 / 8 and s["best_hit_rate"] == 3 / 8
     assert s["hit_rate_of_best"] == 1.0 and s["duration_s"] == 2.0
     assert s["output_tokens_per_s"] == 2.0 and s["ttft_s"]["p50"] in (0.5, 0.6)
     assert s["tpot_s"]["mean"] == pytest.approx(((1.0 - 0.5) + (1.9 - 0.6)) / 2)
+    assert s["itl_s"]["mean"] == pytest.approx(0.9) and s["itl_s"]["p99"] in (0.5, 1.3)

@@ -57,7 +57,7 @@ def _library() -> ctypes.CDLL | None:
     lib.has_avx512_bf16.argtypes = []
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.extend_workspace.restype = i64
-    lib.extend_workspace.argtypes = [ptr, i32, i32, i32]
+    lib.extend_workspace.argtypes = [ptr, ptr, i32, i32, i32]
     lib.extend_attention.restype = i32
     lib.extend_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i32, i64, i64, ptr, i64, ptr, ptr,
                                      ptr, i32, i32, i32, i32, ctypes.c_float, ptr, ptr,

@@ -39,6 +39,7 @@ def usable(dtype: torch.dtype, kv_dtype: torch.dtype, num_heads: int, num_kv_hea
         and head_dim <= MAX_HEAD_DIM
         and num_heads % num_kv_heads == 0
         and num_heads // num_kv_heads <= MAX_GROUP
+        and num_heads <= cpu_attention.MAX_HEADS  # one-token requests take the decode path
         and cpu_attention.fast_bf16()
     )
 
@@ -95,7 +96,7 @@ def extend_attention(
     prefix_lens, extend_lens = prefix_lens.contiguous(), extend_lens.contiguous()
     cpu_attention.check_pool_strides(k_buf, v_buf)
     q_start = (torch.cumsum(extend_lens, 0) - extend_lens).contiguous()
-    need = lib.extend_workspace(seq_lens.data_ptr(), bs, kvh, d)
+    need = lib.extend_workspace(seq_lens.data_ptr(), extend_lens.data_ptr(), bs, kvh, d)
     if workspace is None or workspace.numel() < 2 * need or workspace.dtype != torch.bfloat16:
         workspace = torch.empty(2 * need, dtype=torch.bfloat16)
     ws_k, ws_v = workspace[:need], workspace[need : 2 * need]

@@ -355,6 +355,27 @@ static void attend_bf16_avx512(const uint16_t *q, const uint8_t *k, const uint8_
 }
 #endif
 
+/* The query heads of KV head g of one bf16 query row (q, out: [heads, d] bf16) over the first n
+   of its request's slots, on the path above: for the one-token requests of an extend batch
+   (extend_attention.c), which would otherwise pack their whole context to attend with one row.
+   Returns 0 where this build has no AVX512-BF16 path (nothing done). */
+int attend_row_bf16(const uint16_t *q, const void *k, const void *v, const uint16_t *ks,
+                    const uint16_t *vs, int kind, int64_t kstr, int64_t hstr,
+                    const int64_t *slots, int64_t n, int kvh, int g, int group, int d,
+                    float scale, uint16_t *out) {
+#if HAVE_AVX512_BF16
+    float of[MAX_HEADS * MAX_HEAD_DIM];
+    attend_bf16_avx512(q, (const uint8_t *)k, (const uint8_t *)v, ks, vs, slots, n, kstr, hstr,
+                       kvh, g, g + 1, group, d, kind, scale, of);
+    for (int i = g * group * d; i < (g + 1) * group * d; i++) out[i] = f32_to_bf16(of[i]);
+    return 1;
+#else
+    (void)q; (void)k; (void)v; (void)ks; (void)vs; (void)kind; (void)kstr; (void)hstr;
+    (void)slots; (void)n; (void)kvh; (void)g; (void)group; (void)d; (void)scale; (void)out;
+    return 0;
+#endif
+}
+
 /* 1 when this build has the AVX512-BF16 path (the flags it was compiled with target it). */
 int has_avx512_bf16(void) { return HAVE_AVX512_BF16; }
 

@@ -14,7 +14,9 @@
       of 32 keys, the scores of all the task's query rows (token x grouped head) with
       VDPBF16PS, each row's query broadcast a word at a time against a packed K word row; the
       causal mask and an online softmax in float32; P.V with VDPBF16PS over pairs of keys, the
-      probabilities rounded to bf16 as flash attention does on GPUs (the sums stay float32). */
+      probabilities rounded to bf16 as flash attention does on GPUs (the sums stay float32).
+   Requests with a single new token (decoding requests riding in a prefill batch) skip both
+   phases: their row attends straight from the pool on the decode kernel's path. */
 #include "cpu_kernels.h"
 
 #if HAVE_AVX512_BF16
@@ -191,10 +193,23 @@ static void attend_task(const uint16_t *q, int heads, const uint16_t *kp, const 
 static inline int task_tokens(int group) { return group <= 4 ? 32 : MAX_ROWS / group; }
 #endif
 
+/* decode_attention.c: one query row over its request's slots (the decode kernel's path). */
+int attend_row_bf16(const uint16_t *q, const void *k, const void *v, const uint16_t *ks,
+                    const uint16_t *vs, int kind, int64_t kstr, int64_t hstr,
+                    const int64_t *slots, int64_t n, int kvh, int g, int group, int d,
+                    float scale, uint16_t *out);
+
+/* A request with one new token (a decoding request riding in a prefill batch) attends through
+   the decode kernel's path, straight from the pool: packing its whole context per layer for a
+   single query row cost more than the attention. */
+static inline int one_row(int64_t ext_len) { return ext_len == 1; }
+
 /* The workspace (bf16 elements, for K; as much again for V) extend_attention needs. */
-int64_t extend_workspace(const int64_t *seq_lens, int bs, int kvh, int d) {
+int64_t extend_workspace(const int64_t *seq_lens, const int64_t *ext_lens, int bs, int kvh,
+                         int d) {
     int64_t total = 0;
-    for (int b = 0; b < bs; b++) total += (seq_lens[b] + 31) / 32 * 32 * kvh * d;
+    for (int b = 0; b < bs; b++)
+        if (!one_row(ext_lens[b])) total += (seq_lens[b] + 31) / 32 * 32 * kvh * d;
     return total;
 }
 
@@ -215,6 +230,11 @@ int extend_attention(const uint16_t *q, const void *k, const void *v, const uint
     off[0] = 0;
     for (int b = 0; b < bs; b++) {
         int64_t n = prefix_lens[b] + ext_lens[b], blocks = (n + KEYS - 1) / KEYS;
+        if (one_row(ext_lens[b])) {  /* no packing: a task reading the pool (below) */
+            off[b + 1] = off[b];
+            tasks += 1;
+            continue;
+        }
         off[b + 1] = off[b] + blocks * KEYS * kvh * d;
         pack_request(k, v, ks, vs, kv_kind, kv_index + b * stride, n,
                      (strides_t){kstr, hstr}, kvh, d, blocks, ws_k + off[b], ws_v + off[b]);
@@ -223,8 +243,13 @@ int extend_attention(const uint16_t *q, const void *k, const void *v, const uint
     int64_t *task_req = malloc(sizeof(int64_t) * (size_t)(tasks + 1));
     int64_t *task_t0 = malloc(sizeof(int64_t) * (size_t)(tasks + 1));
     tasks = 0;
+    for (int b = 0; b < bs; b++)  /* one-row tasks first: handed out last */
+        if (one_row(ext_lens[b])) {
+            task_req[tasks] = b;
+            task_t0[tasks++] = 0;
+        }
     for (int b = 0; b < bs; b++)
-        for (int64_t t = 0; t < ext_lens[b]; t += qt) {
+        for (int64_t t = 0; t < ext_lens[b] && !one_row(ext_lens[b]); t += qt) {
             task_req[tasks] = b;
             task_t0[tasks++] = t;
         }
@@ -233,6 +258,12 @@ int extend_attention(const uint16_t *q, const void *k, const void *v, const uint
     for (int64_t i = 0; i < tasks * kvh; i++) {
         int64_t task = tasks - 1 - i / kvh;
         int b = (int)task_req[task], g = (int)(i % kvh), t0 = (int)task_t0[task];
+        if (one_row(ext_lens[b])) {
+            const int64_t row = q_start[b] * heads * d;
+            attend_row_bf16(q + row, k, v, ks, vs, kv_kind, kstr, hstr, kv_index + b * stride,
+                            prefix_lens[b] + 1, kvh, g, group, d, scale, out + row);
+            continue;
+        }
         int t1 = t0 + qt < ext_lens[b] ? t0 + qt : (int)ext_lens[b];
         int64_t per_head = (off[b + 1] - off[b]) / kvh;
         attend_task(q + q_start[b] * heads * d, heads, ws_k + off[b] + g * per_head,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import json
 import random
 import sys
@@ -39,6 +40,9 @@ class RequestRecord:
     cached_tokens: int
     ttft: float
     latency: float
+    # seconds between successive streamed chunks after the first (one token each, unless the
+    # detokenizer held a partial character back), as the client saw them
+    itl: list[float] = dataclasses.field(default_factory=list)
 
 
 async def run_workload(
@@ -70,12 +74,11 @@ async def run_workload(
             prompt = history + turn.user_ids
             async with sem:
                 sent = time.perf_counter() - start
-                r = await client.generate_ids(
-                    prompt, max_new_tokens=turn.max_new_tokens, ignore_eos=True
-                )
+                r, arrivals = await _streamed(client, prompt, turn.max_new_tokens)
             now = time.perf_counter() - start
+            itl = [b - a for a, b in itertools.pairwise(arrivals)]
             record = RequestRecord(
-                index, t, sent, now, prompt, r.token_ids, r.cached_tokens, r.ttft, r.latency
+                index, t, sent, now, prompt, r.token_ids, r.cached_tokens, r.ttft, r.latency, itl
             )
             records.append(record)
             if progress is not None:
@@ -86,6 +89,20 @@ async def run_workload(
         *(run(i, c, d) for i, (c, d) in enumerate(zip(convs, delays, strict=True)))
     )
     return records
+
+
+async def _streamed(client: Any, prompt: list[int], max_new_tokens: int) -> tuple[Any, list[float]]:
+    """Generate streaming: the Result, and when each chunk that brought tokens arrived (a chunk
+    whose tokens end in a partial character comes with the next one)."""
+    stream = await client.stream(prompt, max_new_tokens=max_new_tokens, ignore_eos=True)
+    arrivals: list[float] = []
+    seen = 0
+    async for _ in stream:
+        got = stream.completion_tokens if stream.result is None else len(stream.result.token_ids)
+        if got > seen:
+            seen = got
+            arrivals.append(time.perf_counter())
+    return stream.result, arrivals
 
 
 def summarize(records: list[RequestRecord], page_size: int = 1) -> dict[str, Any]:
@@ -114,6 +131,7 @@ def summarize(records: list[RequestRecord], page_size: int = 1) -> dict[str, Any
         "hit_rate_of_best": hit / best if best else 0.0,
         "ttft_s": distribution([r.ttft for r in records]),
         "tpot_s": distribution(tpot),
+        "itl_s": distribution([gap for r in records for gap in r.itl]),
     }
 
 
@@ -131,7 +149,8 @@ def print_summary(name: str, s: dict[str, Any]) -> None:
         f"  hit rate         {s['hit_rate']:.4f}  best possible {s['best_hit_rate']:.4f}  "
         f"({s['hit_rate_of_best']:.1%} of best)"
     )
-    for key, label in (("ttft_s", "TTFT"), ("tpot_s", "time/output token")):
+    for key, label in (("ttft_s", "TTFT"), ("tpot_s", "time/output token"),
+                       ("itl_s", "inter-token")):  # fmt: skip
         d = s[key]
         print(f"  {label:<16} mean {d['mean']:.3f} s, p50 {d['p50']:.3f} s, p99 {d['p99']:.3f} s")
 
