@@ -67,6 +67,11 @@ class ServerArgs:
         "are copied there and loaded back (a copy, not a prefill) when a prompt reaches them",
         parse=parse_size,
     )  # fmt: skip
+    kv_host_tier_dtype: str = option(
+        "auto", "what --kv-host-tier stores; auto: the KV cache's dtype (exact copies); int8 or "
+        "fp8 under a bf16 cache: a compressed copy, about twice the tokens in the same memory, "
+        "loaded back with a quantized cache's error", choices=KV_CACHE_DTYPES,
+    )  # fmt: skip
     kv_storage_dir: str | None = option(
         None, "keep cached prefixes on disk in this directory (blocks of 64 tokens, checksummed, "
         "keyed by model and KV dtype): a runtime restarted on it serves them without recomputing",
@@ -252,6 +257,9 @@ class ServerArgs:
             raise ValueError(f"worker_timeout must be > 0, got {self.worker_timeout}")
         if self.kv_storage_size is not None and self.kv_storage_dir is None:
             raise ValueError("--kv-storage-size limits --kv-storage-dir, which is not set")
+        if self.kv_host_tier_dtype != "auto" and self.kv_host_tier is None:
+            raise ValueError("--kv-host-tier-dtype sets what --kv-host-tier stores: give a tier "
+                             "size too")  # fmt: skip
         if self.disable_radix_cache and (self.kv_host_tier or self.kv_storage_dir):
             raise ValueError(
                 "--kv-host-tier and --kv-storage-dir keep what the radix cache holds: they do "

@@ -63,7 +63,10 @@ def build_scheduler(args: ServerArgs, model: LlamaForCausalLM | None = None) -> 
     )
     host = None
     if args.kv_host_tier is not None:
-        host_pool = TokenToKVPool.from_memory_budget(layout, args.kv_host_tier,
+        tier_dtype = args.kv_cache_dtype if args.kv_host_tier_dtype == "auto" else (
+            args.kv_host_tier_dtype)  # fmt: skip
+        tier_layout = kv_layout(model.config, tier_dtype, model.dtype)
+        host_pool = TokenToKVPool.from_memory_budget(tier_layout, args.kv_host_tier,
                                                      page_size=args.page_size)  # fmt: skip
         host = HostTier(host_pool)
     backend = args.attention_backend
@@ -207,7 +210,8 @@ def run_scheduler(args: ServerArgs, in_addr: str, out_addr: str) -> None:
     )  # fmt: skip
     if scheduler.mgr.host is not None:
         tier = scheduler.mgr.host.pool
-        log.info("KV host tier: %d slots (%.1f MiB) in host memory", tier.capacity,
+        log.info("KV host tier: %d slots (%s, %d bytes per token, %.1f MiB) in host memory",
+                 tier.capacity, tier.layout.dtype, tier.layout.bytes_per_token,
                  tier.memory_bytes / 2**20)  # fmt: skip
     ready = Ready(
         model=args.model,

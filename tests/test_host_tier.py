@@ -101,6 +101,66 @@ def test_random_traffic_keeps_both_tiers_whole_and_every_hit_exact(page):
     assert mgr.host.tree.total_size() == 0
 
 
+@pytest.mark.parametrize(("pool_dtype", "tier_dtype"), [
+    (torch.bfloat16, torch.int8), (torch.bfloat16, torch.float8_e4m3fn),
+    (torch.float8_e4m3fn, torch.bfloat16), (torch.float32, torch.float8_e5m2),
+])  # fmt: skip
+def test_a_tier_of_another_dtype_stores_what_a_pool_of_that_dtype_would(pool_dtype, tier_dtype):
+    """Copies between a pool and a compressed (or wider) tier: the tier holds exactly what a
+    pool of its dtype holds for the same K/V (keys taken into, or out of, fp8's rotated basis),
+    and the K/V loaded back are the originals within that dtype's error."""
+    from radixkv.mem.host_tier import _copy
+    from radixkv.mem.kv_quant import key_rotation
+
+    gen = torch.Generator().manual_seed(7)
+    pool = TokenToKVPool(KVLayout(2, 2, 64, pool_dtype), 32)
+    tier = TokenToKVPool(KVLayout(2, 2, 64, tier_dtype), 32)
+    same = TokenToKVPool(KVLayout(2, 2, 64, tier_dtype), 32)  # fed directly, for reference
+    back = TokenToKVPool(KVLayout(2, 2, 64, pool_dtype), 32)
+    slots, there = torch.arange(1, 9), torch.arange(20, 28)
+    rotation = key_rotation(64)
+    for layer in range(2):
+        k, v = (torch.randn(8, 2, 64, generator=gen) for _ in range(2))
+        pool.set_kv(layer, slots, k @ rotation if pool.layout.rotated_keys else k, v)
+    _copy(pool, slots, tier, there)
+    _copy(tier, there, back, slots)
+    for layer in range(2):
+        k, v = pool.read_kv(layer, slots, torch.float32)
+        if pool.layout.rotated_keys != tier.layout.rotated_keys:
+            k = k @ (rotation.T if pool.layout.rotated_keys else rotation)
+        same.set_kv(layer, there, k, v)
+        for got, want in zip(tier.read_kv(layer, there, torch.float32),
+                             same.read_kv(layer, there, torch.float32), strict=True):  # fmt: skip
+            assert torch.equal(got, want)
+        for got, want in zip(back.read_kv(layer, slots, torch.float32),
+                             pool.read_kv(layer, slots, torch.float32), strict=True):  # fmt: skip
+            assert (got - want).abs().max() < 0.2 * want.abs().max()
+            assert (got - want).abs().mean() < 0.06 * want.abs().mean()  # e5m2: 2 bits
+
+
+@pytest.mark.parametrize("tier_dtype", [torch.int8, torch.float8_e4m3fn])
+def test_an_evicted_prefix_comes_back_from_a_compressed_tier(tier_dtype):
+    layout = KVLayout(2, 1, 4, torch.bfloat16)
+    pool = TokenToKVPool(layout, 40)
+    host = HostTier(TokenToKVPool(KVLayout(2, 1, 4, tier_dtype), 200))
+    mgr = KVCacheManager(pool, ReqToTokenPool(4, 256), RadixCache(pool), host)
+    a, b = list(range(100, 130)), list(range(200, 230))
+    seq = mgr.admit([*a, 1])
+    assert seq is not None and seq.cached_len == 0
+    slots = mgr.alloc_extend(seq, 31)
+    assert slots is not None
+    write_kv(mgr, slots, [*a, 1], 0)
+    mgr.cache_finished(seq, [*a, 1])
+    serve(mgr, [*b, 1], [2, 3])  # evicts a's prefix from the 40-token pool into the tier
+    seq = mgr.admit([*a, 9])
+    assert seq is not None and seq.cached_len == 30 and host.hit_tokens > 0
+    got = pool.read_kv(1, mgr.req_pool.read(seq.row, 0, 30), torch.float32)[0][:, 0, 0]
+    want = torch.tensor([kv_of(t, i) for i, t in enumerate(a)]) * 2
+    assert (got - want).abs().max() < 0.07 * want.abs().max()  # one code step of error
+    mgr.release(seq)
+    mgr.check_integrity()
+
+
 @pytest.mark.slow
 def test_the_model_gives_the_same_tokens_from_the_tier_as_computed():
     import radixkv

@@ -404,6 +404,9 @@ def test_options_a_role_would_ignore_are_refused_by_name():
     refuse_unused(ServerArgs(router_policy="random", http_port=0), "remote")
     with pytest.raises(ValueError, match="--disable-radix-cache"):
         ServerArgs(disable_radix_cache=True, kv_host_tier=2**20)
+    with pytest.raises(ValueError, match="--kv-host-tier-dtype"):
+        ServerArgs(kv_host_tier_dtype="int8")  # a tier's dtype without a tier
+    ServerArgs(kv_host_tier=2**20, kv_host_tier_dtype="int8")
     # Runtime: the child's refusal reaches the caller, naming the option
     with pytest.raises(radixkv.RuntimeStartError, match="--router-policy"):
         radixkv.Runtime(scheduler=FAKE, router_policy="random", start_timeout=30)

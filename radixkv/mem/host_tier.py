@@ -10,6 +10,14 @@ ancestors are still in the pool: eviction goes leaf first). At admission, if the
 longer prefix of the prompt than the pool, the difference is allocated in the pool, copied back
 and inserted into the pool's tree, so the request (and every later one) sees it as cached.
 Tokens served this way count in `cached_tokens` and separately as tier hits.
+
+The tier may store another KV dtype than the pool (`--kv-host-tier-dtype`): an int8 or fp8 tier
+under a bf16 pool holds about twice the tokens in the same memory (a compressed copy). Copies
+between them go through float32: decoded from the source, quantized (or rounded) into the
+destination, keys moved between the plain basis and fp8's rotated one where only one side
+rotates (`kv_quant.key_rotation`, orthogonal: its transpose undoes it). Tokens loaded back from
+such a tier then carry its quantization error, as if the pool were quantized (docs/cache.md has
+the measured effect); with the same dtype the copies are exact.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from typing import Any
 
 import torch
 
+from radixkv.mem.kv_quant import key_rotation
 from radixkv.mem.radix_cache import RadixCache, TreeNode
 from radixkv.mem.token_to_kv_pool import TokenToKVPool
 
@@ -93,12 +102,30 @@ class HostTier:
 
 
 def _copy(src: TokenToKVPool, src_slots: torch.Tensor, dst: TokenToKVPool, dst_slots: torch.Tensor):
-    """K, V (and scales) of `src_slots` into `dst_slots`, one batched copy per layer and tensor."""
+    """K, V (and scales) of `src_slots` into `dst_slots`, one batched copy per layer and tensor;
+    converted through float32 where the two store different dtypes."""
     s = src_slots.to(src.device)
     d = dst_slots.to(dst.device)
+    if src.layout.dtype != dst.layout.dtype:
+        _convert(src, s, dst, d)
+        return
     for layer in range(src.layout.num_layers):
         dst.k_buffer[layer][d] = src.k_buffer[layer][s].to(dst.device, non_blocking=True)
         dst.v_buffer[layer][d] = src.v_buffer[layer][s].to(dst.device, non_blocking=True)
         if src.layout.quantized:
             dst.k_scale[layer][d] = src.k_scale[layer][s].to(dst.device, non_blocking=True)
             dst.v_scale[layer][d] = src.v_scale[layer][s].to(dst.device, non_blocking=True)
+
+
+def _convert(src: TokenToKVPool, s: torch.Tensor, dst: TokenToKVPool, d: torch.Tensor) -> None:
+    """`_copy` between pools of different dtypes: decode, re-basis the keys, encode."""
+    rotation = None
+    if src.layout.rotated_keys != dst.layout.rotated_keys:
+        rotation = key_rotation(src.layout.head_dim)  # keys @ R: into fp8's basis
+        if src.layout.rotated_keys:
+            rotation = rotation.T  # out of it
+    for layer in range(src.layout.num_layers):
+        k, v = src.read_kv(layer, s, torch.float32)
+        if rotation is not None:
+            k = k @ rotation
+        dst.set_kv(layer, d, k.to(dst.device), v.to(dst.device))
