@@ -9,13 +9,17 @@ headers, no build step at install time.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import logging
 import os
 import subprocess
 import tempfile
 from pathlib import Path
 
 from radixkv.model.dtype import cache_root, cpu_identity
+
+log = logging.getLogger("radixkv.model")
 
 HERE = Path(__file__).parent
 # -ffast-math vectorises expf and the reductions; -fno-finite-math-only keeps -inf (the softmax's
@@ -55,3 +59,16 @@ def build(name: str, files: tuple[str, ...]) -> Path:
 
 def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+
+
+def load(name: str, files: tuple[str, ...], switch: str, fallback: str) -> ctypes.CDLL | None:
+    """The library `build(name, files)` loaded, or None (logged, naming `fallback`, what runs
+    instead) when the environment variable `switch` is "0" or it cannot be built here."""
+    if os.environ.get(switch, "1") == "0":
+        return None
+    try:
+        return ctypes.CDLL(str(build(name, files)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # RuntimeError: no home
+        detail = getattr(exc, "stderr", "") or exc
+        log.warning("%s unavailable (%s); using %s", name, detail, fallback)
+        return None

@@ -18,15 +18,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
-import subprocess
 
 import torch
 
 from radixkv.model import cbuild
-
-log = logging.getLogger("radixkv.model")
 
 MAX_HEADS = 64  # query heads the kernel supports
 MAX_HEAD_DIM = 256
@@ -37,13 +33,8 @@ _FILES = ("cpu_kernels.h", "decode_attention.c", "extend_attention.c")
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("RADIXKV_CPU_KERNEL", "1") == "0":
-        return None
-    try:
-        lib = ctypes.CDLL(str(cbuild.build("attention", _FILES)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # RuntimeError: no home
-        detail = getattr(exc, "stderr", "") or exc
-        log.warning("CPU decode attention kernel unavailable (%s); using gather + SDPA", detail)
+    lib = cbuild.load("attention", _FILES, "RADIXKV_CPU_KERNEL", "gather + SDPA")
+    if lib is None:
         return None
     fn = lib.decode_attention
     fn.restype = None

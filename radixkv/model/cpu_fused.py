@@ -25,28 +25,19 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
-import subprocess
 
 import torch
 
 from radixkv.model import cbuild
-
-log = logging.getLogger("radixkv.model")
 
 MAX_HEAD_DIM = 1024  # the rope kernel's per-head buffers
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("RADIXKV_FUSED_OPS", "1") == "0":
-        return None
-    try:
-        lib = ctypes.CDLL(str(cbuild.build("fused_ops", ("cpu_kernels.h", "fused_ops.c"))))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # RuntimeError: no home
-        detail = getattr(exc, "stderr", "") or exc
-        log.warning("fused CPU ops unavailable (%s); using torch's ops", detail)
+    lib = cbuild.load("fused_ops", ("cpu_kernels.h", "fused_ops.c"), "RADIXKV_FUSED_OPS",
+                      "torch's ops")  # fmt: skip
+    if lib is None:
         return None
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.add_rmsnorm.restype = lib.rope.restype = None

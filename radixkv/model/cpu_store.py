@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import os
-import subprocess
 
 import torch
 
@@ -24,20 +21,14 @@ from radixkv.mem.token_to_kv_pool import TokenToKVPool
 from radixkv.model import cbuild, cpu_attention
 from radixkv.model.cpu_attention import CODE_KINDS
 
-log = logging.getLogger("radixkv.model")
-
 MAX_HEAD_DIM = 1024  # the kernel's per-head buffer
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("RADIXKV_CPU_STORE", "1") == "0":
-        return None
-    try:
-        lib = ctypes.CDLL(str(cbuild.build("kv_store", ("cpu_kernels.h", "kv_store.c"))))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:  # RuntimeError: no home
-        detail = getattr(exc, "stderr", "") or exc
-        log.warning("CPU KV store kernel unavailable (%s); using TokenToKVPool.set_kv", detail)
+    lib = cbuild.load("kv_store", ("cpu_kernels.h", "kv_store.c"), "RADIXKV_CPU_STORE",
+                      "TokenToKVPool.set_kv")  # fmt: skip
+    if lib is None:
         return None
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.store_kv.restype = i32
