@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -21,8 +20,10 @@ from radixkv.model.forward_batch import ForwardBatch
 from radixkv.model.model_runner import ModelRunner
 from radixkv.model.stop_checker import FinishReason, StopChecker
 from radixkv.protocol import ReqError, ReqOutput, SamplingParams, Stats, TokenLogprob
+from radixkv.scheduler.admission import Admission
 from radixkv.scheduler.grammar import GrammarBackend, GrammarError
 from radixkv.scheduler.policy import SchedulePolicy
+from radixkv.scheduler.prompt_logprobs import forward_with_prompt_logprobs
 from radixkv.scheduler.req import Req
 
 log = logging.getLogger("radixkv.scheduler")
@@ -39,7 +40,7 @@ class RequestRejected(ValueError):
         self.param = param
 
 
-class Scheduler:
+class Scheduler(Admission):
     """Continuous batching with prefix-aware admission, chunked prefill, eviction, retraction."""
 
     def __init__(self, args: ServerArgs, runner: ModelRunner, mgr: KVCacheManager) -> None:
@@ -214,101 +215,6 @@ class Scheduler:
         self.mgr.check_integrity([])
         self._checked_idle = True
 
-    def _mixed_riders(self) -> tuple[list[Req], torch.Tensor] | None:
-        """With --enable-mixed-chunk, when a prefill may run: the running requests and their
-        next slots, taken before admission, so that they decode a token in the prefill batch
-        instead of waiting for every chunk of a long prompt (or decode on their own if nothing
-        is admitted)."""
-        if not (self.args.enable_mixed_chunk and self.running and (self.waiting or self.chunked)):
-            return None
-        self._make_room_for_decode()
-        if not self.running:
-            return None
-        slots = self.mgr.alloc_decode([r.seq for r in self.running])
-        assert slots is not None  # room was made above
-        return list(self.running), slots
-
-    # ---- admission ----------------------------------------------------------------------------
-
-    def _decode_reserve(self) -> int:
-        reqs = self.running + ([self.chunked] if self.chunked else [])
-        return sum(math.ceil(r.remaining_new_tokens * self.new_token_ratio) for r in reqs)
-
-    def _admit(self) -> list[tuple[Req, int]]:
-        """Pick requests for the next extend batch: (request, tokens to compute now)."""
-        chosen: list[tuple[Req, int]] = []
-        prefill_left = self.args.max_prefill_tokens
-        chunk_left = self.args.chunked_prefill_size
-        reserved = self._decode_reserve()
-        may_chunk = True  # at most one request is part-way through its prefill
-        if self.chunked is not None:
-            req, self.chunked = self.chunked, None
-            assert req.seq is not None
-            remaining = req.extend_target - req.seq.kv_len
-            n = remaining if remaining <= chunk_left else chunk_left // self.page * self.page
-            may_chunk = n == remaining
-            if self.mgr.alloc_extend(req.seq, req.seq.kv_len + n) is None:
-                self._retract(req)  # cannot even continue: try again from the queue later
-            else:
-                chosen.append((req, n))
-                prefill_left -= n
-                chunk_left -= n
-        if not self.waiting:
-            return chosen
-        ordered, deferred = self.policy.order(self.waiting, in_flight=[r for r, _ in chosen])
-        admitted: set[int] = set()
-        for req in ordered:
-            if id(req) in deferred or prefill_left <= 0 or chunk_left <= 0:
-                break
-            if len(self.running) + len(chosen) >= self.args.max_running_requests:
-                break
-            if self.mgr.req_pool.available_size() == 0:
-                break
-            n = self._admit_one(req, min(prefill_left, chunk_left), reserved, may_chunk)
-            if n == 0:
-                break
-            may_chunk = may_chunk and not req.prefilling
-            chosen.append((req, n))
-            admitted.add(id(req))
-            reserved += math.ceil(req.remaining_new_tokens * self.new_token_ratio)
-            prefill_left -= n
-            chunk_left -= n
-        if admitted:
-            self.waiting = [r for r in self.waiting if id(r) not in admitted]
-            for r in self.waiting:
-                r.skips += 1
-        return chosen
-
-    def _admit_one(self, req: Req, limit: int, reserved: int, may_chunk: bool) -> int:
-        """Lock the request's cached prefix and allocate its first extend; 0 if it does not fit."""
-        # prompt log probabilities need the logits of every position from logprob_start_len - 1
-        # on: those positions are computed, not matched in the tree (admit matches at most
-        # len(tokens) - 1 of the tokens it is given)
-        cap = req.params.logprob_start_len if req.wants_prompt_logprobs else None
-        seq = self.mgr.admit(req.tree_ids, cap, req.params.priority)
-        assert seq is not None  # a free row was checked by the caller
-        fill = len(req.fill_ids)
-        n = min(fill - seq.cached_len, limit)
-        if n < fill - seq.cached_len:
-            n = n // self.page * self.page  # a chunk ends on a page boundary
-            if not may_chunk or n == 0:
-                self.mgr.release(seq)
-                return 0
-        own_reserve = math.ceil(req.remaining_new_tokens * self.new_token_ratio)
-        room = self.mgr.available_size() - reserved
-        if n + own_reserve > room or self.mgr.alloc_extend(seq, seq.kv_len + n) is None:
-            self.mgr.release(seq)
-            return 0
-        req.seq = seq
-        req.extend_target = fill
-        if not req.first_admitted:
-            req.first_admitted = True
-            req.cached_tokens = seq.cached_len
-            req.queue_time = time.monotonic() - req.queued_at
-            self.stats.prompt_tokens += len(req.prompt_ids)
-            self.stats.cached_tokens += seq.cached_len
-        return n
-
     # ---- running batches ----------------------------------------------------------------------
 
     def _run_extend(
@@ -331,7 +237,7 @@ class Scheduler:
             slots.append(riders[1])
         batch = ForwardBatch.extend(ids, prefix_lens, rows, torch.cat(slots), self.runner.device)
         if any(r.wants_prompt_logprobs for r, _ in admitted):
-            logits = self._forward_with_prompt_logprobs(batch, entries, prefix_lens)
+            logits = forward_with_prompt_logprobs(self.runner, batch, entries, prefix_lens)
         else:
             logits = self.runner.forward(batch)
         done = [i for i, (r, _) in enumerate(entries) if not r.prefilling]
@@ -356,40 +262,6 @@ class Scheduler:
             self._decoded(riders[0])
         self._log_batch("prefill", admitted, sum(prefix_lens[: len(admitted)]))
         return outputs
-
-    def _forward_with_prompt_logprobs(
-        self, batch: ForwardBatch, admitted: list[tuple[Req, int]], starts: list[int]
-    ) -> torch.Tensor:
-        """The last-token logits of every request, as `runner.forward` gives them; and, for the
-        requests that asked, the log probability of each prompt token this chunk predicts (the
-        token after each computed position from logprob_start_len - 1 on), kept on the request
-        until its first output carries them."""
-        out_rows: list[int] = []  # packed token indices whose hidden states come back
-        last: list[int] = []  # per request: its last token's index in out_rows
-        wanted: list[tuple[Req, int, int, int]] = []  # (req, first out row, first position, n)
-        offset = 0
-        for (req, n), start in zip(admitted, starts, strict=True):
-            if req.wants_prompt_logprobs:
-                first = max(start, req.params.logprob_start_len - 1, 0)
-                end = min(start + n, len(req.prompt_ids) - 1)  # positions predicting a prompt token
-                if end > first:
-                    wanted.append((req, len(out_rows), first, end - first))
-                    out_rows.extend(range(offset + first - start, offset + end - start))
-            last.append(len(out_rows))
-            out_rows.append(offset + n - 1)
-            offset += n
-        batch.output_rows = torch.tensor(out_rows, dtype=torch.int64, device=batch.input_ids.device)
-        hidden = self.runner.forward_hidden(batch)
-        for req, row, first, n in wanted:
-            targets = req.prompt_ids[first + 1 : first + 1 + n]
-            lps = self.runner.token_logprobs(
-                hidden[row : row + n], targets, req.params.top_logprobs
-            )
-            req.prompt_lps = (req.prompt_lps or []) + lps
-        for req, _ in admitted:
-            if req.wants_prompt_logprobs and not req.prefilling:
-                req.prompt_lps_done = True  # a retraction's re-prefill need not compute them
-        return self.runner.logits(hidden[last])
 
     def _run_decode(self, riders: tuple[list[Req], torch.Tensor] | None) -> list[ReqOutput]:
         """One token for every running request (their slots taken already when `riders`)."""
@@ -425,29 +297,6 @@ class Scheduler:
         self._decode_steps += 1
         if self._decode_steps % 32 == 0:
             self._log_batch("decode", [(r, 1) for r in reqs], 0)
-
-    def _make_room_for_decode(self) -> None:
-        """Retract running requests (fewest generated tokens first) until every one left can get
-        its next slot; evicting from the tree happens inside the allocation."""
-        while self.running:
-            need = sum(1 for r in self.running if r.seq.kv_len % self.page == 0)
-            if self.mgr.available_size() >= need * self.page:
-                return
-            victim = min(self.running, key=lambda r: (len(r.output_ids), -len(r.prompt_ids)))
-            self.running.remove(victim)
-            self._retract(victim)
-
-    def _retract(self, req: Req) -> None:
-        """Give a running request's KV back (cached, so evictable) and queue it again; it resumes
-        by prefilling prompt + output so far and continues with the same tokens."""
-        assert req.seq is not None
-        self.mgr.cache_finished(req.seq, req.tree_ids)
-        req.seq = None
-        req.extend_target = 0
-        self.waiting.append(req)
-        self.stats.retractions += 1
-        self.new_token_ratio = self.args.new_token_ratio
-        log.info("retracted %s (%d tokens generated) to free KV", req.rid, len(req.output_ids))
 
     def _sample(
         self, logits: torch.Tensor, reqs: list[Req]
