@@ -9,7 +9,8 @@ queries attend to its row of slots up to their own positions, with no padding, m
 into the batch's shape. It packs each request's K and V once per layer into the layouts its
 VDPBF16PS loops stream, then computes blocks of 32 query tokens x 32 keys with an online
 softmax (design in the C file; figures in docs/model.md, from `bench/cpu_switches.py --switch
-extend_kernel`).
+extend_kernel`). A request with one new token (a decoding request riding in a prefill batch) is
+not packed: its row attends from the pool on the decode kernel's path.
 
 Used by the torch backend for bf16 models over a bf16 or quantized (int8, fp8) KV pool where the
 library has the AVX512-BF16 path (`usable`): codes are turned into bf16 values (code x scale, as
