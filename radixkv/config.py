@@ -96,6 +96,13 @@ class ServerArgs:
         False, "decoding requests ride along in each prefill batch (a token each, SGLang's "
         "mixed chunk): a long prompt's prefill no longer stalls them, at some cost per token",
     )  # fmt: skip
+    ttft_target: float | None = option(
+        None, "with --enable-mixed-chunk: prefill in steps of --chunked-prefill-size tokens "
+        "while every queued prompt can still get its first token within this many seconds at "
+        "that pace, and in steps of --max-prefill-tokens when one cannot or nothing is decoding "
+        "(small chunks for smooth inter-token latency, big ones when a prompt would be late; "
+        "docs/scheduling.md)",
+    )  # fmt: skip
     schedule_policy: str = option(
         "lpm", "admission order: lpm (longest cached prefix first), dfs-weight, fcfs, lof, random",
         choices=SCHEDULE_POLICIES,
@@ -265,6 +272,15 @@ class ServerArgs:
                 "--kv-host-tier and --kv-storage-dir keep what the radix cache holds: they do "
                 "nothing with --disable-radix-cache"
             )
+        if self.ttft_target is not None:
+            if not 0 < self.ttft_target < float("inf"):
+                raise ValueError(f"ttft_target must be > 0 seconds, got {self.ttft_target}")
+            if not self.enable_mixed_chunk:
+                raise ValueError(
+                    "--ttft-target sizes the prefill chunks that decoding requests ride along "
+                    "in: it needs --enable-mixed-chunk (without it, every prefill step stalls "
+                    "decoding whatever its size)"
+                )
         if self.chunked_prefill_size < self.page_size:
             raise ValueError(
                 f"chunked_prefill_size ({self.chunked_prefill_size}) must be >= page_size "

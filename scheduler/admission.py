@@ -17,6 +17,7 @@ import torch
 from radixkv.config import ServerArgs
 from radixkv.mem import KVCacheManager
 from radixkv.protocol import Stats
+from radixkv.scheduler.pacing import PrefillPacer
 from radixkv.scheduler.policy import SchedulePolicy
 from radixkv.scheduler.req import Req
 
@@ -33,6 +34,7 @@ class Admission:
     chunked: Req | None  # part-way through a chunked prefill
     new_token_ratio: float
     stats: Stats
+    pacer: PrefillPacer | None  # --ttft-target
 
     def _mixed_riders(self) -> tuple[list[Req], torch.Tensor] | None:
         """With --enable-mixed-chunk, when a prefill may run: the running requests and their
@@ -52,11 +54,17 @@ class Admission:
         reqs = self.running + ([self.chunked] if self.chunked else [])
         return sum(math.ceil(r.remaining_new_tokens * self.new_token_ratio) for r in reqs)
 
+    def _step_budget(self) -> int:
+        """The prompt tokens of the next extend batch, all requests together."""
+        if self.pacer is None:
+            return self.args.chunked_prefill_size
+        return self.pacer.budget(self.mgr.tree, self.chunked, self.waiting, bool(self.running))
+
     def _admit(self) -> list[tuple[Req, int]]:
         """Pick requests for the next extend batch: (request, tokens to compute now)."""
         chosen: list[tuple[Req, int]] = []
         prefill_left = self.args.max_prefill_tokens
-        chunk_left = self.args.chunked_prefill_size
+        chunk_left = self._step_budget()
         reserved = self._decode_reserve()
         may_chunk = True  # at most one request is part-way through its prefill
         if self.chunked is not None:
@@ -74,6 +82,11 @@ class Admission:
         if not self.waiting:
             return chosen
         ordered, deferred = self.policy.order(self.waiting, in_flight=[r for r, _ in chosen])
+        if self.pacer is not None and self.pacer.urgent:  # the budget was raised for these
+            urgent = self.pacer.urgent - deferred
+            ordered = [r for r in ordered if id(r) in urgent] + [
+                r for r in ordered if id(r) not in urgent
+            ]
         admitted: set[int] = set()
         for req in ordered:
             if id(req) in deferred or prefill_left <= 0 or chunk_left <= 0:

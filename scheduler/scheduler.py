@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -22,6 +23,7 @@ from radixkv.model.stop_checker import FinishReason, StopChecker
 from radixkv.protocol import ReqError, ReqOutput, SamplingParams, Stats, TokenLogprob
 from radixkv.scheduler.admission import Admission
 from radixkv.scheduler.grammar import GrammarBackend, GrammarError
+from radixkv.scheduler.pacing import PrefillPacer
 from radixkv.scheduler.policy import SchedulePolicy
 from radixkv.scheduler.prompt_logprobs import forward_with_prompt_logprobs
 from radixkv.scheduler.req import Req
@@ -70,6 +72,13 @@ class Scheduler(Admission):
         self._order = itertools.count()
         self._decode_steps = 0
         self._checked_idle = True
+        self.pacer = (
+            None
+            if args.ttft_target is None
+            else PrefillPacer(
+                args.ttft_target, args.chunked_prefill_size, args.max_prefill_tokens, self.page
+            )
+        )
 
     # ---- requests in and out ------------------------------------------------------------------
 
@@ -203,7 +212,12 @@ class Scheduler(Admission):
         riders = self._mixed_riders()
         admitted = self._admit()
         if admitted:
-            return self._run_extend(admitted, riders)
+            if self.pacer is None:
+                return self._run_extend(admitted, riders)
+            start = time.perf_counter()
+            outputs = self._run_extend(admitted, riders)
+            self.pacer.timed(time.perf_counter() - start, sum(n for _, n in admitted))
+            return outputs
         if self.running:
             return self._run_decode(riders)
         if not self.has_work() and not self._checked_idle:

@@ -127,6 +127,31 @@ def test_mixed_chunk_decodes_while_a_long_prompt_is_prefilled(model, alone):
         s.check_idle()
 
 
+@pytest.mark.parametrize(("target", "steps"), [(1e6, 7), (1e-6, 2)])
+def test_ttft_target_chunks_small_while_on_time_and_big_when_late(model, target, steps):
+    """--ttft-target: a long prompt arriving while a request decodes is prefilled in small
+    chunks while it would still be on time (a target of 11 days: 7 chunks of 64), and in one
+    step for the rest once it cannot be (a 1 µs target: one small step, to time the pace, then
+    the other 336 tokens at once); the decoding request rides in every step; outputs unchanged.
+    With nothing decoding a prompt is prefilled in one step whatever its length."""
+    long_prompt = [(i * 13) % 900 + 50 for i in range(400)]
+    s = make(model, enable_mixed_chunk=True, chunked_prefill_size=64, max_prefill_tokens=4096,
+             ttft_target=target)  # fmt: skip
+    s.add_request("a", prompts()[0], SamplingParams(max_new_tokens=60, ignore_eos=True))
+    s.step()  # nothing decoding: a's 153 tokens in one step
+    assert [r.rid for r in s.running] == ["a"] and s.chunked is None
+    s.add_request("b", long_prompt, SamplingParams(max_new_tokens=NEW, ignore_eos=True))
+    per_step, b_tokens = [], []
+    while s.has_work():
+        outs = s.step()
+        b_tokens += [t for o in outs if o.rid == "b" for t in o.token_ids]
+        if not b_tokens:  # b is still being prefilled
+            per_step.append(sum(len(o.token_ids) for o in outs if o.rid == "a"))
+    s.check_idle()
+    assert per_step == [1] * (steps - 1)  # and b's last prefill step, with b's first token
+    assert b_tokens == run(make(model), [long_prompt])["r0"][0]
+
+
 def test_page_size_16_gives_the_same_outputs(model, alone):
     results = run(make(model, page_size=16), prompts())
     assert {rid: r[0] for rid, r in results.items()} == alone

@@ -1,0 +1,124 @@
+"""`--ttft-target`: the prefill budget of a step (`PrefillPacer`), without a model."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from radixkv.config import ServerArgs
+from radixkv.mem import KVLayout, RadixCache, TokenToKVPool
+from radixkv.protocol import SamplingParams
+from radixkv.scheduler.pacing import PrefillPacer, _shared_len
+from radixkv.scheduler.req import Req
+
+CHUNK, MAX = 32, 4096
+
+
+def make_tree() -> RadixCache:
+    return RadixCache(TokenToKVPool(KVLayout(1, 1, 2), 4096))
+
+
+def req(rid: str, ids: list[int], waited: float = 0.0) -> Req:
+    r = Req(rid, ids, SamplingParams(max_new_tokens=8))
+    r.queued_at = time.monotonic() - waited
+    return r
+
+
+def pacer(per_token: float | None = 0.002, target: float = 1.0) -> PrefillPacer:
+    p = PrefillPacer(target, CHUNK, MAX, page=1)
+    p.small_s = per_token
+    return p
+
+
+def test_nothing_decoding_takes_the_full_budget():
+    p = pacer()
+    assert p.budget(make_tree(), None, [req("a", list(range(1000)))], decoding=False) == MAX
+    assert p.raised
+
+
+def test_small_steps_until_one_is_timed():
+    p = pacer(per_token=None)
+    late = req("a", list(range(1000)), waited=10.0)
+    assert p.budget(make_tree(), None, [late], decoding=True) == CHUNK and not p.raised
+
+
+def test_on_time_prompts_get_small_steps():
+    # 1000 tokens at 2 ms each: 2 s, within a 5 s target
+    p = pacer(target=5.0)
+    assert p.budget(make_tree(), None, [req("a", list(range(1000)))], decoding=True) == CHUNK
+    assert not p.raised and not p.urgent
+
+
+def test_a_late_prompt_gets_every_token_up_to_it_at_once():
+    # a (waited 0.9 of a 1 s target) would take 2 s at small steps: it and the older b are due
+    p = pacer()
+    a = req("a", list(range(1000)), waited=0.9)
+    b = req("b", list(range(5000, 5100)), waited=0.95)
+    c = req("c", list(range(9000, 9050)))  # newer, on time after them? 1150 tokens: 2.3 s, no
+    budget = p.budget(make_tree(), None, [c, a, b], decoding=True)
+    assert budget == 100 + 1000 + 50 and p.raised
+    assert p.urgent == {id(a), id(b), id(c)}
+    p = pacer(target=3.0)  # now c is on time: 1150 x 2 ms = 2.3 s < 3 s; a is late still
+    a.queued_at = time.monotonic() - 2.5
+    assert p.budget(make_tree(), None, [c, a, b], decoding=True) == 1100
+    assert p.urgent == {id(a), id(b)}
+
+
+def test_the_budget_is_capped_and_page_aligned():
+    p = PrefillPacer(1.0, CHUNK, 512, page=16)
+    p.small_s = 0.002
+    assert p.budget(make_tree(), None, [req("a", list(range(2000)), 5.0)], decoding=True) == 512
+    p.small_s = 0.002
+    assert p.budget(make_tree(), None, [req("a", list(range(100)), 5.0)], decoding=True) == 112
+
+
+def test_cached_and_chunked_tokens_are_not_counted_again():
+    tree = make_tree()
+    system = list(range(1000))
+    slots = tree.kv_pool.alloc(600)
+    assert slots is not None
+    tree.insert(system[:600], slots)
+    question = req("q", [*system, 7, 8, 9], waited=0.5)
+    # 600 cached: 403 to compute, 0.8 s at 2 ms, late for a 1 s target after 0.5 s
+    assert pacer().budget(tree, None, [question], decoding=True) == 403
+    # a chunked request is computing the whole system prompt: the question adds 3 tokens to it
+    sys_req = req("s", [*system, 1], waited=0.0)
+    sys_req.seq = type("Seq", (), {"kv_len": 600})()  # type: ignore[assignment]
+    sys_req.extend_target = 1001
+    p = pacer(target=10.0)
+    assert p.budget(tree, sys_req, [question], decoding=True) == CHUNK  # 404 tokens: on time
+    assert _shared_len(question.tree_ids, sys_req.tree_ids) == 1000
+
+
+def test_only_full_small_steps_set_the_pace():
+    p = pacer(per_token=None)
+    p.raised = True
+    p.timed(1.0, 1000)  # a raised step: not the small pace
+    assert p.small_s is None
+    p.raised = False
+    p.timed(0.5, 8)  # a leftover of 8 tokens: too few to say
+    assert p.small_s is None
+    p.timed(0.064, 32)
+    assert p.small_s == pytest.approx(0.002)
+    p.timed(0.128, 32)  # moving average: an eighth of the way to 4 ms
+    assert p.small_s == pytest.approx(0.002 + 0.002 / 8)
+
+
+def test_shared_len():
+    assert _shared_len([1, 2, 3, 4], [1, 2, 3, 5]) == 3
+    assert _shared_len([1, 2], [1, 2, 3]) == 2
+    assert _shared_len([], [1]) == 0 and _shared_len([9], [1]) == 0
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"ttft_target": 1.0}, "needs --enable-mixed-chunk"),
+        ({"ttft_target": 0.0, "enable_mixed_chunk": True}, "must be > 0"),
+        ({"ttft_target": float("inf"), "enable_mixed_chunk": True}, "must be > 0"),
+    ],
+)
+def test_ttft_target_refuses_what_it_cannot_honour(kw, message):
+    with pytest.raises(ValueError, match=message):
+        ServerArgs(**kw)
