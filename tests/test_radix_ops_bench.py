@@ -86,6 +86,9 @@ def test_the_offline_optimum_bounds_every_policy(kind, frac):
     assert optimum.evicted_tokens > 0
     assert all(rate <= optimum.hit_rate + 1e-12 for rate in rates.values()), rates
     assert optimum.hit_rate <= unbounded.hit_rate
+    # LRU knowing which paths are never used again: between LRU and the optimum
+    ends = traces.replay(events, capacity, 1, 3, "ends-known").hit_rate
+    assert rates["lru"] - 1e-12 <= ends <= optimum.hit_rate + 1e-12
 
 
 def test_future_uses_finds_the_next_arrival_through_a_position():

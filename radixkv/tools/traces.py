@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -195,6 +196,21 @@ class BeladyCache(RadixCache):
         node.score = -self.future.next_use(path, depth, self.now)
 
 
+class EndsKnownCache(BeladyCache):
+    """LRU that knows which paths the trace never uses again (a conversation that is over)
+    and evicts those first, least recently used first, then LRU among the rest: an offline
+    reference for how much of LRU's gap to the optimum is that one piece of knowledge, which
+    no online policy has (docs/cache.md)."""
+
+    def _rescore(self, node: Any) -> None:
+        path = self._path(node)
+        used_again = self.future.next_use(path, len(path) - len(node.key), self.now) < math.inf
+        node.score = node.last_access + (_NEVER_AGAIN_FIRST if used_again else 0)
+
+
+_NEVER_AGAIN_FIRST = 1 << 50  # above any clock of a replay
+
+
 def replay(
     events: list[dict[str, Any]],
     capacity: int,
@@ -203,12 +219,13 @@ def replay(
     policy: str = "lru",
 ) -> ReplayStats:
     """Drive the KV hierarchy through the trace (rules in docs/radix_ops.md), evicting by
-    `policy` (`--radix-eviction-policy`, or "belady": the offline optimum, knowing the trace)."""
+    `policy` (`--radix-eviction-policy`, or, knowing the trace, "belady": the offline optimum,
+    or "ends-known": `EndsKnownCache`)."""
     capacity = capacity // page_size * page_size
     pool = TokenToKVPool(KVLayout(1, 1, 1), capacity, page_size=page_size)
     tree: RadixCache
-    if policy == "belady":
-        tree = BeladyCache(pool, FutureUses(events))
+    if policy in ("belady", "ends-known"):
+        tree = (BeladyCache if policy == "belady" else EndsKnownCache)(pool, FutureUses(events))
     else:
         tree = RadixCache(pool, eviction_policy=policy)
     max_len = max(len(e["tokens"]) for e in events if e["op"] == "arrive")
