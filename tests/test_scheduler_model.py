@@ -69,8 +69,10 @@ def test_shared_prefix_batch_matches_requests_run_alone(model, alone, policy):
     assert stats.cached_tokens == sum(cached) and stats.protected == 0
 
 
-@pytest.mark.parametrize(("kv_cache_dtype", "mixed"), [("auto", False), ("int8", False),
-                                                      ("auto", True)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kv_cache_dtype", "mixed"),
+    [("auto", False), ("int8", False), ("auto", True), ("auto", "paced")],
+)
 def test_memory_pressure_evicts_chunks_and_retracts_with_identical_outputs(
     model, kv_cache_dtype, mixed
 ):
@@ -79,10 +81,13 @@ def test_memory_pressure_evicts_chunks_and_retracts_with_identical_outputs(
     unpressured run. (Without it a projection's last-bit batch variance can move a K value across
     a code boundary, one int8 step: logprobs then differ by ~1e-3 and a near tie can flip.) And
     with decoding requests riding in the prefill batches (mixed chunk), which take their slots
-    before admission and retract to get them."""
+    before admission and retract to get them; "paced": also with --ttft-target so short that
+    every step after the first small one is late, so budgets switch between 64 and 128."""
     quantized = {"kv_cache_dtype": kv_cache_dtype, "deterministic": kv_cache_dtype != "auto"}
     if mixed:
         quantized["enable_mixed_chunk"] = True
+    if mixed == "paced":
+        quantized["ttft_target"] = 1e-6
     unpressured = run(make(model, **quantized), prompts(), max_new=40)
     # ~650 distinct tokens in 420 slots, and a decode reserve far too small: the scheduler must
     # evict, chunk every prompt and retract running requests to finish them all
