@@ -2,8 +2,9 @@
 here instead of dropped, and a later prompt that reaches into it loads it back (a copy, not a
 prefill).
 
-The tier is a radix tree of its own (`RadixCache` over a `TokenToKVPool` in host memory, pinned on
-a GPU), keyed by whole paths from the root, with its own LRU eviction. Write-back: a leaf's KV is
+The tier is a radix tree of its own (`RadixCache` over a `TokenToKVPool` in host memory; not pinned,
+and copied synchronously, also under a GPU pool: docs/cache.md), keyed by whole paths from the
+root, with its own LRU eviction. Write-back: a leaf's KV is
 written when the pool evicts it, never before. When the pool evicts leaf `X` (path `P`, its own
 tokens `P[k:]`), the part of `P` the tier lacks is copied in one batched copy per layer (the
 ancestors are still in the pool: eviction goes leaf first). At admission, if the tier holds a
