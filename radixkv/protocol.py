@@ -271,6 +271,8 @@ class Stats(msgspec.Struct, kw_only=True):
     generated_tokens: int = 0
     evicted_tokens: int = 0
     retractions: int = 0
+    prefill_steps: int = 0  # extend batches run (prefill chunks, riders included)
+    raised_prefill_steps: int = 0  # of those, with a budget --ttft-target raised for late prompts
     finished: dict[str, int] = msgspec.field(default_factory=dict)
     kv_capacity: int = 0
     kv_used: int = 0

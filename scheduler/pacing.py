@@ -40,18 +40,19 @@ class PrefillPacer:
         self.page = page
         self.small_s: float | None = None  # seconds per prompt token, small steps
         self.urgent: set[int] = set()  # ids of the requests the last budget was raised for
-        self.raised = False
+        self.raised = False  # the last budget is more than a small step's
+        self.late = False  # ... because a prompt would be late (not because nothing decodes)
 
     def budget(
         self, tree: RadixCache, chunked: Req | None, waiting: Sequence[Req], decoding: bool
     ) -> int:
         """The prompt tokens the next extend batch may compute, all requests together."""
         self.urgent = set()
+        self.raised = self.late = False
         if not decoding:
             self.raised = True
             return self.max_tokens
         if self.small_s is None:  # no small step timed yet: take one
-            self.raised = False
             return self.chunk
         need = 0
         order: list[int] = []
@@ -65,7 +66,7 @@ class PrefillPacer:
             if total * self.small_s > req.queued_at + self.target_s - now:
                 need = total
                 self.urgent.update(order)
-        self.raised = need > self.chunk
+        self.raised = self.late = need > self.chunk
         if not self.raised:
             self.urgent = set()
             return self.chunk

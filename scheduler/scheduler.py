@@ -212,8 +212,10 @@ class Scheduler(Admission):
         riders = self._mixed_riders()
         admitted = self._admit()
         if admitted:
+            self.stats.prefill_steps += 1
             if self.pacer is None:
                 return self._run_extend(admitted, riders)
+            self.stats.raised_prefill_steps += self.pacer.late
             start = time.perf_counter()
             outputs = self._run_extend(admitted, riders)
             self.pacer.timed(time.perf_counter() - start, sum(n for _, n in admitted))

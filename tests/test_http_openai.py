@@ -118,6 +118,8 @@ def test_metrics_agree_with_usage(rt, oai):
     assert delta("radixkv_cached_prompt_tokens_total") == cached > 0  # the chat template's head
     assert delta("radixkv_generated_tokens_total") == generated
     assert delta("radixkv_scheduler_requests_total") == 3
+    assert delta("radixkv_prefill_steps_total") >= 3  # each request's prompt, one step at least
+    assert delta("radixkv_raised_prefill_steps_total") == 0  # no --ttft-target
     for histogram in ("radixkv_time_to_first_token_seconds", "radixkv_e2e_request_latency_seconds"):
         assert delta(f"{histogram}_count") == 3  # HTTP and ZMQ requests alike
     finished = sum(after[k] - before.get(k, 0) for k in after

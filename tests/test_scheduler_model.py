@@ -154,6 +154,8 @@ def test_ttft_target_chunks_small_while_on_time_and_big_when_late(model, target,
             per_step.append(sum(len(o.token_ids) for o in outs if o.rid == "a"))
     s.check_idle()
     assert per_step == [1] * (steps - 1)  # and b's last prefill step, with b's first token
+    stats = s.get_stats()  # a's one step, then b's
+    assert (stats.prefill_steps, stats.raised_prefill_steps) == (1 + steps, int(steps == 2))
     assert b_tokens == run(make(model), [long_prompt])["r0"][0]
 
 

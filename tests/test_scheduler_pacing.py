@@ -34,7 +34,7 @@ def pacer(per_token: float | None = 0.002, target: float = 1.0) -> PrefillPacer:
 def test_nothing_decoding_takes_the_full_budget():
     p = pacer()
     assert p.budget(make_tree(), None, [req("a", list(range(1000)))], decoding=False) == MAX
-    assert p.raised
+    assert p.raised and not p.late
 
 
 def test_small_steps_until_one_is_timed():
@@ -57,7 +57,7 @@ def test_a_late_prompt_gets_every_token_up_to_it_at_once():
     b = req("b", list(range(5000, 5100)), waited=0.95)
     c = req("c", list(range(9000, 9050)))  # newer, on time after them? 1150 tokens: 2.3 s, no
     budget = p.budget(make_tree(), None, [c, a, b], decoding=True)
-    assert budget == 100 + 1000 + 50 and p.raised
+    assert budget == 100 + 1000 + 50 and p.raised and p.late
     assert p.urgent == {id(a), id(b), id(c)}
     p = pacer(target=3.0)  # now c is on time: 1150 x 2 ms = 2.3 s < 3 s; a is late still
     a.queued_at = time.monotonic() - 2.5
