@@ -11,17 +11,19 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
 from radixkv.config import ServerArgs
 from radixkv.mem import KVCacheManager
-from radixkv.protocol import Stats
+from radixkv.protocol import ReqOutput, Stats
 from radixkv.scheduler.pacing import PrefillPacer
 from radixkv.scheduler.policy import SchedulePolicy
 from radixkv.scheduler.req import Req
 
 log = logging.getLogger("radixkv.scheduler")
+Riders = tuple[list[Req], torch.Tensor] | None  # running requests riding in a prefill, their slots
 
 
 class Admission:
@@ -36,7 +38,7 @@ class Admission:
     stats: Stats
     pacer: PrefillPacer | None  # --ttft-target
 
-    def _mixed_riders(self) -> tuple[list[Req], torch.Tensor] | None:
+    def _mixed_riders(self) -> Riders:
         """With --enable-mixed-chunk, when a prefill may run: the running requests and their
         next slots, taken before admission, so that they decode a token in the prefill batch
         instead of waiting for every chunk of a long prompt (or decode on their own if nothing
@@ -53,6 +55,22 @@ class Admission:
     def _decode_reserve(self) -> int:
         reqs = self.running + ([self.chunked] if self.chunked else [])
         return sum(math.ceil(r.remaining_new_tokens * self.new_token_ratio) for r in reqs)
+
+    def _paced(
+        self,
+        run: Callable[[list[tuple[Req, int]], Riders], list[ReqOutput]],
+        admitted: list[tuple[Req, int]],
+        riders: Riders,
+    ) -> list[ReqOutput]:
+        """Run an extend batch (`run`: the scheduler's), counted, and timed for --ttft-target."""
+        self.stats.prefill_steps += 1
+        if self.pacer is None:
+            return run(admitted, riders)
+        self.stats.raised_prefill_steps += self.pacer.late
+        start = time.perf_counter()
+        outputs = run(admitted, riders)
+        self.pacer.timed(time.perf_counter() - start, sum(n for _, n in admitted))
+        return outputs
 
     def _step_budget(self) -> int:
         """The prompt tokens of the next extend batch, all requests together."""

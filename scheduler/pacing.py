@@ -10,11 +10,12 @@ every uncached token up to and including that prompt's (up to `--max-prefill-tok
 prompts first in it. With nothing decoding, small steps protect nobody: a step takes the full
 budget.
 
-The check, each step, in deadline order (the chunked request, then the waiting ones by
-arrival): `S_i` the uncached tokens of request i and of those before it, `slack_i` the time left
-to its deadline, `ts` the measured seconds per prompt token of a small step (a moving average,
-so the rule follows the machine and the batch: riders included). It is on time if
-`S_i * ts <= slack_i`. Before a small step was timed, every step is small.
+The check, each step, in deadline order (the chunked request, then the waiting ones by arrival; a
+retracted request, which had its first token, has no deadline but its tokens count for those after
+it): `S_i` the uncached tokens of request i and of those before it, `slack_i` the time left to its
+deadline, `ts` the measured seconds per prompt token of a small step (a moving average, so the rule
+follows the machine and the batch: riders included). It is on time if `S_i * ts <= slack_i`. Before
+a small step was timed, every step is small.
 
 Computing just enough now for the rest to finish at the deadline at small steps was tried: it
 plans every at-risk prompt to land at the deadline, so the next burst makes it late
@@ -26,6 +27,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from radixkv.config import ServerArgs
 from radixkv.mem import RadixCache
 from radixkv.scheduler.req import Req
 
@@ -42,6 +44,13 @@ class PrefillPacer:
         self.urgent: set[int] = set()  # ids of the requests the last budget was raised for
         self.raised = False  # the last budget is more than a small step's
         self.late = False  # ... because a prompt would be late (not because nothing decodes)
+
+    @classmethod
+    def for_args(cls, args: ServerArgs, page: int) -> PrefillPacer | None:
+        """The pacer of `--ttft-target`, or None without one."""
+        if args.ttft_target is None:
+            return None
+        return cls(args.ttft_target, args.chunked_prefill_size, args.max_prefill_tokens, page)
 
     def budget(
         self, tree: RadixCache, chunked: Req | None, waiting: Sequence[Req], decoding: bool
@@ -63,6 +72,8 @@ class PrefillPacer:
         for req in pending:
             order.append(id(req))
             total += self._uncached(tree, req, chunked)
+            if req.output_ids:  # retracted, resuming: its first token came long ago
+                continue
             if total * self.small_s > req.queued_at + self.target_s - now:
                 need = total
                 self.urgent.update(order)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -72,13 +71,7 @@ class Scheduler(Admission):
         self._order = itertools.count()
         self._decode_steps = 0
         self._checked_idle = True
-        self.pacer = (
-            None
-            if args.ttft_target is None
-            else PrefillPacer(
-                args.ttft_target, args.chunked_prefill_size, args.max_prefill_tokens, self.page
-            )
-        )
+        self.pacer = PrefillPacer.for_args(args, self.page)
 
     # ---- requests in and out ------------------------------------------------------------------
 
@@ -212,14 +205,7 @@ class Scheduler(Admission):
         riders = self._mixed_riders()
         admitted = self._admit()
         if admitted:
-            self.stats.prefill_steps += 1
-            if self.pacer is None:
-                return self._run_extend(admitted, riders)
-            self.stats.raised_prefill_steps += self.pacer.late
-            start = time.perf_counter()
-            outputs = self._run_extend(admitted, riders)
-            self.pacer.timed(time.perf_counter() - start, sum(n for _, n in admitted))
-            return outputs
+            return self._paced(self._run_extend, admitted, riders)
         if self.running:
             return self._run_decode(riders)
         if not self.has_work() and not self._checked_idle:

@@ -65,6 +65,18 @@ def test_a_late_prompt_gets_every_token_up_to_it_at_once():
     assert p.urgent == {id(a), id(b)}
 
 
+def test_a_retracted_request_has_no_deadline_but_delays_the_next():
+    resumed = req("r", list(range(500)), waited=100.0)
+    resumed.output_ids = [7, 8]  # retracted after two tokens: waiting to resume
+    p = pacer()
+    assert p.budget(make_tree(), None, [resumed], decoding=True) == CHUNK and not p.late
+    fresh = req("f", list(range(1000, 1100)), waited=0.0)
+    # alone, f's 100 tokens take 0.2 s of its 1 s; behind r's 500 (+2 outputs), 1.2 s
+    assert p.budget(make_tree(), None, [fresh], decoding=True) == CHUNK
+    assert p.budget(make_tree(), None, [resumed, fresh], decoding=True) == 602
+    assert p.urgent == {id(resumed), id(fresh)}
+
+
 def test_the_budget_is_capped_and_page_aligned():
     p = PrefillPacer(1.0, CHUNK, 512, page=16)
     p.small_s = 0.002
