@@ -6,8 +6,9 @@ latency smooth, big ones prefill faster per token (fewer passes over the weights
 decodes) and so bring first tokens sooner. `PrefillPacer` takes small steps, of
 `--chunked-prefill-size` tokens, as long as every queued prompt can still get its first token
 within `--ttft-target` seconds of its arrival at their pace. When one cannot, the step takes
-every uncached token up to and including that prompt's (up to `--max-prefill-tokens`), those
-prompts first in it. With nothing decoding, small steps protect nobody: a step takes the full
+every uncached token up to and including the first such prompt's (up to `--max-prefill-tokens`),
+those prompts first in it; a later late prompt gets the next step, so the first is not held up
+by the second's tokens. With nothing decoding, small steps protect nobody: a step takes the full
 budget.
 
 The check, each step, in deadline order (the chunked request, then the waiting ones by arrival; a
@@ -75,8 +76,9 @@ class PrefillPacer:
             if req.output_ids:  # retracted, resuming: its first token came long ago
                 continue
             if total * self.small_s > req.queued_at + self.target_s - now:
-                need = total
+                need = total  # one late prompt a step: those behind it wait less for theirs
                 self.urgent.update(order)
+                break
         self.raised = self.late = need > self.chunk
         if not self.raised:
             self.urgent = set()

@@ -51,18 +51,18 @@ def test_on_time_prompts_get_small_steps():
 
 
 def test_a_late_prompt_gets_every_token_up_to_it_at_once():
-    # a (waited 0.9 of a 1 s target) would take 2 s at small steps: it and the older b are due
+    # by arrival: a (waited 0.95 of a 1 s target), b (0.5), c (new); 2 ms a token at small steps
     p = pacer()
-    a = req("a", list(range(1000)), waited=0.9)
-    b = req("b", list(range(5000, 5100)), waited=0.95)
-    c = req("c", list(range(9000, 9050)))  # newer, on time after them? 1150 tokens: 2.3 s, no
-    budget = p.budget(make_tree(), None, [c, a, b], decoding=True)
-    assert budget == 100 + 1000 + 50 and p.raised and p.late
-    assert p.urgent == {id(a), id(b), id(c)}
-    p = pacer(target=3.0)  # now c is on time: 1150 x 2 ms = 2.3 s < 3 s; a is late still
-    a.queued_at = time.monotonic() - 2.5
-    assert p.budget(make_tree(), None, [c, a, b], decoding=True) == 1100
-    assert p.urgent == {id(a), id(b)}
+    a = req("a", list(range(100)), waited=0.95)  # 0.2 s of tokens, 0.05 s left: late
+    b = req("b", list(range(5000, 6000)), waited=0.5)  # late too (after a: 2.2 s)
+    c = req("c", list(range(9000, 9050)))
+    assert p.budget(make_tree(), None, [c, b, a], decoding=True) == 100 and p.late
+    assert p.urgent == {id(a)}  # a's step; b gets the next, not a share of this one
+    p = pacer(target=2.5)  # a on time (0.2 s of 1.55 s left); b, after a, 2.2 s of 2.0: late
+    assert p.budget(make_tree(), None, [c, b, a], decoding=True) == 1100
+    assert p.urgent == {id(a), id(b)}  # a's tokens come before b's: in the step, first
+    p = pacer(target=5.0)  # everyone on time
+    assert p.budget(make_tree(), None, [c, b, a], decoding=True) == CHUNK and not p.urgent
 
 
 def test_a_retracted_request_has_no_deadline_but_delays_the_next():
