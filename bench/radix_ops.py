@@ -93,6 +93,9 @@ def evict_cost(sizes: list[int], evictions: int = 500) -> list[dict]:
 # ---- eviction policies ---------------------------------------------------------------------------
 
 
+DEPTH_ODDS_HORIZONS = (16, 32, 64, 128, 256, 512)  # clock ticks (traces.DepthOddsCache)
+
+
 def compare_policies(args: argparse.Namespace) -> None:
     """Every eviction policy replayed on every default trace at `capacity_frac` of its distinct
     tokens, next to the offline optimum (Belady's rule on the radix tree) and the unbounded hit
@@ -115,9 +118,17 @@ def compare_policies(args: argparse.Namespace) -> None:
               f"{unbounded.hit_rate:.4f}, offline optimum (Belady) "
               f"{optimum.hit_rate:.4f}")  # fmt: skip
         if optimum.hit_rate > lru.hit_rate:
-            closed = (ends.hit_rate - lru.hit_rate) / (optimum.hit_rate - lru.hit_rate)
+            gap = optimum.hit_rate - lru.hit_rate
+            closed = (ends.hit_rate - lru.hit_rate) / gap
             print(f"  lru that knows which paths are never used again (offline): "
                   f"{ends.hit_rate:.4f}, {closed:.0%} of the gap")  # fmt: skip
+            odds = {h: replay(events, capacity, args.page_size, args.concurrency,
+                              f"depth-odds:{h}").hit_rate for h in DEPTH_ODDS_HORIZONS}  # fmt: skip
+            best = max(odds, key=lambda h: odds[h])
+            print(f"  depth odds + recency, the trace's own continuation rates (offline), H in "
+                  f"{DEPTH_ODDS_HORIZONS[0]}-{DEPTH_ODDS_HORIZONS[-1]}: best {odds[best]:.4f} "
+                  f"(H {best}, {(odds[best] - lru.hit_rate) / gap:.0%} of the gap), worst "
+                  f"{min(odds.values()) - lru.hit_rate:+.4f} against lru")  # fmt: skip
         print(f"  {'policy':<8}{'hit rate':>10}{'vs lru':>9}{'of the gap to the optimum':>27}"
               f"{'ops/s':>9}{'vs lru':>8}")  # fmt: skip
         gap = optimum.hit_rate - lru.hit_rate

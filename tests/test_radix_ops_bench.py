@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,22 @@ def test_the_offline_optimum_bounds_every_policy(kind, frac):
     # LRU knowing which paths are never used again: between LRU and the optimum
     ends = traces.replay(events, capacity, 1, 3, "ends-known").hit_rate
     assert rates["lru"] - 1e-12 <= ends <= optimum.hit_rate + 1e-12
+    # depth odds (the trace's own continuation rates) + recency: under the optimum too
+    assert traces.replay(events, capacity, 1, 3, "depth-odds:64").hit_rate <= optimum.hit_rate
+
+
+def test_continuation_log_odds_counts_the_requests_that_went_on():
+    a, b = list(range(300)), list(range(1000, 1300))
+    events = [
+        {"op": "arrive", "rid": 0, "tokens": a},
+        {"op": "finish", "rid": 0, "output": [7, 8]},  # cached 301: bin 1, continued by rid 1
+        {"op": "arrive", "rid": 1, "tokens": [*a, 7, 8, 9]},
+        {"op": "finish", "rid": 1, "output": [5]},  # cached 303: bin 1, never continued
+        {"op": "arrive", "rid": 2, "tokens": b},
+        {"op": "finish", "rid": 2, "output": [6]},  # cached 300: bin 1, never continued
+    ]
+    odds = traces.continuation_log_odds(events, traces.FutureUses(events))
+    assert odds == {1: pytest.approx(math.log(1.5 / 2.5))}  # 1 of 3 went on, +0.5 each side
 
 
 def test_future_uses_finds_the_next_arrival_through_a_position():

@@ -211,6 +211,67 @@ class EndsKnownCache(BeladyCache):
 _NEVER_AGAIN_FIRST = 1 << 50  # above any clock of a replay
 
 
+class DepthOddsCache(BeladyCache):
+    """The most a policy that predicts a conversation's end from its depth could make of it: a
+    leaf's score is the log-odds that the trace continues a request ending in the same
+    `DEPTH_BIN`-token bin as the last request cached through the leaf (the whole trace's rate:
+    statistics, not each request's future), plus its last use / `horizon` (recency: a
+    conversation idle longer is likelier over). An offline reference (docs/cache.md): an online
+    policy could at best learn these rates."""
+
+    def __init__(self, kv_pool: TokenToKVPool, future: FutureUses,
+                 events: list[dict[str, Any]], horizon: float) -> None:  # fmt: skip
+        self.horizon = horizon
+        self.odds = continuation_log_odds(events, future)
+        self.reach: dict[int, int] = {}  # node id: length of the last sequence cached through it
+        self._inserting: int | None = None
+        super().__init__(kv_pool, future)
+
+    def insert_and_match(self, tokens: Any, *args: Any, **kwargs: Any) -> Any:
+        self._inserting = len(tokens)
+        try:
+            return super().insert_and_match(tokens, *args, **kwargs)
+        finally:
+            self._inserting = None
+
+    def _touch(self, node: Any, hit: bool = False, priority: int = 0) -> None:
+        if self._inserting is not None:
+            self.reach[node.id] = self._inserting
+        super()._touch(node, hit, priority)
+
+    def _split(self, child: Any, m: int) -> Any:
+        head = super()._split(child, m)
+        if child.id in self.reach:
+            self.reach[head.id] = self.reach[child.id]
+        return head
+
+    def _rescore(self, node: Any) -> None:
+        end = node.depth + len(node.key)
+        reach = self.reach.setdefault(node.id, self._inserting or end)  # a new leaf: its insert's
+        node.score = self.odds.get(reach // DEPTH_BIN, 0.0) + node.last_access / self.horizon
+
+
+DEPTH_BIN = 256  # tokens
+
+
+def continuation_log_odds(events: list[dict[str, Any]], future: FutureUses) -> dict[int, float]:
+    """Per `DEPTH_BIN` bin of a finished request's cached length: the log-odds that a later
+    prompt continues it (reaches its last cached token), over the whole trace."""
+    ends: dict[int, list[int]] = {}
+    prompts: dict[int, list[int]] = {}
+    arrivals = 0
+    for ev in events:
+        if ev["op"] == "arrive":
+            prompts[ev["rid"]] = ev["tokens"]
+            arrivals += 1
+            continue
+        full = prompts.pop(ev["rid"]) + ev["output"]
+        cached = len(full) - 1  # the last sampled token has no KV
+        went_on = future.next_use(full, cached - 1, arrivals - 1) < math.inf
+        ends.setdefault(cached // DEPTH_BIN, [0, 0])[went_on] += 1
+    return {b: math.log((n[1] + 0.5) / (n[0] + 0.5)) for b, n in ends.items()}
+
+
 def replay(
     events: list[dict[str, Any]],
     capacity: int,
@@ -220,12 +281,14 @@ def replay(
 ) -> ReplayStats:
     """Drive the KV hierarchy through the trace (rules in docs/radix_ops.md), evicting by
     `policy` (`--radix-eviction-policy`, or, knowing the trace, "belady": the offline optimum,
-    or "ends-known": `EndsKnownCache`)."""
+    "ends-known": `EndsKnownCache`, or "depth-odds:H": `DepthOddsCache` with horizon H)."""
     capacity = capacity // page_size * page_size
     pool = TokenToKVPool(KVLayout(1, 1, 1), capacity, page_size=page_size)
     tree: RadixCache
     if policy in ("belady", "ends-known"):
         tree = (BeladyCache if policy == "belady" else EndsKnownCache)(pool, FutureUses(events))
+    elif policy.startswith("depth-odds:"):  # depth-odds:H
+        tree = DepthOddsCache(pool, FutureUses(events), events, float(policy.split(":")[1]))
     else:
         tree = RadixCache(pool, eviction_policy=policy)
     max_len = max(len(e["tokens"]) for e in events if e["op"] == "arrive")
