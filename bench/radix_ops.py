@@ -117,11 +117,11 @@ def compare_policies(args: argparse.Namespace) -> None:
         print(f"\n{kind}: {len(events)} events, capacity {capacity} slots; hit rate unbounded "
               f"{unbounded.hit_rate:.4f}, offline optimum (Belady) "
               f"{optimum.hit_rate:.4f}")  # fmt: skip
-        if optimum.hit_rate > lru.hit_rate:
-            gap = optimum.hit_rate - lru.hit_rate
-            closed = (ends.hit_rate - lru.hit_rate) / gap
+        gap = optimum.hit_rate - lru.hit_rate
+        if gap > 0:
             print(f"  lru that knows which paths are never used again (offline): "
-                  f"{ends.hit_rate:.4f}, {closed:.0%} of the gap")  # fmt: skip
+                  f"{ends.hit_rate:.4f}, {(ends.hit_rate - lru.hit_rate) / gap:.0%} "
+                  f"of the gap")  # fmt: skip
             odds = {h: replay(events, capacity, args.page_size, args.concurrency,
                               f"depth-odds:{h}").hit_rate for h in DEPTH_ODDS_HORIZONS}  # fmt: skip
             best = max(odds, key=lambda h: odds[h])
@@ -131,7 +131,6 @@ def compare_policies(args: argparse.Namespace) -> None:
                   f"{min(odds.values()) - lru.hit_rate:+.4f} against lru")  # fmt: skip
         print(f"  {'policy':<8}{'hit rate':>10}{'vs lru':>9}{'of the gap to the optimum':>27}"
               f"{'ops/s':>9}{'vs lru':>8}")  # fmt: skip
-        gap = optimum.hit_rate - lru.hit_rate
         for policy, st in rows.items():
             closed = f"{(st.hit_rate - lru.hit_rate) / gap:.0%}" if gap > 0 else "-"
             speed = st.ops_per_s / lru.ops_per_s

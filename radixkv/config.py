@@ -99,8 +99,8 @@ class ServerArgs:
     ttft_target: float | None = option(
         None, "with --enable-mixed-chunk: prefill in steps of --chunked-prefill-size tokens "
         "while every queued prompt can still get its first token within this many seconds at "
-        "that pace, and in steps of --max-prefill-tokens when one cannot or nothing is decoding "
-        "(small chunks for smooth inter-token latency, big ones when a prompt would be late; "
+        "that pace; when one cannot, a step of every token up to the first late prompt, and "
+        "with nothing decoding a full step (both at most --max-prefill-tokens; "
         "docs/scheduling.md)",
     )  # fmt: skip
     schedule_policy: str = option(
