@@ -15,13 +15,15 @@ keep its greedy output varied, without near-ties in the top-2 logits).
 
 Steps of gpu_check.sh; each check is PASS or FAIL (INFO: measured, with no bound):
   1. the machine and versions; 2. install the wheels and radixkv (editable), unless they import;
-  3. tests/test_triton_kernels.py with TRITON_INTERPRET=0: the compiled kernels on the GPU;
+  3. tests/test_triton_kernels.py and tests/test_decode_graphs.py with TRITON_INTERPRET=0: the
+     compiled kernels and captured CUDA graphs on the GPU;
   4. `greedy`: radixkv fp32 (Triton attention) against transformers' greedy `generate` on the same
      GGUF and device: weights, prefill logits, greedy tokens of one batch; the prefix-hit and
      mixed-batch checks of tests/test_model_smollm2.py; the in-process scheduler: chat prompts
      and its idle integrity check, the 64 shared-prefix prompts of tests/test_runtime_e2e.py and
      their prefix hits, memory pressure equal to roomy; int8 and fp8_e4m3 KV caches through the
-     scheduler (the Triton kernels' quantized paths; agreement INFO); bf16 logits (the bound of
+     scheduler (the Triton kernels' quantized paths; agreement INFO); the scheduler's decode with
+     and without CUDA graphs (the same tokens); bf16 logits (the bound of
      test_bf16_logits_close_to_fp32; INFO on a model of fewer than 30 blocks) and tokens (INFO);
   5. `throughput` (INFO): a prompt's prefill and a batch's decode through PoolDriver, a bare
      forward, and transformers on the same shapes, random weights in SmolLM2-135M's 30 layers;
@@ -316,6 +318,24 @@ class Greedy:
         status, detail = compare_tokens(outs, self.refs, self.prompts, self.hf)
         return status, f"{detail}; idle integrity check passed"
 
+    def check_decode_graphs(self) -> Result:
+        """The chat prompts through the scheduler with its CUDA graphs (on by default on CUDA)
+        and with --disable-cuda-graph: the same tokens, and the graphs were replayed."""
+        if self.device.type != "cuda":
+            return "SKIP", "no CUDA graphs on this device"
+        graphed, _, s = self.schedule(self.prompts, self.args.new_tokens, max_total_tokens=16384)
+        graphs = s.runner.decode_graphs
+        if graphs is None:
+            return "FAIL", "the scheduler captured no decode graphs"
+        launched, _, _ = self.schedule(self.prompts, self.args.new_tokens,
+                                       max_total_tokens=16384, disable_cuda_graph=True)  # fmt: skip
+        same = sum(a == b for a, b in zip(graphed, launched, strict=True))
+        detail = (
+            f"{same}/{len(graphed)} outputs equal without graphs; {graphs.replays} steps "
+            f"replayed, {len(graphs.sizes)} graphs captured in {graphs.capture_seconds:.1f}s"
+        )
+        return verdict(same == len(graphed) and graphs.replays > 0), detail
+
     def check_shared_prefix(self) -> Result:
         prompts, new = e2e_tests.shared_prefix_prompts(), e2e_tests.NEW
         outs, cached, s = self.schedule(prompts, new, max_total_tokens=16384)
@@ -383,6 +403,7 @@ GREEDY_CHECKS = [  # (name, method, seconds it needs before the deadline, what i
     ("prefix hit: same tokens and logits", Greedy.check_prefix_hit, 0, None),
     ("mixed batch equals each request alone", Greedy.check_mixed_batch, 0, None),
     ("scheduler chat prompts vs transformers", Greedy.check_scheduler_chat, 0, "refs"),
+    ("scheduler decode: CUDA graphs equal launches", Greedy.check_decode_graphs, 20, None),
     ("scheduler shared-prefix requests vs transformers", Greedy.check_shared_prefix, 60, "hf"),
     ("scheduler under memory pressure equals roomy", Greedy.check_pressure, 45, None),
     ("int8 / fp8_e4m3 KV cache through the scheduler", Greedy.check_quantized_kv, 30, "refs"),
@@ -455,7 +476,8 @@ class Speed:
 
     def check_decode(self) -> Result:
         """Prefill in batches of 8, then `steps` decode steps through PoolDriver.step (after 3 to
-        warm up), then one more as a bare ModelRunner.forward."""
+        warm up), then one more as a bare ModelRunner.forward; on CUDA both again, replayed from
+        CUDA graphs captured in this run."""
         drv, device, steps = self.driver, self.driver.runner.device, self.steps
         reqs: list[DriverRequest] = [drv.add(p, GO_ON) for p in self.prompts]
         for i in range(0, len(reqs), 8):
@@ -463,12 +485,24 @@ class Speed:
         for _ in range(3):
             drv.step(reqs)
         step = timed(lambda: [drv.step(reqs) for _ in range(steps)], device) / steps
+        graphs, step_g = None, 0.0
+        if device.type == "cuda":
+            graphs = drv.runner.capture_decode_graphs(len(reqs))
+            step_g = timed(lambda: [drv.step(reqs) for _ in range(steps)], device) / steps
         batch = drv.build_decode(reqs)
+        fwd_g = timed(lambda: drv.runner.forward(batch), device, 10) if graphs else 0.0
+        drv.runner.decode_graphs = None
         fwd = timed(lambda: drv.runner.forward(batch), device, 10)
         for r in reqs:
             drv.release(r)
         detail = f"{len(reqs) / step:,.0f} tok/s via PoolDriver.step ({step * 1e3:.2f} ms/step), "
-        return "INFO", detail + f"bare forward {fwd * 1e3:.2f} ms = {len(reqs) / fwd:,.0f} tok/s"
+        detail += f"bare forward {fwd * 1e3:.2f} ms = {len(reqs) / fwd:,.0f} tok/s"
+        if graphs is not None:
+            detail += (f"; CUDA graphs ({len(graphs.sizes)} captured in "
+                       f"{graphs.capture_seconds:.1f}s): {step_g * 1e3:.2f} ms/step "
+                       f"({step / step_g:.2f}x), bare forward {fwd_g * 1e3:.2f} ms "
+                       f"({fwd / fwd_g:.2f}x)")  # fmt: skip
+        return "INFO", detail
 
     def check_hf(self) -> Result:
         """transformers: the prompt's prefill, and decode steps with a DynamicCache, both computing

@@ -113,7 +113,8 @@ main() {
     if want kernels; then
         # (without a GPU the module skips itself: pytest exits 5)
         run_step "3. triton kernel tests" 150 env TRITON_INTERPRET=0 \
-            "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py
+            "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+            tests/test_decode_graphs.py
     fi
     if want greedy && [[ -n $MODEL ]]; then
         run_step "4. greedy vs transformers" 200 \

@@ -57,6 +57,12 @@ class ServerArgs:
         "auto", "auto: triton on CUDA, torch otherwise (triton on a CPU needs TRITON_INTERPRET=1)",
         choices=ATTENTION_BACKENDS,
     )  # fmt: skip
+    cuda_graph_max_bs: int | None = option(
+        None, "decode batches of up to this many requests replay CUDA graphs captured at startup "
+        "(default: --max-running-requests, at most 256; CUDA with the triton attention backend)",
+    )  # fmt: skip
+    disable_cuda_graph: bool = option(False, "launch every kernel of every decode step (no CUDA "
+                                      "graphs)")  # fmt: skip
     # memory
     kv_memory: int = option(256 * 2**20, "KV cache memory budget, e.g. 256MiB",
                             parse=parse_size, exclusive="kv_size")  # fmt: skip
@@ -281,6 +287,22 @@ class ServerArgs:
                     "in: it needs --enable-mixed-chunk (without it, every prefill step stalls "
                     "decoding whatever its size)"
                 )
+        if self.cuda_graph_max_bs is not None:
+            if self.cuda_graph_max_bs < 1:
+                raise ValueError(
+                    f"cuda_graph_max_bs must be >= 1, got {self.cuda_graph_max_bs} (to decode "
+                    "without graphs: --disable-cuda-graph)"
+                )
+            if self.disable_cuda_graph:
+                raise ValueError("--cuda-graph-max-bs sizes the graphs --disable-cuda-graph turns "
+                                 "off: give one of them")  # fmt: skip
+            if not self.device.startswith("cuda"):
+                raise ValueError(f"--cuda-graph-max-bs needs --device cuda (got {self.device})")
+            if self.attention_backend == "torch":
+                raise ValueError(
+                    "--cuda-graph-max-bs needs the triton attention backend: the torch backend "
+                    "prepares each batch on the host, which a graph cannot replay"
+                )
         if self.chunked_prefill_size < self.page_size:
             raise ValueError(
                 f"chunked_prefill_size ({self.chunked_prefill_size}) must be >= page_size "
@@ -291,6 +313,16 @@ class ServerArgs:
     def api_keys(self) -> tuple[str, ...]:
         """The keys clients may send (`api_key`, split at commas); empty: no key needed."""
         return tuple(k.strip() for k in (self.api_key or "").split(",") if k.strip())
+
+    @property
+    def graph_max_bs(self) -> int | None:
+        """The largest decode batch replayed from a CUDA graph; None: no graphs (not on CUDA,
+        the torch attention backend, or --disable-cuda-graph)."""
+        if self.disable_cuda_graph or not self.device.startswith("cuda"):
+            return None
+        if self.attention_backend == "torch":
+            return None
+        return min(self.cuda_graph_max_bs or 256, self.max_running_requests)
 
     @property
     def effective_policy(self) -> str:

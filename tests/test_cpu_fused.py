@@ -80,11 +80,10 @@ def test_rope_rotates_q_and_k_heads_in_place_and_leaves_v():
         cpu_fused.rope(got, 12, d, positions.int(), rotary.cos, rotary.sin)
     with pytest.raises(ValueError, match="cannot rotate"):
         cpu_fused.rope(got, 16, d, positions, rotary.cos, rotary.sin)
-    # the model checks positions once per forward (the kernel trusts them)
-    with pytest.raises(ValueError, match="negative position"):
-        rotary.check(torch.tensor([3, -1]))
-    with pytest.raises(ValueError, match="past max_position_embeddings"):
-        rotary.check(torch.tensor([4096]))
+    # the model checks positions once per forward, on the host (the kernel trusts them)
+    rotary.check(4096)
+    with pytest.raises(ValueError, match="position 4096 is past max_position_embeddings"):
+        rotary.check(4097)
 
 
 def test_a_row_gives_the_same_result_in_any_batch():

@@ -23,6 +23,9 @@ class AttentionBackend(ABC):
     """
 
     key_rotation: torch.Tensor | None = None
+    # whether a decode step's `init_forward` and `forward` are all device work, with no host
+    # sync and no host data beyond shapes, so a CUDA graph can replay them (`decode_graphs.py`)
+    graph_safe: bool = False
 
     @abstractmethod
     def init_forward(self, batch: ForwardBatch) -> None:

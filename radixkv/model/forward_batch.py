@@ -117,6 +117,8 @@ class ForwardBatch:
         out_cache_loc: torch.Tensor,
         device: torch.device | str,
     ) -> ForwardBatch:
+        if min(prefix_lens, default=0) < 0:
+            raise ValueError(f"negative prefix length in {list(prefix_lens)}")
         if len(out_cache_loc) != len(flat_ids):
             raise ValueError(
                 f"out_cache_loc has {len(out_cache_loc)} slots for {len(flat_ids)} new tokens"

@@ -170,6 +170,7 @@ class LlamaForCausalLM(nn.Module):
         hidden states of `batch.output_rows` instead (`logits` turns rows of them into logits)."""
         if self.rotary is None:
             raise RuntimeError("weights are not loaded: call load_hf_state_dict first")
+        self.rotary.check(batch.max_seq_len)
         if self.fused_ops:
             x = self._forward_fused(batch, backend, hidden)
         else:
@@ -184,7 +185,6 @@ class LlamaForCausalLM(nn.Module):
         self, batch: ForwardBatch, backend: AttentionBackend, hidden: bool
     ) -> torch.Tensor:
         assert self.rotary is not None
-        self.rotary.check(batch.positions)
         cos, sin = self.rotary.cos, self.rotary.sin
         x = self.embed_tokens(batch.input_ids)
         delta = None

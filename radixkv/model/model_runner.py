@@ -13,6 +13,7 @@ from radixkv.mem.token_to_kv_pool import KVLayout, TokenToKVPool
 from radixkv.model import cpu_fused
 from radixkv.model.attention import AttentionBackend
 from radixkv.model.config import ModelConfig
+from radixkv.model.decode_graphs import DecodeGraphs
 from radixkv.model.dtype import resolve_dtype
 from radixkv.model.forward_batch import ForwardBatch
 from radixkv.model.llama import LlamaForCausalLM
@@ -114,6 +115,7 @@ class ModelRunner:
             backend.key_rotation = rotation.to(model.dtype) if exact else rotation
         self.backend = backend
         self.sampler = Sampler(config.eos_token_ids)
+        self.decode_graphs: DecodeGraphs | None = None
 
     @classmethod
     def from_pretrained(
@@ -161,9 +163,20 @@ class ModelRunner:
         """Where the model, the KV pool and a ForwardBatch's tensors live."""
         return self.model.device
 
+    def capture_decode_graphs(self, max_bs: int, mode: str = "cuda") -> DecodeGraphs:
+        """Capture decode steps of up to `max_bs` requests as CUDA graphs, which `forward`
+        replays from now on (`decode_graphs.py`; `mode="eager"`: the same path without a GPU)."""
+        self.decode_graphs = None
+        self.decode_graphs = DecodeGraphs(self, max_bs, mode)
+        return self.decode_graphs
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """float32 logits `[bs, vocab]` of each request's last token; K/V written to the pool."""
+        """float32 logits `[bs, vocab]` of each request's last token; K/V written to the pool.
+        A decode batch a captured graph fits is replayed from it: its logits are then a view
+        valid until the next forward."""
+        if self.decode_graphs is not None and self.decode_graphs.can_run(batch):
+            return self.decode_graphs.replay(batch)
         self.backend.init_forward(batch)
         return self.model(batch, self.backend)
 

@@ -50,19 +50,19 @@ class RotaryEmbedding:
         self.cos = emb.cos().to(dtype=dtype, device=device)
         self.sin = emb.sin().to(dtype=dtype, device=device)
 
-    def check(self, positions: torch.Tensor) -> None:
-        """Raise ValueError for a position outside the tables."""
-        if positions.numel() and int(positions.min()) < 0:
-            raise ValueError(f"negative position {int(positions.min())}")
-        if positions.numel() and int(positions.max()) >= self.max_positions:
+    def check(self, max_seq_len: int) -> None:
+        """Raise ValueError when a batch whose longest sequence is `max_seq_len` tokens would
+        read past the tables. A host-side check (a `ForwardBatch`'s positions all lie below its
+        `max_seq_len`): it never waits for the device, so a CUDA graph can hold the lookup."""
+        if max_seq_len > self.max_positions:
             raise ValueError(
-                f"position {int(positions.max())} is past max_position_embeddings "
+                f"position {max_seq_len - 1} is past max_position_embeddings "
                 f"{self.max_positions} of this model; shorten the request"
             )
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape `[num_tokens, 1, head_dim]` (broadcast over heads)."""
-        self.check(positions)
+        """cos, sin of shape `[num_tokens, 1, head_dim]` (broadcast over heads); positions must
+        lie in the tables (`check`)."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 

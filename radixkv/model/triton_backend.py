@@ -45,6 +45,8 @@ class _Metadata:
 class TritonAttentionBackend(AttentionBackend):
     """Attention with the Triton kernels of `radixkv.kernels` (the CUDA default)."""
 
+    graph_safe = True  # decode: offsets, scratch and kernels; splits from `max_seq_len` only
+
     def __init__(
         self,
         token_pool: TokenToKVPool,
