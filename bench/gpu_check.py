@@ -27,7 +27,11 @@ Steps of gpu_check.sh; each check is PASS or FAIL (INFO: measured, with no bound
      test_bf16_logits_close_to_fp32; INFO on a model of fewer than 30 blocks) and tokens (INFO);
   5. `throughput` (INFO): a prompt's prefill and a batch's decode through PoolDriver, a bare
      forward, and transformers on the same shapes, random weights in SmolLM2-135M's 30 layers;
-  6. `runtime`: radixkv.Runtime (its processes) on the device against transformers.
+  6. `runtime`: radixkv.Runtime (its processes) on the device against transformers;
+  7. `serving`: issue 13's shared-prefix workload (4 x 16 requests, 1024-token system prompts,
+     64-token questions, 32 output tokens, all at once, bf16) through `radixkv bench` on the
+     device, with the CUDA graphs and with --disable-cuda-graph: requests per second, their
+     ratio, and the hit rate against the best possible (PASS at >= 99 %).
 
 Each check appends one JSON line {"check", "status", "detail"} to `--summary` when it ends; later
 checks skip past `--budget` seconds (gpu_check.sh bounds it by its deadline).
@@ -456,6 +460,42 @@ def cmd_runtime(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- serving: the shared-prefix workload through `radixkv bench`, with and without graphs -------
+
+
+def cmd_serving(args: argparse.Namespace) -> int:
+    """Issue 13's workload (all at once, bf16) through a Runtime on the device, launched twice:
+    with its CUDA graphs and with --disable-cuda-graph (on the CPU: once, without)."""
+    from radixkv.tools.bench import build_parser, run_bench
+
+    work = ["--workload", "shared-prefix", "--groups", str(args.groups), "--prompts-per-group",
+            str(args.prompts_per_group), "--system-len", str(args.system_len), "--question-len",
+            "64", "--output-len", str(args.output_len)]  # fmt: skip
+    runtime = ["--model", args.model, "--device", args.device, "--dtype", args.dtype,
+               "--attention-backend", args.backend]  # fmt: skip
+    variants = {"CUDA graphs": [], "no graphs": ["--disable-cuda-graph"]}
+    if not args.device.startswith("cuda"):
+        variants = {"no graphs": []}
+    rates = {}
+    for name, flags in variants.items():
+
+        def serve(name: str = name, flags: list[str] = flags) -> Result:
+            s = run_bench(build_parser().parse_args(work + runtime + flags))
+            rates[name] = s["requests_per_s"]
+            detail = (f"{s['requests']} requests in {s['duration_s']:.2f}s = "
+                      f"{s['requests_per_s']:.1f} req/s, hit rate {s['hit_rate']:.3f} = "
+                      f"{s['hit_rate_of_best']:.1%} of the best possible, TTFT p50 "
+                      f"{s['ttft_s']['p50'] * 1e3:.0f} ms, ITL p50 {s['itl_s']['p50'] * 1e3:.1f} "
+                      "ms")  # fmt: skip
+            return verdict(s["hit_rate_of_best"] >= 0.99), detail
+
+        run_check(f"serving, {args.dtype}, {name}", serve)
+    if len(rates) == 2:
+        ratio = rates["CUDA graphs"] / rates["no graphs"]
+        record("serving: CUDA graphs / no graphs", "INFO", f"{ratio:.2f}x the requests per second")
+    return 0
+
+
 # ---- throughput: radixkv and transformers, random weights of the full shape --------------------
 
 
@@ -573,7 +613,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--source", help="GGUF file (default: the bundled smollm2-135m)")
     p.add_argument("--blocks", default="0-5,25-29", help="blocks to keep, in order (renumbered)")
     p.add_argument("--out", default=str(ROOT / ".gpu"))
-    for name in ("greedy", "throughput", "runtime"):
+    for name in ("greedy", "throughput", "runtime", "serving"):
         p = sub.add_parser(name)
         p.add_argument("--model", required=True, help="a .gguf file")
         p.add_argument("--device", default="cuda")
@@ -585,6 +625,11 @@ def parse_args() -> argparse.Namespace:
     p = sub.choices["throughput"]
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
     sizes = {"--layers": 30, "--batch": 64, "--context": 1024, "--prompt-len": 512, "--steps": 32}
+    for flag, default in sizes.items():
+        p.add_argument(flag, type=int, default=default)
+    p = sub.choices["serving"]
+    p.add_argument("--dtype", default="bfloat16")
+    sizes = {"--groups": 4, "--prompts-per-group": 16, "--system-len": 1024, "--output-len": 32}
     for flag, default in sizes.items():
         p.add_argument(flag, type=int, default=default)
     return ap.parse_args()
@@ -603,7 +648,8 @@ def main() -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         record(args.cmd, "ERROR", "CUDA is not available")
         return 1
-    commands = {"greedy": cmd_greedy, "throughput": cmd_throughput, "runtime": cmd_runtime}
+    commands = {"greedy": cmd_greedy, "throughput": cmd_throughput, "runtime": cmd_runtime,
+                "serving": cmd_serving}  # fmt: skip
     return commands[args.cmd](args)
 
 

@@ -5,11 +5,11 @@
 #
 #     run(command="bash bench/gpu_check.sh", carry=[".whl", ".gpu/small.gguf"], timeout_s=540)
 #
-# Steps: 1 machine and versions, 2 install, 3 Triton kernel tests on the GPU, 4 greedy radixkv vs
-# transformers, 5 throughput, 6 the multi-process Runtime (bench/gpu_check.py says what each
-# checks). Each step is cut off by a deadline, so the summary is always printed; log and summary
+# Steps: 1 machine and versions, 2 install, 3 Triton kernel and CUDA graph tests on the GPU, 4
+# greedy radixkv vs transformers, 5 throughput, 6 the multi-process Runtime, 7 the serving
+# benchmark with and without CUDA graphs (bench/gpu_check.py says what each checks). Each step is cut off by a deadline, so the summary is always printed; log and summary
 # go under $OUT (default /tmp/gpu_check).
-#   GPU_CHECK_STEPS     steps to run (default "kernels greedy throughput runtime")
+#   GPU_CHECK_STEPS     steps to run (default "kernels greedy throughput runtime serving")
 #   GPU_CHECK_DEADLINE  seconds for the whole script (default 450)
 #   GPU_CHECK_MODEL     the GGUF to use (default .gpu/small.gguf)
 #   GPU_CHECK_DEVICE    cuda (default), or cpu to try the script without a GPU, at small sizes
@@ -19,7 +19,7 @@ set -u -o pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-STEPS=${GPU_CHECK_STEPS:-kernels greedy throughput runtime}
+STEPS=${GPU_CHECK_STEPS:-kernels greedy throughput runtime serving}
 DEADLINE=${GPU_CHECK_DEADLINE:-450}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 MODEL=${GPU_CHECK_MODEL:-$PWD/.gpu/small.gguf}
@@ -33,9 +33,11 @@ export RADIXKV_CACHE_DIR=/tmp/radixkv-cache PIP_DISABLE_PIP_VERSION_CHECK=1
 if [[ $DEVICE == cpu ]]; then  # small sizes: the structure, not the speed
     GREEDY_SIZES=(--new-tokens 4)
     SPEED_SIZES=(--layers 2 --batch 4 --context 64 --prompt-len 64 --steps 4)
+    SERVING_SIZES=(--groups 2 --prompts-per-group 4 --system-len 256 --output-len 8)
 else
     GREEDY_SIZES=()
     SPEED_SIZES=()
+    SERVING_SIZES=()
 fi
 
 want() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -107,7 +109,7 @@ main() {
     versions
     install
     ls -la "$MODEL" || MODEL=""
-    RESULTS+=("model: ${MODEL:-NONE (steps 4 to 6 skipped)}")
+    RESULTS+=("model: ${MODEL:-NONE (steps 4 to 7 skipped)}")
     local check=("$PY" bench/gpu_check.py)
     local common=(--model "$MODEL" --device "$DEVICE" --summary "$SUMMARY")
     if want kernels; then
@@ -126,6 +128,10 @@ main() {
     fi
     if want runtime && [[ -n $MODEL ]]; then
         run_step "6. Runtime processes" 90 "${check[@]}" runtime "${common[@]}" --budget 60
+    fi
+    if want serving && [[ -n $MODEL ]]; then
+        run_step "7. serving benchmark" 120 \
+            "${check[@]}" serving "${common[@]}" "${SERVING_SIZES[@]}"
     fi
     echo
     echo "==================== SUMMARY (t=${SECONDS}s) ===================="
