@@ -324,7 +324,8 @@ class Greedy:
 
     def check_decode_graphs(self) -> Result:
         """The chat prompts through the scheduler with its CUDA graphs (on by default on CUDA)
-        and with --disable-cuda-graph: the same tokens, and the graphs were replayed."""
+        and with --disable-cuda-graph: FAIL if no graph was replayed; PASS if the tokens are
+        the same, else INFO with transformers' margin where they part."""
         if self.device.type != "cuda":
             return "SKIP", "no CUDA graphs on this device"
         graphed, _, s = self.schedule(self.prompts, self.args.new_tokens, max_total_tokens=16384)
@@ -333,12 +334,12 @@ class Greedy:
             return "FAIL", "the scheduler captured no decode graphs"
         launched, _, _ = self.schedule(self.prompts, self.args.new_tokens,
                                        max_total_tokens=16384, disable_cuda_graph=True)  # fmt: skip
-        same = sum(a == b for a, b in zip(graphed, launched, strict=True))
-        detail = (
-            f"{same}/{len(graphed)} outputs equal without graphs; {graphs.replays} steps "
-            f"replayed, {len(graphs.sizes)} graphs captured in {graphs.capture_seconds:.1f}s"
-        )
-        return verdict(same == len(graphed) and graphs.replays > 0), detail
+        # equal but for near-ties: decode splits differ (fixed per graph), so sums are ordered
+        # differently (fp32 ulps); transformers' margin at a divergence says which
+        status, detail = compare_tokens(graphed, launched, self.prompts, self.hf, strict=False)
+        captured = f"{len(graphs.sizes)} graphs captured in {graphs.capture_seconds:.1f}s"
+        detail += f" (graphs against launches); {graphs.replays} steps replayed, {captured}"
+        return (status if graphs.replays else "FAIL"), detail
 
     def check_shared_prefix(self) -> Result:
         prompts, new = e2e_tests.shared_prefix_prompts(), e2e_tests.NEW

@@ -74,7 +74,13 @@ def build_scheduler(args: ServerArgs, model: LlamaForCausalLM | None = None) -> 
         backend = "triton" if torch.device(args.device).type == "cuda" else "torch"
     runner = ModelRunner(model, token_pool, req_pool, backend, deterministic=args.deterministic)
     if args.graph_max_bs is not None:
-        runner.capture_decode_graphs(args.graph_max_bs)
+        try:
+            runner.capture_decode_graphs(args.graph_max_bs)
+        except Exception as exc:
+            raise RuntimeError(
+                f"capturing CUDA graphs for decode failed ({type(exc).__name__}: {exc}); "
+                "--disable-cuda-graph decodes without them"
+            ) from exc
     disk = None
     if args.kv_storage_dir is not None:
         disk = DiskStore(args.kv_storage_dir, token_pool, args.model, args.kv_storage_size)

@@ -124,7 +124,8 @@ def test_graphs_need_a_graph_safe_backend_and_a_cuda_device(model: LlamaForCausa
         with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
             make_runner(model).capture_decode_graphs(2, "cuda")
     with pytest.raises(ValueError, match="unknown graph mode"):
-        DecodeGraphs(make_runner(model), 2, "lazy")
+        runner = make_runner(model)
+        DecodeGraphs(model, runner.backend, CONTEXT, 2, "lazy")
 
 
 def test_server_args_choose_and_refuse_graphs() -> None:

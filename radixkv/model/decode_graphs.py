@@ -11,11 +11,12 @@ bucket `B >= bs`: its tensors are copied into the first `bs` entries and entries
 padding that touches nothing real: request row 0 (never handed out; its zeros point at the padding
 slot), sequence length 1, and the new K/V written to slot 0 (the pool's reserved padding page). The
 attention backend's per-batch metadata is computed inside the graph from the buffers; its decode
-split count is fixed per bucket, chosen for the longest context the request rows allow. A graph's
-logits live in its own output buffer: `replay` returns a view of it, valid until the next replay.
+split count is fixed per bucket, chosen for the longest context the request rows allow. Every
+graph copies its logits into one shared buffer: `replay` returns a view of it, valid until the next
+replay.
 
 On a machine without a GPU there is nothing to capture: `mode="eager"` runs the same buffers,
-buckets and padding and, on replay, the step again into the same output buffer. That is what the
+buckets and padding and, on replay, the step again into the same logits buffer. That is what the
 CPU test suite checks (tests/test_decode_graphs.py, through the Triton interpreter); the capture
 itself runs on a GPU in `bench/gpu_check.py`.
 """
@@ -26,14 +27,14 @@ import bisect
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from contextlib import nullcontext
+from typing import Any
 
 import torch
 
+from radixkv.model.attention import AttentionBackend
 from radixkv.model.forward_batch import ForwardBatch, ForwardMode
-
-if TYPE_CHECKING:
-    from radixkv.model.model_runner import ModelRunner
+from radixkv.model.llama import LlamaForCausalLM
 
 log = logging.getLogger("radixkv.model")
 
@@ -52,16 +53,15 @@ def graph_batch_sizes(max_bs: int) -> list[int]:
 
 
 class _EagerGraph:
-    """A stand-in for a CUDA graph where there is none: replay runs the step again and copies its
-    result into the buffer the capture returned, so callers see a graph's aliasing."""
+    """A stand-in for a CUDA graph where there is none: replay runs the step again (which writes
+    its result into the shared logits buffer, as the graph would)."""
 
-    def capture(self, step: Step) -> torch.Tensor:
+    def capture(self, step: Step) -> None:
         self.step = step
-        self.out = step()
-        return self.out
+        step()
 
     def replay(self) -> None:
-        self.out.copy_(self.step())
+        self.step()
 
 
 class _CudaGraph:
@@ -73,7 +73,7 @@ class _CudaGraph:
         self.stream = stream
         self.graph = torch.cuda.CUDAGraph()
 
-    def capture(self, step: Step) -> torch.Tensor:
+    def capture(self, step: Step) -> None:
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             for _ in range(WARMUP_RUNS):
@@ -81,61 +81,74 @@ class _CudaGraph:
         torch.cuda.current_stream().wait_stream(self.stream)
         torch.cuda.synchronize()
         with torch.cuda.graph(self.graph, pool=self.pool, stream=self.stream):
-            out = step()
+            step()
         torch.cuda.synchronize()
-        return out
 
     def replay(self) -> None:
         self.graph.replay()
 
 
 class DecodeGraphs:
-    """Captured decode steps of `runner` for every bucket up to `max_bs` requests."""
+    """Captured decode steps of a model for every bucket up to `max_bs` requests."""
 
-    def __init__(self, runner: ModelRunner, max_bs: int, mode: str = "cuda") -> None:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        backend: AttentionBackend,
+        max_context_len: int,
+        max_bs: int,
+        mode: str = "cuda",
+    ) -> None:
+        """Capture `model`'s decode steps over `backend` for request rows of `max_context_len`
+        positions (`ModelRunner.capture_decode_graphs` passes its own). The graphs hold the
+        addresses of the weights, rotary tables and pools as they are now: moving the model or
+        replacing a pool afterwards needs a new capture."""
         if mode not in MODES:
             raise ValueError(f"unknown graph mode {mode!r}; choose one of {', '.join(MODES)}")
-        if mode == "cuda" and runner.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA device; the model is on {runner.device}")
-        if not runner.backend.graph_safe:
+        if mode == "cuda" and model.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; the model is on {model.device}")
+        if not backend.graph_safe:
             raise ValueError(
-                f"{type(runner.backend).__name__} prepares each batch on the host, which a CUDA "
+                f"{type(backend).__name__} prepares each batch on the host, which a CUDA "
                 "graph cannot replay: use the triton attention backend"
             )
-        self.runner = runner
+        self.model = model
+        self.backend = backend
         self.mode = mode
         self.max_bs = max_bs
         self.sizes = graph_batch_sizes(max_bs)
         # the longest sequence a request row holds and the rotary tables reach
-        self.max_seq_len = min(
-            runner.req_pool.max_context_len, runner.model.config.max_position_embeddings
-        )
-        device = runner.device
+        self.max_seq_len = min(max_context_len, model.config.max_position_embeddings)
+        device = self.device = model.device
         self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)
         self.req_rows = torch.zeros(max_bs, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(max_bs, dtype=torch.int64, device=device)
         self.out_cache_loc = torch.zeros(max_bs, dtype=torch.int64, device=device)
         self.ones = torch.ones(max_bs, dtype=torch.int64, device=device)
+        # every graph copies its logits here: one buffer, not one per bucket (at 256 requests
+        # and a 128k vocabulary the buckets' own would hold ~2 GB)
+        vocab = model.config.vocab_size
+        self.logits = torch.zeros((max_bs, vocab), dtype=torch.float32, device=device)
         self.graphs: dict[int, _EagerGraph | _CudaGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
         self.replays = 0
         self.capture_seconds = self._capture()
 
     def _capture(self) -> float:
         start = time.perf_counter()
-        before = torch.cuda.memory_allocated(self.runner.device) if self.mode == "cuda" else 0
-        pool = torch.cuda.graph_pool_handle() if self.mode == "cuda" else None
-        stream = torch.cuda.Stream(self.runner.device) if self.mode == "cuda" else None
-        with torch.inference_mode():
+        cuda = self.mode == "cuda"
+        with torch.inference_mode(), torch.cuda.device(self.device) if cuda else nullcontext():
+            before = torch.cuda.memory_reserved() if cuda else 0
+            pool = torch.cuda.graph_pool_handle() if cuda else None
+            stream = torch.cuda.Stream() if cuda else None
             for bs in reversed(self.sizes):  # the largest first: the smaller reuse its memory
                 graph = _CudaGraph(pool, stream) if stream is not None else _EagerGraph()
-                self.outputs[bs] = graph.capture(self._step_of(self.static_batch(bs)))
+                graph.capture(self._step_of(self.static_batch(bs)))
                 self.graphs[bs] = graph
+            used = torch.cuda.memory_reserved() - before if cuda else 0
         seconds = time.perf_counter() - start
-        used = torch.cuda.memory_allocated(self.runner.device) - before if stream else 0
         log.info(
-            "decode graphs (%s): %d batch sizes, 1..%d, captured in %.1f s (%.0f MiB)",
+            "decode graphs (%s): %d batch sizes, 1..%d, captured in %.1f s (%.0f MiB reserved)",
             self.mode, len(self.sizes), self.max_bs, seconds, used / 2**20,
         )  # fmt: skip
         return seconds
@@ -160,8 +173,10 @@ class DecodeGraphs:
         """The step a graph captures: the backend's per-batch work and the model, on `batch`."""
 
         def step() -> torch.Tensor:
-            self.runner.backend.init_forward(batch)
-            return self.runner.model(batch, self.runner.backend)
+            self.backend.init_forward(batch)
+            logits = self.logits[: batch.batch_size]
+            logits.copy_(self.model(batch, self.backend))
+            return logits
 
         return step
 
@@ -193,4 +208,4 @@ class DecodeGraphs:
             self.out_cache_loc[bs:bucket].zero_()
         self.graphs[bucket].replay()
         self.replays += 1
-        return self.outputs[bucket][:bs]
+        return self.logits[:bs]

@@ -167,7 +167,9 @@ class ModelRunner:
         """Capture decode steps of up to `max_bs` requests as CUDA graphs, which `forward`
         replays from now on (`decode_graphs.py`; `mode="eager"`: the same path without a GPU)."""
         self.decode_graphs = None
-        self.decode_graphs = DecodeGraphs(self, max_bs, mode)
+        self.decode_graphs = DecodeGraphs(
+            self.model, self.backend, self.req_pool.max_context_len, max_bs, mode
+        )
         return self.decode_graphs
 
     @torch.inference_mode()
