@@ -15,13 +15,11 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-
-import transformers
+pytest.importorskip("transformers")
 
 from radixkv.config import ServerArgs
 from radixkv.mem.req_to_token_pool import ReqToTokenPool
 from radixkv.mem.token_to_kv_pool import TokenToKVPool
-from radixkv.model.config import ModelConfig
 from radixkv.model.decode_graphs import DecodeGraphs, graph_batch_sizes
 from radixkv.model.llama import LlamaForCausalLM
 from radixkv.model.model_runner import ModelRunner, kv_layout
@@ -36,20 +34,10 @@ MODE = "eager" if INTERPRET else "cuda"
 CONTEXT = 128  # request rows' width: the graphs' decode splits are chosen for it
 
 
-@pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
+@pytest.fixture
+def model(tiny_llama) -> LlamaForCausalLM:
     """A random Llama of 2 layers, 4 heads over 2 KV heads of 64."""
-    torch.manual_seed(0)
-    hf_config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    with torch.device("meta"):
-        ours = LlamaForCausalLM(ModelConfig.from_hf_dict(hf_config.to_dict()))
-    ours.load_hf_state_dict(hf.state_dict())
-    return ours.to(DEVICE)
+    return tiny_llama(DEVICE)
 
 
 def make_runner(model: LlamaForCausalLM) -> ModelRunner:

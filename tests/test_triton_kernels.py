@@ -221,30 +221,20 @@ def test_extend_rounds_new_tokens_through_a_bf16_pool() -> None:
 
 
 @pytest.mark.parametrize("kv_cache_dtype", [None, "int8", "fp8_e4m3"])
-def test_model_runner_with_triton_backend_matches_torch_backend(kv_cache_dtype: str | None) -> None:
+def test_model_runner_with_triton_backend_matches_torch_backend(
+    kv_cache_dtype: str | None, tiny_llama
+) -> None:
     """A tiny random Llama (2 layers, 4 heads over 2 KV heads, head dim 64) generates the same
     greedy tokens with both backends, through a mixed extend batch with a prefix hit and batched
     decodes over ragged lengths; logits agree to fp32 round-off."""
-    transformers = pytest.importorskip("transformers")
-    from radixkv.model.config import ModelConfig
-    from radixkv.model.llama import LlamaForCausalLM
+    pytest.importorskip("transformers")
     from radixkv.model.model_runner import ModelRunner, kv_layout
     from radixkv.model.torch_backend import TorchNativeBackend
     from radixkv.model.triton_backend import TritonAttentionBackend
     from radixkv.protocol import SamplingParams
     from radixkv.testing import PoolDriver
 
-    torch.manual_seed(0)
-    hf_config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    with torch.device("meta"):
-        model = LlamaForCausalLM(ModelConfig.from_hf_dict(hf_config.to_dict()))
-    model.load_hf_state_dict(hf.state_dict())
-    model = model.to(DEVICE)
+    model = tiny_llama(DEVICE)
 
     def run(backend_cls: type, **extra: int) -> tuple[list[list[int]], list[torch.Tensor]]:
         config = model.config

@@ -166,7 +166,7 @@ class ModelRunner:
     def capture_decode_graphs(self, max_bs: int, mode: str = "cuda") -> DecodeGraphs:
         """Capture decode steps of up to `max_bs` requests as CUDA graphs, which `forward`
         replays from now on (`decode_graphs.py`; `mode="eager"`: the same path without a GPU)."""
-        self.decode_graphs = None
+        self.decode_graphs = None  # the old graphs' memory goes back before the new capture
         self.decode_graphs = DecodeGraphs(
             self.model, self.backend, self.req_pool.max_context_len, max_bs, mode
         )
