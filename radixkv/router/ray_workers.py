@@ -2,8 +2,9 @@
 
 Each actor holds one runtime process (`radixkv.Runtime`) on the node Ray placed it on, listening
 on that node's address with the router's key, with `--ray-worker-cpus` / `--ray-worker-gpus`
-reserved for it. Ray restarts an actor whose process died (`max_restarts=-1`); an actor whose
-runtime died starts it again when the router asks for its endpoint. Ray carries only the launch
+reserved for it. Ray restarts an actor whose process died (`max_restarts=-1`); a runtime the
+router lost is started again by its actor when the router asks (`WorkerActor.restart`, as local
+workers are restarted). Ray carries only the launch
 options and endpoints (its own transport); requests go from the router to the runtimes over ZMQ,
 as with local workers.
 """
@@ -49,9 +50,17 @@ class WorkerActor:
     def endpoint(self) -> str:
         """The runtime's endpoint, starting it again first if it died."""
         if self.runtime is None or self.runtime.process.poll() is not None:
-            if self.runtime is not None:
-                self.runtime.shutdown(timeout=5)
-            self._start()
+            return self.restart()
+        endpoint: str = self.runtime.endpoint
+        return endpoint
+
+    def restart(self) -> str:
+        """A new runtime's endpoint, the old one shut down whatever its state. The router asks
+        when it lost the connection, which it can see before the dying process can be reaped:
+        restarting only a process `poll()` saw exit handed the dead endpoint back then."""
+        if self.runtime is not None:
+            self.runtime.shutdown(timeout=5)
+        self._start()
         endpoint: str = self.runtime.endpoint
         return endpoint
 
@@ -102,7 +111,7 @@ class RayWorkers(WorkerPool):
     def restart(self, index: int, timeout: float) -> str | None:
         import ray
 
-        endpoint: str = ray.get(self.actors[index].endpoint.remote(), timeout=timeout)
+        endpoint: str = ray.get(self.actors[index].restart.remote(), timeout=timeout)
         return endpoint
 
     def shutdown(self) -> None:
