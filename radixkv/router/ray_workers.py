@@ -57,7 +57,7 @@ class WorkerActor:
     def restart(self) -> str:
         """A new runtime's endpoint, the old one shut down whatever its state. The router asks
         when it lost the connection, which it can see before the dying process can be reaped:
-        restarting only a process `poll()` saw exit handed the dead endpoint back then."""
+        restarting only a process `poll()` saw exit could hand the dead endpoint back."""
         if self.runtime is not None:
             self.runtime.shutdown(timeout=5)
         self._start()
