@@ -17,6 +17,7 @@ Guards that apply to every policy:
 
 from __future__ import annotations
 
+import os
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -25,9 +26,19 @@ from radixkv.mem import RadixCache
 from radixkv.mem.radix_cache import TreeNode
 from radixkv.scheduler.req import Req
 
+# Cache-aware orders mark each looked-at waiting request's cached prefix used now (see
+# `SchedulePolicy`); RADIXKV_REFRESH_WAITING=0 turns it off (A/B runs, docs/cache.md).
+REFRESH_WAITING = os.environ.get("RADIXKV_REFRESH_WAITING", "1") != "0"
+
 
 class SchedulePolicy:
-    """Orders the waiting queue for one admission round."""
+    """Orders the waiting queue for one admission round.
+
+    Cache-aware orders (`lpm`, `dfs-weight`) look up each request of the window in the tree
+    without splitting edges, and mark the node its prefix reaches used now (`refresh_waiting`,
+    as SGLang's prefix match does for its waiting requests): a prefix a queued request will reuse
+    does not age while it waits, so under memory pressure the eviction policies take other leaves
+    first (docs/cache.md, "Waiting requests")."""
 
     def __init__(
         self,
@@ -38,11 +49,13 @@ class SchedulePolicy:
         window: int = 256,
         share_len: int = 32,
         seed: int = 0,
+        refresh_waiting: bool = REFRESH_WAITING,
     ) -> None:
         if tree.disable and policy in ("lpm", "dfs-weight"):
             policy = "fcfs"  # nothing is cached: cache-aware orders degenerate to noise
         self.policy = policy
         self.tree = tree
+        self.refresh_waiting = refresh_waiting
         self.max_skips = max_skips
         self.window = window
         self.share_len = share_len
@@ -64,6 +77,8 @@ class SchedulePolicy:
         if self.cache_aware:
             for r in head:
                 r.match_len, r.match_node = self.tree.peek_prefix(r.tree_ids)
+            if self.refresh_waiting:
+                self.tree.refresh([r.match_node for r in head if r.match_len])
         if self.policy == "lpm":
             head.sort(key=lambda r: (-r.match_len, r.wait_order))
         elif self.policy == "dfs-weight":

@@ -274,6 +274,22 @@ class HierarchyMachine(RuleBasedStateMachine):
         self.mgr.release(r.seq)
         self.drop(r)
 
+    @rule(segments=st.lists(st.integers(0, 2), min_size=1, max_size=5))
+    def refresh_waiting(self, segments):
+        """A queued request's cached prefix marked used (`SchedulePolicy` does it each round):
+        the node its peek ends in becomes the newest, nothing split, nothing evicted."""
+        prompt = [t for s in segments for t in [s * 10 + j % 2 for j in range(self.seg)]] + [99]
+        matched, node = self.tree.peek_prefix(prompt)
+        if not matched:
+            return
+        before = tree_contents(self.tree)
+        self.tree.refresh([node])
+        assert tree_contents(self.tree) == before
+        path, page = self.tree.path_of(node), self.page_size
+        self.ref.clock += 1
+        for i in range(node.depth + page, node.depth + len(node.key) + 1, page):
+            self.ref.entries[tuple(path[:i])][1] = self.ref.clock
+
     @rule(n=st.integers(0, 40))
     def evict(self, n):
         evictable = self.tree.evictable_size()

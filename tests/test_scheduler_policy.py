@@ -54,16 +54,35 @@ def test_random_is_a_seeded_permutation():
     assert rids(a) != rids(waiting)
 
 
-def test_lpm_puts_longest_cached_prefix_first_and_does_not_touch_the_tree():
+def test_lpm_puts_longest_cached_prefix_first_and_does_not_split_edges():
     tree = make_tree()
     cache(tree, list(range(100, 140)))
     cache(tree, list(range(200, 210)))
     before = tree.pretty_print()
-    waiting = reqs([7, 7, 7], list(range(200, 215)), list(range(100, 150)))
-    ordered, _ = SchedulePolicy("lpm", tree).order(waiting)
+    waiting = reqs([7, 7, 7], list(range(200, 215)), list(range(100, 120)))
+    ordered, _ = SchedulePolicy("lpm", tree, refresh_waiting=False).order(waiting)
     assert rids(ordered) == ["r2", "r1", "r0"]
-    assert [r.match_len for r in ordered] == [40, 10, 0]
+    assert [r.match_len for r in ordered] == [19, 10, 0]
     assert tree.pretty_print() == before  # peeking neither splits edges nor touches times
+    SchedulePolicy("lpm", tree).order(waiting)
+    after = tree.pretty_print()
+    assert after != before and after.count("len=") == before.count("len=")  # touched, not split
+
+
+@pytest.mark.parametrize("eviction_policy", ["lru", "gdsf"])
+def test_a_waiting_requests_prefix_is_evicted_after_the_others(eviction_policy):
+    """Under memory pressure a prefix a queued request will reuse goes after the other leaves,
+    however long ago it was cached; without the refresh it would go first (the oldest)."""
+    for refresh in (True, False):
+        tree = RadixCache(TokenToKVPool(KVLayout(1, 1, 2), 1024), eviction_policy=eviction_policy)
+        wanted, other = list(range(100, 140)), list(range(200, 240))
+        cache(tree, wanted)  # the older of the two
+        cache(tree, other)
+        waiting = reqs([*wanted, 1, 2, 3])
+        SchedulePolicy("lpm", tree, refresh_waiting=refresh).order(waiting)
+        assert tree.evict(40) == 40
+        assert tree.peek_prefix([*wanted, 0])[0] == (40 if refresh else 0)
+        assert tree.peek_prefix([*other, 0])[0] == (0 if refresh else 40)
 
 
 def test_dfs_weight_visits_heavier_subtrees_first():

@@ -169,6 +169,17 @@ class RadixCache:
                 break
         return pos, node
 
+    def refresh(self, nodes: Sequence[TreeNode]) -> None:
+        """Mark `nodes` (where `peek_prefix` ended for the requests of a queue) used now: one
+        tick of the access clock for all of them, no hit counted. Waiting requests will reuse
+        them (`SchedulePolicy`), so they should not look stale to the eviction policy while
+        the requests wait."""
+        nodes = [n for n in nodes if n is not self.root]
+        if nodes:
+            self._clock += 1
+            for node in nodes:
+                self._touch(node)
+
     def path_of(self, node: TreeNode) -> list[int]:
         """The keys from the root to the end of `node`."""
         return self._path(node)
