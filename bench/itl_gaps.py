@@ -7,8 +7,9 @@ what `radixkv bench` reports) p50 and p99; the requests whose prompts were (most
 cached (`cached_tokens` under half the prompt), with when they were sent and their TTFT; the
 largest gaps; and, per `--bin` seconds of the run, how many gaps ended there and how many of them
 were slower than `--factor` times the p50 (issue 13's target is p99 <= 3x p50: at most 1 % of
-the gaps may be slower). A gap ends when its token arrives: the request's send time plus its TTFT
-plus its gaps so far.
+the gaps may be slower), and how many requests were decoding (first token received, not finished)
+at the middle of each bin. A gap ends when its token arrives: the request's send time plus its
+TTFT plus its gaps so far.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ def report(path: Path, factor: float, width: float) -> None:
     print(f"  gaps over {factor:g}x p50 ({slow:.3f} s): {total} = {total / len(gaps):.1%} of all")
     print(f"  per {width:g} s, over / all: "
           + " ".join(f"{o}/{e}" for o, e in zip(over, every, strict=True)))  # fmt: skip
+    spans = [(r["sent"] - start + r["ttft"], r["finished"] - start) for r in reqs]
+    decoding = [sum(a <= (i + 0.5) * width < b for a, b in spans) for i in range(n_bins)]
+    print(f"  requests decoding at the middle of each {width:g} s: "
+          + " ".join(map(str, decoding)))  # fmt: skip
 
 
 def main() -> None:
