@@ -35,7 +35,7 @@ class SchedulePolicy:
     """Orders the waiting queue for one admission round.
 
     Cache-aware orders (`lpm`, `dfs-weight`) look up each request of the window in the tree
-    without splitting edges, and mark the node its prefix reaches used now (`refresh_waiting`,
+    without splitting edges, and mark the path its prefix reaches used now (`refresh_waiting`,
     as SGLang's prefix match does for its waiting requests): a prefix a queued request will reuse
     does not age while it waits, so under memory pressure the eviction policies take other leaves
     first (docs/cache.md, "Waiting requests")."""

@@ -277,7 +277,7 @@ class HierarchyMachine(RuleBasedStateMachine):
     @rule(segments=st.lists(st.integers(0, 2), min_size=1, max_size=5))
     def refresh_waiting(self, segments):
         """A queued request's cached prefix marked used (`SchedulePolicy` does it each round):
-        the node its peek ends in becomes the newest, nothing split, nothing evicted."""
+        the path to the node its peek ends in becomes the newest, nothing split or evicted."""
         prompt = [t for s in segments for t in [s * 10 + j % 2 for j in range(self.seg)]] + [99]
         matched, node = self.tree.peek_prefix(prompt)
         if not matched:
@@ -287,7 +287,7 @@ class HierarchyMachine(RuleBasedStateMachine):
         assert tree_contents(self.tree) == before
         path, page = self.tree.path_of(node), self.page_size
         self.ref.clock += 1
-        for i in range(node.depth + page, node.depth + len(node.key) + 1, page):
+        for i in range(page, len(path) + 1, page):
             self.ref.entries[tuple(path[:i])][1] = self.ref.clock
 
     @rule(n=st.integers(0, 40))

@@ -170,15 +170,18 @@ class RadixCache:
         return pos, node
 
     def refresh(self, nodes: Sequence[TreeNode]) -> None:
-        """Mark `nodes` (where `peek_prefix` ended for the requests of a queue) used now: one
-        tick of the access clock for all of them, no hit counted. Waiting requests will reuse
-        them (`SchedulePolicy`), so they should not look stale to the eviction policy while
-        the requests wait."""
-        nodes = [n for n in nodes if n is not self.root]
-        if nodes:
-            self._clock += 1
-            for node in nodes:
-                self._touch(node)
+        """Mark `nodes` (where `peek_prefix` ended for the requests of a queue) and the paths to
+        them used now, as a match would: one tick of the access clock for all of them, no hit
+        counted, no edge split. Waiting requests will reuse them (`SchedulePolicy`), so they
+        should not look stale to the eviction policy while the requests wait."""
+        self._clock += 1
+        seen: set[int] = set()
+        for node in nodes:
+            walk: TreeNode | None = node
+            while walk is not None and walk is not self.root and id(walk) not in seen:
+                seen.add(id(walk))
+                self._touch(walk)
+                walk = walk.parent
 
     def path_of(self, node: TreeNode) -> list[int]:
         """The keys from the root to the end of `node`."""
