@@ -94,6 +94,7 @@ def evict_cost(sizes: list[int], evictions: int = 500) -> list[dict]:
 
 
 DEPTH_ODDS_HORIZONS = (16, 32, 64, 128, 256, 512)  # clock ticks (traces.DepthOddsCache)
+SESSION_POLICIES = ("lru", "gdsf")  # replayed again with the conversations as sessions
 
 
 def compare_policies(args: argparse.Namespace) -> None:
@@ -118,6 +119,17 @@ def compare_policies(args: argparse.Namespace) -> None:
               f"{unbounded.hit_rate:.4f}, offline optimum (Belady) "
               f"{optimum.hit_rate:.4f}")  # fmt: skip
         gap = optimum.hit_rate - lru.hit_rate
+        sessions = {
+            p: best_replay(
+                events, capacity, args.page_size, args.concurrency, args.repeats, p, sessions=True
+            )
+            for p in SESSION_POLICIES
+        }
+        for policy, st in sessions.items():
+            closed = f", {(st.hit_rate - lru.hit_rate) / gap:.0%} of the gap" if gap > 0 else ""
+            print(f"  {policy} with sessions closed after each conversation's last turn (online: "
+                  f"the client says so): {st.hit_rate:.4f}{closed}, replay "
+                  f"{st.ops_per_s / rows[policy].ops_per_s:.2f}x {policy}'s ops/s")  # fmt: skip
         if gap > 0:
             print(f"  lru that knows which paths are never used again (offline): "
                   f"{ends.hit_rate:.4f}, {(ends.hit_rate - lru.hit_rate) / gap:.0%} "
@@ -162,7 +174,7 @@ def _trace(kind: str, wl: Any, args: argparse.Namespace, path: Path) -> tuple[li
     events = generate(wl, concurrency=args.concurrency, seed=args.seed)
     capacity = int(unique_tokens(events) * args.capacity_frac)
     header = {
-        "version": 2,
+        "version": 3,
         "workload": kind,
         "params": dataclasses.asdict(wl),
         "seed": args.seed,

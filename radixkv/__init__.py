@@ -24,6 +24,7 @@ _EXPORTS = {
     "Stats": "radixkv.protocol",
     "ChatMessage": "radixkv.protocol",
     "SamplingParams": "radixkv.protocol",  # the keyword arguments of generate/chat, as a struct
+    "SessionParams": "radixkv.protocol",  # session= of any call: the request it continues
 }
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "RuntimeStartError",
     "SamplingParams",
     "ServerArgs",
+    "SessionParams",
     "Stats",
     "Stream",
 ]
@@ -49,7 +51,7 @@ if TYPE_CHECKING:
     from radixkv.client.sync import Client
     from radixkv.config import ServerArgs
     from radixkv.launcher import Runtime, RuntimeStartError
-    from radixkv.protocol import ChatMessage, SamplingParams, Stats
+    from radixkv.protocol import ChatMessage, SamplingParams, SessionParams, Stats
 
 
 def __getattr__(name: str) -> Any:

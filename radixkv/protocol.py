@@ -116,6 +116,20 @@ class ChatMessage(msgspec.Struct, frozen=True):
 # ---- client → runtime ---------------------------------------------------------------------------
 
 
+class SessionParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A generate request's place in a session (SGLang's `session_params`,
+    `radixkv.frontend.sessions`): it continues request `rid` of session `id` (its prompt and
+    output, the first `offset` tokens of them if given, its prompt only with
+    `drop_previous_output`), or starts a new branch without `rid`; `replace` forgets what
+    continued `rid` before (the whole session without `rid`), aborting what still runs."""
+
+    id: str
+    rid: str | None = None
+    offset: Int | None = None
+    replace: bool = False
+    drop_previous_output: bool = False
+
+
 class GenerateRequest(msgspec.Struct, tag="generate", kw_only=True, forbid_unknown_fields=True):
     """Exactly one of `text`, `messages` (chat, templated by the runtime) or `input_ids`; a field
     this runtime does not know is refused, never ignored."""
@@ -130,6 +144,7 @@ class GenerateRequest(msgspec.Struct, tag="generate", kw_only=True, forbid_unkno
     # shares cached KV only with requests of the same salt (vLLM's name): closes the side
     # channel of cached_tokens and TTFT between users who must not see each other's prompts
     cache_salt: str | None = None
+    session: SessionParams | None = None  # the prompt continues a session's earlier request
 
 
 def salted_key_head(first_token: int, salt: str) -> int:
@@ -199,8 +214,49 @@ class GetServerInfoRequest(msgspec.Struct, tag="get_server_info", kw_only=True):
     api_key: str | None = None
 
 
+class OpenSessionRequest(
+    msgspec.Struct, tag="open_session", kw_only=True, forbid_unknown_fields=True
+):
+    """Open a session (SGLang's `open_session`): `session_id`, or a new one when None;
+    `capacity_of_str_len` caps its requests' prompts, history included, in tokens (0: only the
+    context length). Its requests must carry the same `cache_salt`. Answered `SessionReply`."""
+
+    rid: str = ""
+    session_id: str | None = None
+    capacity_of_str_len: Int = 0
+    cache_salt: str | None = None
+    api_key: str | None = None
+
+
+class CloseSessionRequest(
+    msgspec.Struct, tag="close_session", kw_only=True, forbid_unknown_fields=True
+):
+    """Close a session: it can no longer be continued, and the cache evicts the prefixes only
+    it used before any other (its running requests finish). Answered `SessionReply`."""
+
+    rid: str = ""
+    session_id: str
+    cache_salt: str | None = None
+    api_key: str | None = None
+
+
+class DemoteRequest(msgspec.Struct, tag="demote", kw_only=True, forbid_unknown_fields=True):
+    """Prefixes no one needs any more (a router's closed session, for the runtimes that may hold
+    them): each path past its first `shared` tokens is evicted before other prefixes until it is
+    used again (`RadixCache.demote`). Answered with nothing."""
+
+    rid: str = ""
+    paths: list[list[Int]]
+    shared: list[Int]
+    cache_salt: str | None = None
+    api_key: str | None = None
+
+
 ClientMessage = (
     GenerateRequest
+    | OpenSessionRequest
+    | CloseSessionRequest
+    | DemoteRequest
     | AbortRequest
     | FlushCacheRequest
     | GetStatsRequest
@@ -270,6 +326,7 @@ class Stats(msgspec.Struct, kw_only=True):
     cached_tokens: int = 0
     generated_tokens: int = 0
     evicted_tokens: int = 0
+    demoted_tokens: int = 0  # cached tokens closed sessions marked to be evicted first
     retractions: int = 0
     prefill_steps: int = 0  # extend batches run (prefill chunks, riders included)
     raised_prefill_steps: int = 0  # of those, with a budget --ttft-target raised for late prompts
@@ -313,6 +370,13 @@ class WorkerStats(msgspec.Struct, kw_only=True):
     stats: Stats | None = None
 
 
+class SessionReply(msgspec.Struct, tag="session", kw_only=True):
+    """A session opened or closed."""
+
+    rid: str
+    session_id: str
+
+
 class StatsReply(msgspec.Struct, tag="stats", kw_only=True):
     rid: str
     stats: Stats
@@ -349,6 +413,7 @@ RuntimeReply = (
     | TokenizeReply
     | DetokenizeReply
     | ServerInfoReply
+    | SessionReply
 )
 
 
@@ -368,8 +433,21 @@ class ShutdownRequest(msgspec.Struct, tag="shutdown"):
     pass
 
 
+class DemotePaths(msgspec.Struct, tag="demote_paths", kw_only=True):
+    """Tree keys of paths no one needs any more, each past its first `shared` tokens
+    (`RadixCache.demote`)."""
+
+    keys: list[list[int]]
+    shared: list[int]
+
+
 SchedulerMessage = (
-    TokenizedRequest | AbortRequest | FlushCacheRequest | GetStatsRequest | ShutdownRequest
+    TokenizedRequest
+    | AbortRequest
+    | FlushCacheRequest
+    | GetStatsRequest
+    | DemotePaths
+    | ShutdownRequest
 )
 
 

@@ -28,6 +28,7 @@ from radixkv.protocol import (
     AbortRequest,
     BatchOutput,
     CacheEvents,
+    DemotePaths,
     Fatal,
     FlushCacheRequest,
     FlushReply,
@@ -173,6 +174,8 @@ class SchedulerLoop:
             self.send.send(self.encoder.encode(FlushReply(rid=msg.rid, ok=ok, message=message)))
         elif isinstance(msg, GetStatsRequest):
             self.send.send(self.encoder.encode(StatsReply(rid=msg.rid, stats=sched.get_stats())))
+        elif isinstance(msg, DemotePaths):
+            sched.demote(msg.keys, msg.shared)
         elif isinstance(msg, ShutdownRequest):
             self.running = False
 

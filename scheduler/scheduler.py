@@ -193,6 +193,11 @@ class Scheduler(Admission):
             s.storage_evicted_blocks = disk.evicted_blocks
         return s
 
+    def demote(self, keys: list[list[int]], shared: list[int]) -> None:
+        """Paths of closed sessions: evicted before other prefixes (`RadixCache.demote`)."""
+        for key, keep in zip(keys, shared, strict=True):
+            self.stats.demoted_tokens += self.mgr.tree.demote(key, keep)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.chunked or self.compiling)
 

@@ -20,6 +20,7 @@ from radixkv.config import ServerArgs
 from radixkv.protocol import (
     AbortRequest,
     BatchOutput,
+    DemotePaths,
     Fatal,
     FlushCacheRequest,
     FlushReply,
@@ -116,6 +117,10 @@ def run_fake_scheduler(
                 busy = f"cannot flush the cache with {len(reqs)} requests in flight"
                 reply = FlushReply(rid=msg.rid, ok=not reqs, message=busy if reqs else "")
                 send.send(enc.encode(reply))
+            elif isinstance(msg, DemotePaths):  # counted, so that tests see it arrive
+                stats.demoted_tokens += sum(
+                    len(k) - n for k, n in zip(msg.keys, msg.shared, strict=True)
+                )
             elif isinstance(msg, ShutdownRequest):
                 break
             continue

@@ -95,7 +95,8 @@ GENERATE = {
     "return_logprob": (True, OK),
     "logprob_start_len": (0, REFUSED),  # without return_logprob (with it: test_http_openai)
     "top_logprobs_num": (2, REFUSED),
-    "rid": ("abc", REFUSED),
+    "rid": ("abc", OK),  # the request's id (a session continues it by this)
+    "session_params": ({"id": "no-such-session"}, REFUSED),  # open: tests/test_sessions.py
     "lora_path": ("x", REFUSED),
     "cache_salt": ("tenant-a", OK),
     "priority": (1, OK),  # SGLang's top-level field (see SHARED)

@@ -34,6 +34,7 @@ from radixkv.mem.host_tier import HostTier
 from radixkv.mem.radix_cache import TreeNode
 
 Prefix = tuple[int, ...]
+DEMOTED = 1 << 40  # a demoted page's reference time is its last touch minus this
 
 
 class Reference:
@@ -174,7 +175,7 @@ class HierarchyMachine(RuleBasedStateMachine):
         evicted = set(self.ref.entries) - set(tree_contents(self.tree))
         assert not evicted & locked, "a locked prefix was evicted"
         # LRU, leaf first: nothing evicted was touched after an unlocked leaf that stayed
-        newest_evicted = max((self.ref.entries[p][1] for p in evicted), default=0)
+        newest_evicted = max((self.ref.entries[p][1] for p in evicted), default=-DEMOTED)
         for prefix in evicted:
             del self.ref.entries[prefix]
         remaining = [self.ref.entries[p][1] for p in self.ref.leaves() - locked]
@@ -289,6 +290,46 @@ class HierarchyMachine(RuleBasedStateMachine):
         self.ref.clock += 1
         for i in range(page, len(path) + 1, page):
             self.ref.entries[tuple(path[:i])][1] = self.ref.clock
+
+    @rule(segments=st.lists(st.integers(0, 2), min_size=1, max_size=6), shared=st.integers(0, 12))
+    def demote(self, segments, shared):
+        """A closed session's path (`RadixCache.demote`): exactly the nodes wholly inside its
+        unshared part are marked, nothing else changes, and its leaves go before every other
+        (in LRU order among themselves: the reference keeps them below every clock value
+        until a touch), which `absorb_evictions` checks under LRU."""
+        path = [t for s in segments for t in [s * 10 + j % 2 for j in range(self.seg)]]
+        before = tree_contents(self.tree)
+        self.tree.demote(path, shared)
+        assert tree_contents(self.tree) == before
+        node, pos = self.tree.root, 0
+        while True:  # the nodes along the path: marked iff wholly inside path[shared:]
+            child = next((c for c in node.children.values()
+                          if path[pos : pos + len(c.key)] == c.key), None)  # fmt: skip
+            if child is None:
+                break
+            node, pos = child, pos + len(child.key)
+            if pos - len(node.key) >= shared:
+                assert node.keep == 0
+        for n in self.tree._nodes():
+            if n is not self.tree.root and n.keep == 0:
+                end = self.tree.path_of(n)
+                for i in range(len(end) - len(n.key) + self.page_size, len(end) + 1,
+                               self.page_size):  # fmt: skip
+                    entry = self.ref.entries[tuple(end[:i])]
+                    if entry[1] >= 0:
+                        entry[1] -= DEMOTED
+        for prefix, entry in self.ref.entries.items():  # a touch undid the rest
+            if entry[1] < 0:
+                assert prefix in self.demoted_prefixes()
+
+    def demoted_prefixes(self) -> set[Prefix]:
+        out = set()
+        for n in self.tree._nodes():
+            if n is not self.tree.root and n.keep == 0:
+                end = self.tree.path_of(n)
+                out |= {tuple(end[:i]) for i in range(len(end) - len(n.key) + self.page_size,
+                                                      len(end) + 1, self.page_size)}  # fmt: skip
+        return out
 
     @rule(n=st.integers(0, 40))
     def evict(self, n):

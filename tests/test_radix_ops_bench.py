@@ -92,6 +92,12 @@ def test_the_offline_optimum_bounds_every_policy(kind, frac):
     assert rates["lru"] - 1e-12 <= ends <= optimum.hit_rate + 1e-12
     # depth odds (the trace's own continuation rates) + recency: under the optimum too
     assert traces.replay(events, capacity, 1, 3, "depth-odds:64").hit_rate <= optimum.hit_rate
+    # conversations as sessions, closed after their last turn: online, under the optimum, and
+    # what lru gains from it is what knowing the ends gives (the same fact, told by the client)
+    for policy in ("lru", "gdsf"):
+        closed = traces.replay(events, capacity, 1, 3, policy, sessions=True).hit_rate
+        assert closed <= optimum.hit_rate + 1e-12
+    assert traces.replay(events, capacity, 1, 3, "lru", sessions=True).hit_rate >= rates["lru"]
 
 
 def test_continuation_log_odds_counts_the_requests_that_went_on():

@@ -239,6 +239,21 @@ def test_bad_input_is_refused_by_the_router_exactly_as_by_one_runtime(dp, single
         assert errors[0] == errors[1], kwargs
 
 
+def test_sessions_through_the_router(dp):
+    """The router keeps the sessions (it sees every result); a closed session's paths are
+    demoted on every worker."""
+    before = dp.client.stats().demoted_tokens
+    sid = dp.client.open_session()
+    first = dp.client.generate_ids([40, 41, 42], max_new_tokens=2, session={"id": sid})
+    second = dp.client.generate_ids([43], max_new_tokens=2, session={"id": sid, "rid": first.rid})
+    assert second.prompt_tokens == 6 and second.token_ids == [40, 41]
+    dp.client.close_session(sid)
+    deadline = time.monotonic() + 5
+    while dp.client.stats().demoted_tokens == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert dp.client.stats().demoted_tokens > before
+
+
 def test_stats_add_up_across_workers_with_each_workers_own(dp):
     before = dp.client.stats()
     for i in range(6):

@@ -82,6 +82,25 @@ def test_multi_turn_reuses_the_whole_history(rt):
             ]
 
 
+def test_a_session_continues_in_token_ids_as_the_whole_prompt_sent_again_would(rt):
+    """A session's request is the history (prompt and output as generated) plus the new input:
+    greedy output equal to sending that whole prompt plainly, all of the history but the last
+    output token served from the cache; closing the session demotes its path in the cache."""
+    client, greedy = rt.client, SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+    prompt = shared_prefix_prompts()[5]
+    before = client.stats().demoted_tokens
+    sid = client.open_session()
+    first = client.generate_ids(prompt, params=greedy, session={"id": sid})
+    turn = [4300, 4301, 4302]
+    second = client.generate_ids(turn, params=greedy, session={"id": sid, "rid": first.rid})
+    history = prompt + first.token_ids
+    assert second.prompt_tokens == len(history) + len(turn)
+    assert second.cached_tokens >= len(history) - 1
+    assert second.token_ids == client.generate_ids(history + turn, params=greedy).token_ids
+    client.close_session(sid)
+    assert client.stats().demoted_tokens > before  # (the runtime's loop sent it before replying)
+
+
 def test_memory_pressure_through_the_processes_keeps_outputs_and_invariants():
     """KV capacity far below the working set: eviction, chunking and retraction all happen, every
     request finishes with its unpressured output, and nothing leaks afterwards."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import itertools
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from radixkv.protocol import (
     MAX_FRAME_BYTES,
     AbortRequest,
     ChatMessage,
+    CloseSessionRequest,
     DetokenizeReply,
     DetokenizeRequest,
     ErrorReply,
@@ -33,9 +35,12 @@ from radixkv.protocol import (
     GenerateResult,
     GetServerInfoRequest,
     GetStatsRequest,
+    OpenSessionRequest,
     Ready,
     SamplingParams,
     ServerInfoReply,
+    SessionParams,
+    SessionReply,
     Stats,
     StatsReply,
     TokenChunk,
@@ -111,6 +116,8 @@ class Call:
     stream: bool
     timeout: float | None
     cache_salt: str | None = None  # share cached KV only with requests of the same salt
+    session: SessionParams | None = None  # every prompt continues this session
+    rid: str | None = None  # the request id of a single prompt (default: a new one)
 
     def context(self, index: int) -> str:
         """How an error of prompt `index` is introduced ("" for a single prompt)."""
@@ -127,6 +134,9 @@ class ClientAPI(abc.ABC):
     TimeoutError raised. The async client returns awaitables of the same values.
     `cache_salt="..."` (any call) isolates the request's cached KV: it shares cached prefixes only
     with requests that carry the same salt (vLLM's `cache_salt`; docs/api.md).
+    `session={"id": ..., "rid": ...}` (any call; `SessionParams`) continues request `rid` of a
+    session opened with `open_session`: the prompt is that request's prompt and output, then the
+    new input (`Result.rid` is a request's id; docs/api.md "Sessions").
     """
 
     endpoint: str
@@ -155,6 +165,7 @@ class ClientAPI(abc.ABC):
         self._codec = reply_codec()
         self._encoder = msgspec.msgpack.Encoder()
         self._ids = itertools.count()
+        self._tag = secrets.token_hex(4)  # request ids differ between clients (sessions keep them)
         self._pending: dict[str, Any] = {}  # rid -> the replies not yet taken (a queue)
         self._ctx = ctx
         self._sock = ctx.socket(zmq.DEALER)
@@ -260,11 +271,39 @@ class ClientAPI(abc.ABC):
         params: SamplingParams | None = None,
         timeout: float | None = None,
         cache_salt: str | None = None,
+        session: SessionParams | Mapping[str, Any] | None = None,
+        rid: str | None = None,
     ) -> Any:
-        """One Result for a prompt of any kind (text, token ids or chat messages)."""
-        salt = {"cache_salt": cache_salt}
-        call = self._call([prompt_fields(prompt)], False, False, params, salt, timeout)
+        """One Result for a prompt of any kind (text, token ids or chat messages), sent as
+        request `rid` when given."""
+        extra = {"cache_salt": cache_salt, "session": session, "rid": rid}
+        call = self._call([prompt_fields(prompt)], False, False, params, extra, timeout)
         return self._run(call)
+
+    def open_session(
+        self,
+        session_id: str | None = None,
+        *,
+        capacity_of_str_len: int = 0,
+        cache_salt: str | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Open a session (SGLang's `open_session`); its id (a new one when `session_id` is
+        None). `capacity_of_str_len` caps its prompts, history included, in tokens (0: the
+        context length). Its requests must carry the same `cache_salt`."""
+        fields = {"session_id": session_id, "capacity_of_str_len": capacity_of_str_len,
+                  "cache_salt": cache_salt}  # fmt: skip
+        control = Control(OpenSessionRequest, fields, _session_id)
+        return self._control(control, self._timeout(timeout))
+
+    def close_session(
+        self, session_id: str, *, cache_salt: str | None = None, timeout: float | None = None
+    ) -> Any:
+        """Close a session: its requests can no longer be continued, and the cache evicts the
+        prefixes only it used before any other (what still runs finishes)."""
+        fields = {"session_id": session_id, "cache_salt": cache_salt}
+        control = Control(CloseSessionRequest, fields, _session_id)
+        return self._control(control, self._timeout(timeout))
 
     def stats(self, timeout: float | None = None) -> Any:
         """The scheduler's counters and gauges (`Stats.hit_rate` = cached / prompt tokens)."""
@@ -318,8 +357,16 @@ class ClientAPI(abc.ABC):
         timeout: float | None,
     ) -> Call:
         salt = sampling.pop("cache_salt", None)
+        session, rid = sampling.pop("session", None), sampling.pop("rid", None)
+        if session is not None and not isinstance(session, SessionParams):
+            try:
+                session = msgspec.convert(session, SessionParams)
+            except msgspec.ValidationError as exc:
+                raise TypeError(f"bad session argument: {exc}") from exc
+        if rid is not None and (batch or not isinstance(rid, str) or not rid):
+            raise TypeError("rid= names the one request of a single prompt: a non-empty string")
         sp = make_sampling(params, sampling)
-        return Call(prompts, sp, batch, stream, self._timeout(timeout), salt)
+        return Call(prompts, sp, batch, stream, self._timeout(timeout), salt, session, rid)
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -329,10 +376,10 @@ class ClientAPI(abc.ABC):
         refuse as too large is refused here, and then nothing of the call was sent."""
         out = []
         for fields in call.prompts:
-            rid = f"r{next(self._ids)}"
+            rid = call.rid or f"r{next(self._ids)}-{self._tag}"
             request = GenerateRequest(
                 rid=rid, sampling=call.sampling, stream=call.stream, api_key=self.api_key,
-                cache_salt=call.cache_salt, **fields,
+                cache_salt=call.cache_salt, session=call.session, **fields,
             )  # fmt: skip
             frame = self._encoder.encode(request)
             if len(frame) > MAX_FRAME_BYTES:
@@ -436,6 +483,11 @@ def _token_ids(reply: Any) -> list[int]:
 def _text(reply: Any) -> str:
     text: str = _expect(reply, DetokenizeReply).text
     return text
+
+
+def _session_id(reply: Any) -> str:
+    sid: str = _expect(reply, SessionReply).session_id
+    return sid
 
 
 def _flushed(reply: Any) -> None:

@@ -26,6 +26,7 @@ class Result:
     # with `logprob_start_len=k` (and logprobs): the prompt's tokens' from position k on (the
     # first token's logprob is NaN: nothing precedes it)
     prompt_logprobs: list[TokenLogprob] | None = None
+    rid: str = ""  # the request's id (a session's next request continues it by this)
 
     @classmethod
     def from_reply(cls, reply: GenerateResult) -> Result:
@@ -42,6 +43,7 @@ class Result:
             queue_time=m.queue_time,
             logprobs=reply.logprobs,
             prompt_logprobs=reply.prompt_logprobs,
+            rid=reply.rid,
         )
 
 

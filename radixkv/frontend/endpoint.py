@@ -27,10 +27,13 @@ from radixkv.config import ServerArgs, is_loopback, matching_key
 from radixkv.frontend.intake import GenerateIntake, salvage_rid
 from radixkv.frontend.loop_worker import LoopWorker
 from radixkv.frontend.peer_tracker import PeerTracker, source_fd
+from radixkv.frontend.sessions import SessionStore
 from radixkv.frontend.tokenizer_manager import TokenizerManager
 from radixkv.protocol import (
     MAX_FRAME_BYTES,
     AbortRequest,
+    CloseSessionRequest,
+    DemoteRequest,
     DetokenizeRequest,
     ErrorReply,
     FlushCacheRequest,
@@ -38,6 +41,7 @@ from radixkv.protocol import (
     GenerateRequest,
     GetServerInfoRequest,
     GetStatsRequest,
+    OpenSessionRequest,
     Ready,
     ServerInfoReply,
     TokenizeRequest,
@@ -115,6 +119,7 @@ class ClientEndpoint(GenerateIntake, abc.ABC):
         self.codec = client_codec()
         self.encoder = msgspec.msgpack.Encoder()
         self.tm: TokenizerManager | None = None
+        self.sessions = SessionStore(args.max_sessions)
         self.ready: Ready | None = None
         self.rids = itertools.count()
         self.dead: str | None = None  # why requests are refused, while they are
@@ -130,10 +135,6 @@ class ClientEndpoint(GenerateIntake, abc.ABC):
 
     def _on_backend(self, events: dict[Any, int]) -> None:
         """Each loop turn, before clients are read: the backend's sockets and timers."""
-
-    @abc.abstractmethod
-    def _abort(self, identity: bytes, client_rid: str) -> None:
-        """The client aborted its request `client_rid`."""
 
     @abc.abstractmethod
     def _control(self, identity: bytes, msg: FlushCacheRequest | GetStatsRequest) -> None:
@@ -325,6 +326,8 @@ class ClientEndpoint(GenerateIntake, abc.ABC):
         elif isinstance(msg, GetServerInfoRequest):
             assert self.ready is not None
             self._reply(identity, ServerInfoReply(rid=msg.rid, ready=self.ready))
+        elif isinstance(msg, (OpenSessionRequest, CloseSessionRequest, DemoteRequest)):
+            self._on_session(identity, msg)
         elif isinstance(msg, AbortRequest):
             if self._drop_tokenizing((identity, msg.rid)) is None:
                 self._abort(identity, msg.rid)

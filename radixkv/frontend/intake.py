@@ -18,15 +18,21 @@ import msgspec
 
 from radixkv.config import ServerArgs
 from radixkv.frontend.loop_worker import LoopWorker
+from radixkv.frontend.sessions import SessionStore
 from radixkv.frontend.tokenizer_manager import TokenizerManager
-from radixkv.frontend.validation import BadRequest
+from radixkv.frontend.validation import BadRequest, check_fits_context, check_logprob_start
 from radixkv.protocol import (
+    CloseSessionRequest,
+    DemoteRequest,
     DetokenizeReply,
     DetokenizeRequest,
     GenerateRequest,
+    OpenSessionRequest,
+    SessionReply,
     TokenizeReply,
     TokenizeRequest,
     key_cache_salt,
+    tree_key,
 )
 
 # A prompt larger than this (characters, see TokenizerManager.prompt_size) is templated and
@@ -48,6 +54,7 @@ class GenerateIntake(abc.ABC):
     _reply: Callable[[bytes, msgspec.Struct], None]
     _error: Callable[..., None]
     _refusing: Callable[[], str | None]
+    sessions: SessionStore
 
     @abc.abstractmethod
     def _admit(self, identity: bytes, msg: GenerateRequest, ids: list[int], arrival: float) -> None:
@@ -56,6 +63,15 @@ class GenerateIntake(abc.ABC):
     @abc.abstractmethod
     def _has_request(self, key: tuple[bytes, str]) -> bool:
         """Whether (identity, client rid) is in flight in the backend."""
+
+    @abc.abstractmethod
+    def _abort(self, identity: bytes, client_rid: str) -> None:
+        """The client aborted its request `client_rid`."""
+
+    @abc.abstractmethod
+    def _demote(self, keys: list[list[int]], shared: list[int]) -> None:
+        """Tell the cache(s) these tree-key paths, past their first `shared` tokens, are needed
+        by no one (a closed session's)."""
 
     def _on_tokenize(self, identity: bytes, msg: TokenizeRequest | DetokenizeRequest) -> None:
         """Answered here: the tokenizer is this process's, the backend is not needed."""
@@ -100,7 +116,7 @@ class GenerateIntake(abc.ABC):
         except BadRequest as exc:
             self._refuse(identity, msg.rid, exc)
             return
-        self._admit(identity, msg, ids, arrival)
+        self._admit_tokenized(identity, msg, ids, arrival)
 
     def _tokenized(self, identity: bytes, msg: GenerateRequest, done: Future[list[int]]) -> None:
         """A worker finished tokenizing a large prompt (called on the loop)."""
@@ -115,7 +131,58 @@ class GenerateIntake(abc.ABC):
         except BadRequest as exc:
             self._refuse(identity, msg.rid, exc)
             return
+        self._admit_tokenized(identity, msg, ids, arrival)
+
+    def _admit_tokenized(
+        self, identity: bytes, msg: GenerateRequest, ids: list[int], arrival: float
+    ) -> None:
+        """Admit a tokenized request; in a session, its prompt continues the session's history
+        (checked again as a whole, then recorded in the session)."""
+        assert self.tm is not None
+        if msg.session is not None:
+            try:
+                continues = msg.session.rid is not None
+                if continues and self.tm.adds_bos and ids and ids[0] == self.tm.bos_token_id:
+                    ids = ids[1:]  # the history already starts with it
+                sp = self.sessions.prompt(msg.session, ids, self._cache_salt(msg))
+                check_logprob_start(msg.sampling, len(sp.ids))
+                check_fits_context(len(sp.ids), msg.sampling.max_new_tokens,
+                                   self.tm.max_context_len)  # fmt: skip
+                self.sessions.start((identity, msg.rid), sp)
+            except BadRequest as exc:
+                self._refuse(identity, msg.rid, exc)
+                return
+            for gone in sp.abort:  # `replace` forgot them
+                self._abort(*gone)
+            ids = sp.ids
         self._admit(identity, msg, ids, arrival)
+        if msg.session is not None and not self._has_request((identity, msg.rid)):
+            self.sessions.drop((identity, msg.rid))  # the backend refused it at once
+
+    def _on_session(
+        self, identity: bytes, msg: OpenSessionRequest | CloseSessionRequest | DemoteRequest
+    ) -> None:
+        """Open or close a session (a closed one's paths are demoted in the cache), or demote
+        paths a router's closed session left here."""
+        salt = self._cache_salt(msg)
+        if isinstance(msg, DemoteRequest):
+            if len(msg.paths) != len(msg.shared):
+                self._error(identity, msg.rid, "paths and shared differ in length", param="shared")
+                return
+            self._demote([tree_key(p, salt) for p in msg.paths], list(msg.shared))
+            return
+        try:
+            if isinstance(msg, OpenSessionRequest):
+                sid = self.sessions.open(msg.session_id, msg.capacity_of_str_len, salt)
+            else:
+                closed = self.sessions.close(msg.session_id, salt)
+                sid = msg.session_id
+                if closed:
+                    self._demote([tree_key(p, salt) for p, _ in closed], [n for _, n in closed])
+        except BadRequest as exc:
+            self._error(identity, msg.rid, str(exc), param=exc.param)
+            return
+        self._reply(identity, SessionReply(rid=msg.rid, session_id=sid))
 
     def _drop_tokenizing(self, key: tuple[bytes, str]) -> float | None:
         """Abort a request a worker is tokenizing: its result will be dropped."""
@@ -129,7 +196,7 @@ class GenerateIntake(abc.ABC):
         if self.metrics is not None:
             self.metrics.observe_end("error")
 
-    def _cache_salt(self, msg: GenerateRequest) -> str | None:
+    def _cache_salt(self, msg: Any) -> str | None:
         """The request's salt, keyed by its API key under --isolate-cache-per-key (the HTTP
         gateway's requests arrive salted by their caller's key already)."""
         if self.args.isolate_cache_per_key and msg.api_key != self.gateway_key:

@@ -27,6 +27,7 @@ from radixkv.frontend.tokenizer_manager import ReqState
 from radixkv.protocol import (
     AbortRequest,
     BatchOutput,
+    DemotePaths,
     Fatal,
     FlushCacheRequest,
     FlushReply,
@@ -128,10 +129,14 @@ class RuntimeServer(ClientEndpoint):
                 if self.metrics is not None:
                     self.metrics.observe_end("abort")
 
+    def _demote(self, keys: list[list[int]], shared: list[int]) -> None:
+        self.child.send(DemotePaths(keys=keys, shared=shared))
+
     def _forget(self, rid: str) -> ReqState | None:
         state = self.requests.pop(rid, None)
         if state is not None:
             self.by_client.pop((state.identity, state.rid), None)
+            self.sessions.drop((state.identity, state.rid))  # unless it finished
         return state
 
     # ---- scheduler ----------------------------------------------------------------------------
@@ -163,6 +168,7 @@ class RuntimeServer(ClientEndpoint):
                 for reply in step.replies:
                     self._reply(state.identity, reply)
                 if step.finished:
+                    self.sessions.finish((state.identity, state.rid), state.token_ids)
                     self._forget(out.rid)
                     result = step.replies[-1]
                     if self.metrics is not None and isinstance(result, GenerateResult):

@@ -84,6 +84,11 @@ class TokenizerManager:
         longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
         self.max_prompt_chars = self.max_context_len * max(1, longest)
         self._token_texts: dict[int, str] = {}  # a token's text decoded alone (for logprobs)
+        # whether encoding a text puts a BOS first (a session's continuation drops it)
+        self.bos_token_id: int | None = getattr(tokenizer, "bos_token_id", None)
+        self.adds_bos = self.bos_token_id is not None and bool(
+            tokenizer.encode("a")[:1] == [self.bos_token_id]
+        )
 
     # ---- requests in --------------------------------------------------------------------------
 

@@ -23,13 +23,15 @@ from radixkv.http.errors import ApiError
 from radixkv.http.gateway import ClientGone, Gateway
 from radixkv.http.logprobs import native_logprobs
 from radixkv.http.openai_protocol import (
+    CloseSessionBody,
     DetokenizeBody,
     GenerateBody,
+    OpenSessionBody,
     TokenizeBody,
     chat_messages,
 )
 from radixkv.http.responses import closed, event_stream, json_response, sse
-from radixkv.protocol import SamplingParams
+from radixkv.protocol import SamplingParams, SessionParams
 
 HEALTH_PROBE = SamplingParams(max_new_tokens=1, ignore_eos=True)
 MAX_FLUSH_WAIT = 3600.0  # seconds /flush_cache?timeout= may wait for the runtime to be idle
@@ -72,18 +74,46 @@ def native_router(gw: Gateway) -> APIRouter:
         req = await gw.body(request, GenerateBody)
         req.check_supported()
         salt = gw.cache_salt(request, req.cache_salt)
-        prompt, sp, rid = native_prompt(req), req.sampling, uuid.uuid4().hex
+        prompt, sp, rid = native_prompt(req), req.sampling, req.rid or uuid.uuid4().hex
         with_text = bool(req.return_text_in_logprobs)
+        session = req.session_params
         if req.stream:
-            return await stream_generate(gw, request, prompt, sp, rid, with_text, salt)
+            return await stream_generate(gw, request, prompt, sp, rid, with_text, salt, session)
         try:
             r = await gw.call(
                 request,
-                lambda: gw.client.complete(prompt, params=sp, cache_salt=salt),
+                lambda: gw.client.complete(
+                    prompt, params=sp, cache_salt=salt, session=session, rid=rid
+                ),
             )
         except ClientGone:
             return closed()
         return json_response(native_result(rid, r, with_text))
+
+    @router.post("/open_session")
+    async def open_session(request: Request) -> Response:
+        """SGLang's: open a session; its id, as a JSON string."""
+        body = await gw.body(request, OpenSessionBody)
+        salt = gw.cache_salt(request, None)
+        capacity = body.capacity_of_str_len
+        try:
+            sid = await gw.call(request, lambda: gw.client.open_session(
+                body.session_id, capacity_of_str_len=capacity, cache_salt=salt))  # fmt: skip
+        except ClientGone:
+            return closed()
+        return json_response(sid)
+
+    @router.post("/close_session")
+    async def close_session(request: Request) -> Response:
+        """SGLang's: close a session (its prefixes are evicted first from now on)."""
+        body = await gw.body(request, CloseSessionBody)
+        salt = gw.cache_salt(request, None)
+        try:
+            await gw.call(request, lambda: gw.client.close_session(body.session_id,
+                                                                   cache_salt=salt))  # fmt: skip
+        except ClientGone:
+            return closed()
+        return Response(status_code=200)
 
     @router.post("/flush_cache")
     async def flush_cache(request: Request) -> Response:
@@ -197,13 +227,16 @@ async def stream_generate(
     rid: str,
     with_text: bool,
     salt: str | None,
+    session: SessionParams | None = None,
 ) -> Response:
     """SGLang's stream: every event carries the text so far and `meta_info` (the token counts
     so far; `finish_reason` set in the last, which also has `output_ids`)."""
     text = ""
 
     async def open_stream() -> AsyncIterator[tuple[str | Result, tuple[int, int, int]]]:
-        stream: AsyncStream = await gw.client.stream(prompt, params=sp, cache_salt=salt)
+        stream: AsyncStream = await gw.client.stream(
+            prompt, params=sp, cache_salt=salt, session=session, rid=rid
+        )
 
         async def items() -> AsyncIterator[tuple[str | Result, tuple[int, int, int]]]:
             async for item in stream:  # the counts as they were when the item came

@@ -19,7 +19,7 @@ from msgspec import Meta
 from radixkv.client.core import Message
 from radixkv.http.errors import ApiError
 from radixkv.http.tools import ToolPlan, call_text, plan_tools
-from radixkv.protocol import MAX_INT, MAX_SEED, ChatMessage, Int, SamplingParams
+from radixkv.protocol import MAX_INT, MAX_SEED, ChatMessage, Int, SamplingParams, SessionParams
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_TOKENS = 128  # OpenAI's is "the rest of the context"; ours is bounded
@@ -396,14 +396,16 @@ class GenerateBody(_Body, kw_only=True):
     return_text_in_logprobs: bool | None = None  # without return_logprob: no effect
     lora_path: str | None = None
     image_data: Any = None
-    rid: str | None = None
+    # the request's id (a session's next request continues it by this; default: a new one)
+    rid: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    session_params: SessionParams | None = None  # the prompt continues a session's request
     return_routed_experts: bool | None = None  # MoE models only: none here
     return_cached_tokens_details: bool | None = None  # meta_info always has them
     cache_salt: str | None = None  # as on /v1: shares cached KV only with the same salt
     priority: Int | None = None  # SGLang's top-level field: sampling_params.priority here
 
     LIMITS: ClassVar[dict[str, tuple[Any, ...]]] = {
-        "lora_path": (), "image_data": (), "rid": (),
+        "lora_path": (), "image_data": (),
         "return_routed_experts": (False,),
     }  # fmt: skip
 
@@ -425,6 +427,20 @@ class GenerateBody(_Body, kw_only=True):
         top = self.top_logprobs_num or 0
         start = -1 if self.logprob_start_len is None else self.logprob_start_len
         return msgspec.structs.replace(sp, logprobs=True, top_logprobs=top, logprob_start_len=start)
+
+
+class OpenSessionBody(_Body, kw_only=True):
+    """`POST /open_session` (SGLang's): a session id (a new one when null); the cap on its
+    prompts, history included, in tokens (0: the context length)."""
+
+    session_id: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    capacity_of_str_len: Annotated[int, Meta(ge=0, le=MAX_INT)] = 0
+
+
+class CloseSessionBody(_Body, kw_only=True):
+    """`POST /close_session` (SGLang's)."""
+
+    session_id: str
 
 
 class TokenizeBody(_Body, kw_only=True):

@@ -5,6 +5,9 @@ from the leaf's own fields (`last_access`, `hits`, `created`, `score`), which ch
 the leaf is out of the list (`RadixCache._touch` takes it out, updates it, puts it back). So every
 policy costs O(log n) per touch, lock, unlock and eviction, never a walk over the leaves.
 
+Every online policy first takes the leaves `RadixCache.demote` marked as needed by no one (`keep`
+0: a closed session's conversation, docs/cache.md "Sessions"), in its own order among them.
+
 - `lru`: least recently used first (the default; SGLang's and vLLM's).
 - `lfu`: fewest hits first, then least recently used.
 - `fifo` / `filo`: oldest / newest first.
@@ -39,14 +42,14 @@ GDSF_DEPTH_TOKENS = 4096
 def eviction_key(policy: str) -> Callable[[Any], tuple[float, ...]]:
     """The sort key of a leaf under `policy` (smallest evicted first)."""
     keys: dict[str, Callable[[Any], tuple[float, ...]]] = {
-        "lru": lambda n: (n.last_access, n.id),
-        "lfu": lambda n: (n.hits, n.last_access, n.id),
-        "fifo": lambda n: (n.created, n.id),
-        "filo": lambda n: (-n.created, -n.id),
-        "mru": lambda n: (-n.last_access, -n.id),
-        "slru": lambda n: (n.hits > 1, n.last_access, n.id),
-        "priority": lambda n: (n.priority, n.last_access, n.id),
-        "gdsf": lambda n: (n.score, n.last_access, n.id),
+        "lru": lambda n: (n.keep, n.last_access, n.id),
+        "lfu": lambda n: (n.keep, n.hits, n.last_access, n.id),
+        "fifo": lambda n: (n.keep, n.created, n.id),
+        "filo": lambda n: (n.keep, -n.created, -n.id),
+        "mru": lambda n: (n.keep, -n.last_access, -n.id),
+        "slru": lambda n: (n.keep, n.hits > 1, n.last_access, n.id),
+        "priority": lambda n: (n.keep, n.priority, n.last_access, n.id),
+        "gdsf": lambda n: (n.keep, n.score, n.last_access, n.id),
         # offline only (bench/radix_ops.py): the score is minus the next use, farthest first
         "belady": lambda n: (n.score, n.id),
     }

@@ -24,8 +24,8 @@ class TreeNode:
     """
 
     __slots__ = (
-        "children", "created", "depth", "hits", "id", "key", "last_access", "lock_ref", "parent",
-        "priority", "score", "value",
+        "children", "created", "depth", "hits", "id", "keep", "key", "last_access", "lock_ref",
+        "parent", "priority", "score", "value",
     )  # fmt: skip
 
     def __init__(self, node_id: int, key: list[int], value: torch.Tensor, parent: TreeNode | None):
@@ -42,6 +42,9 @@ class TreeNode:
         self.depth: int = 0 if parent is None else parent.depth + len(parent.key)  # tokens above
         self.score = 0.0  # gdsf
         self.priority = 0  # the highest `priority` of the requests cached through it
+        # 0 once `demote` marked it as needed by no one (a closed session's): evicted before
+        # every node still at 1; any use sets it back to 1
+        self.keep = 1
 
     def __repr__(self) -> str:
         return f"TreeNode(id={self.id}, len={len(self.key)}, lock_ref={self.lock_ref})"
@@ -182,6 +185,32 @@ class RadixCache:
                 seen.add(id(walk))
                 self._touch(walk)
                 walk = walk.parent
+
+    def demote(self, tokens: Sequence[int] | torch.Tensor, shared_len: int = 0) -> int:
+        """Mark the cached path of `tokens` past its first `shared_len` tokens as needed by no
+        one (a closed session's conversation, `radixkv.frontend.sessions`): its nodes go before
+        every other leaf, in the policy's order among themselves, until a match, insert or
+        refresh uses them again. Only nodes wholly inside `tokens[shared_len:]` are marked (one
+        that goes on past the end was extended by another request). Nothing is touched, split
+        or freed; returns the tokens marked."""
+        if self.disable:
+            return 0
+        key = _as_list(tokens)
+        marked, node, pos = 0, self.root, 0
+        while pos < len(key):
+            child = node.children.get(self._child_key(key, pos))
+            if child is None or self._common_len(child.key, key, pos, len(key)) < len(child.key):
+                break
+            node, pos = child, pos + len(child.key)
+            if pos - len(node.key) >= shared_len and node.keep:
+                listed = node.lock_ref == 0 and not node.children
+                if listed:
+                    self._lru.remove(node)  # out while its key changes
+                node.keep = 0
+                if listed:
+                    self._lru.add(node)
+                marked += len(node.key)
+        return marked
 
     def path_of(self, node: TreeNode) -> list[int]:
         """The keys from the root to the end of `node`."""
@@ -462,6 +491,7 @@ class RadixCache:
         if listed:
             self._lru.remove(node)  # out while its key changes
         node.last_access = self._clock
+        node.keep = 1
         node.hits += hit
         node.priority = max(node.priority, priority)
         self._rescore(node)
@@ -491,7 +521,7 @@ class RadixCache:
         head.lock_ref = child.lock_ref
         head.last_access, head.hits, head.created = child.last_access, child.hits, child.created
         head.priority = child.priority
-        head.score = child.score
+        head.score, head.keep = child.score, child.keep
         listed = child.lock_ref == 0 and not child.children
         if listed:
             self._lru.remove(child)  # out while its key changes

@@ -25,6 +25,7 @@ from radixkv.frontend.endpoint import ClientEndpoint
 from radixkv.frontend.loop_worker import LoopWorker
 from radixkv.protocol import (
     AbortRequest,
+    DemoteRequest,
     ErrorReply,
     FlushCacheRequest,
     FlushReply,
@@ -176,6 +177,8 @@ class RouterServer(ClientEndpoint):
             )
             reply = msgspec.structs.replace(reply, meta=meta)
         self._reply(routed.identity, msgspec.structs.replace(reply, rid=routed.rid))
+        if isinstance(reply, GenerateResult):
+            self.sessions.finish((routed.identity, routed.rid), reply.token_ids)
         if not isinstance(reply, TokenChunk):
             self._forget(reply.rid)
             if self.metrics is not None:
@@ -279,10 +282,21 @@ class RouterServer(ClientEndpoint):
         """The keys of the requests in flight at `link`, when a policy asks."""
         return lambda: [self.requests[rid].key for rid in link.in_flight]
 
+    def _demote(self, keys: list[list[int]], shared: list[int]) -> None:
+        """A closed session's paths: every worker that may hold them is told (the router's
+        view of a worker's tree may be stale, so all of them; a worker holding none of a path
+        changes nothing)."""
+        frame = self.encoder.encode(DemoteRequest(paths=keys, shared=shared,
+                                                  api_key=self.pool.api_key))  # fmt: skip
+        for link in self.links:
+            if link.alive:
+                link.send(frame)
+
     def _forget(self, rid: str) -> Routed | None:
         routed = self.requests.pop(rid, None)
         if routed is not None:
             self.by_client.pop((routed.identity, routed.rid), None)
+            self.sessions.drop((routed.identity, routed.rid))  # unless it finished
             routed.link.in_flight.discard(rid)
         return routed
 

@@ -53,10 +53,16 @@ async def run_workload(
     request_rate: float | None = None,
     seed: int = 0,
     progress: Any = None,
+    sessions: bool = False,
+    think_time: float = 0.0,
 ) -> list[RequestRecord]:
     """Send every conversation (turns in order, each with the real previous replies) through an
     `AsyncClient`; at most `max_concurrency` in flight, first turns arriving as a Poisson process
-    of `request_rate` per second if given (else all at once)."""
+    of `request_rate` per second if given (else all at once); between a conversation's turns its
+    user thinks for an exponentially distributed time of mean `think_time` seconds (seeded per
+    conversation, so the same run sends the same waits). With `sessions`, each conversation
+    is a session: a turn sends only its new input, continuing the previous turn, and the session
+    is closed after the last turn (the same prompts, built by the runtime)."""
     sem = asyncio.Semaphore(max_concurrency or 1_000_000)
     rng = random.Random(seed)
     delays, t = [], 0.0
@@ -69,12 +75,22 @@ async def run_workload(
 
     async def run(index: int, conv: Conversation, delay: float) -> None:
         await asyncio.sleep(delay)
+        thinks = random.Random(seed * 1_000_003 + index)
         history = list(conv.prefix_ids)
+        session = await client.open_session() if sessions else None
+        rid = None
         for t, turn in enumerate(conv.turns):
+            if t and think_time:
+                await asyncio.sleep(thinks.expovariate(1 / think_time))
             prompt = history + turn.user_ids
+            sent_ids, extra = prompt, {}
+            if session is not None:
+                sent_ids = prompt[len(history) :] if rid is not None else prompt
+                extra = {"session": {"id": session, "rid": rid}}
             async with sem:
                 sent = time.perf_counter() - start
-                r, arrivals = await _streamed(client, prompt, turn.max_new_tokens)
+                r, arrivals = await _streamed(client, sent_ids, turn.max_new_tokens, extra)
+            rid = r.rid
             now = time.perf_counter() - start
             itl = [b - a for a, b in itertools.pairwise(arrivals)]
             record = RequestRecord(
@@ -84,6 +100,8 @@ async def run_workload(
             if progress is not None:
                 progress.update(1)
             history = prompt + r.token_ids
+        if session is not None:
+            await client.close_session(session)
 
     await asyncio.gather(
         *(run(i, c, d) for i, (c, d) in enumerate(zip(convs, delays, strict=True)))
@@ -91,10 +109,12 @@ async def run_workload(
     return records
 
 
-async def _streamed(client: Any, prompt: list[int], max_new_tokens: int) -> tuple[Any, list[float]]:
+async def _streamed(
+    client: Any, prompt: list[int], max_new_tokens: int, extra: dict[str, Any]
+) -> tuple[Any, list[float]]:
     """Generate streaming: the Result, and when each chunk that brought tokens arrived (a chunk
     whose tokens end in a partial character comes with the next one)."""
-    stream = await client.stream(prompt, max_new_tokens=max_new_tokens, ignore_eos=True)
+    stream = await client.stream(prompt, max_new_tokens=max_new_tokens, ignore_eos=True, **extra)
     arrivals: list[float] = []
     seen = 0
     async for _ in stream:
@@ -211,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--endpoint", help="a running runtime (default: start one)")
     ap.add_argument("--max-concurrency", type=int, default=None)
     ap.add_argument("--request-rate", type=float, default=None, help="first turns per second")
+    ap.add_argument("--sessions", action="store_true",
+                    help="each conversation a session (/open_session): turns continue the "
+                    "previous one, closed after the last (its prefixes evicted first)")  # fmt: skip
+    ap.add_argument("--think-time", type=float, default=0.0,
+                    help="mean seconds a user waits between turns (exponential)")  # fmt: skip
     ap.add_argument("--out", type=Path, help="write the summary and records as JSON")
     ap.add_argument("--plot", type=Path, help="write a PNG of hit rate, throughput and TTFT")
     run = ap.add_argument_group(
@@ -245,7 +270,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 with tqdm(total=total, desc=args.workload, unit="req", file=sys.stdout) as bar:
                     return await run_workload(
                         client, convs, max_concurrency=args.max_concurrency,
-                        request_rate=args.request_rate, progress=bar,
+                        request_rate=args.request_rate, progress=bar, sessions=args.sessions,
+                        think_time=args.think_time,
                     )  # fmt: skip
 
         records = asyncio.run(go())

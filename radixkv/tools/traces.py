@@ -1,8 +1,9 @@
 """Radix-cache operation traces: made from the token-level workloads, replayed on the KV hierarchy.
 
-A trace is a list of events, `{"op": "arrive", "rid", "tokens"}` and `{"op": "finish", "rid",
-"output"}`, with up to `concurrency` requests in flight; a conversation's next turn arrives only
-after its previous turn finished, with that turn's output in its prompt. The file format (JSON
+A trace is a list of events, `{"op": "arrive", "rid", "tokens", "session"}` and `{"op":
+"finish", "rid", "output"}` (`"last": true` on a conversation's last turn), with up to
+`concurrency` requests in flight; a conversation's next turn arrives only after its previous turn
+finished, with that turn's output in its prompt. The file format (JSON
 lines after a header) and the replay rules are in docs/radix_ops.md. Everything is seeded: the same
 arguments give the same trace, byte for byte.
 """
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from radixkv.frontend.sessions import SessionStore
 from radixkv.mem import KVCacheManager, KVLayout, RadixCache, ReqToTokenPool, TokenToKVPool
+from radixkv.protocol import SessionParams
 from radixkv.tools.workloads import GeneratedSharedPrefix, MultiTurnChat, PrefixTrie
 
 # SGLang's generated-shared-prefix defaults, a multi-turn chat of the same scale, and the same chat
@@ -37,7 +40,9 @@ def generate(
     workload: GeneratedSharedPrefix | MultiTurnChat, *, concurrency: int, seed: int
 ) -> list[dict[str, Any]]:
     """Events with up to `concurrency` requests in flight; arrivals shuffled, finishes random,
-    outputs random tokens of each turn's `max_new_tokens`."""
+    outputs random tokens of each turn's `max_new_tokens`. An arrival names its conversation
+    (`session`); the finish of a conversation's last turn says so (`last`), as a client that
+    closes its session then would."""
     rng = random.Random(seed)
     convs = dataclasses.replace(workload, seed=seed).conversations()
     ready = list(range(len(convs)))
@@ -51,18 +56,20 @@ def generate(
         if ready and len(in_flight) < concurrency and (not in_flight or rng.random() < 0.6):
             c = ready.pop(rng.randrange(len(ready)))
             prompt = history[c] + convs[c].turns[next_turn[c]].user_ids
-            events.append({"op": "arrive", "rid": rid, "tokens": prompt})
+            events.append({"op": "arrive", "rid": rid, "tokens": prompt, "session": c})
             in_flight.append((rid, c, prompt))
             rid += 1
             continue
         done, c, prompt = in_flight.pop(rng.randrange(len(in_flight)))
         turn = convs[c].turns[next_turn[c]]
         output = [rng.randrange(1000, 40000) for _ in range(turn.max_new_tokens)]
-        events.append({"op": "finish", "rid": done, "output": output})
         history[c] = prompt + output
         next_turn[c] += 1
         if next_turn[c] < len(convs[c].turns):
             ready.append(c)
+            events.append({"op": "finish", "rid": done, "output": output})
+        else:
+            events.append({"op": "finish", "rid": done, "output": output, "last": True})
     return events
 
 
@@ -278,10 +285,14 @@ def replay(
     page_size: int,
     concurrency: int,
     policy: str = "lru",
+    sessions: bool = False,
 ) -> ReplayStats:
     """Drive the KV hierarchy through the trace (rules in docs/radix_ops.md), evicting by
     `policy` (`--radix-eviction-policy`, or, knowing the trace, "belady": the offline optimum,
-    "ends-known": `EndsKnownCache`, or "depth-odds:H": `DepthOddsCache` with horizon H)."""
+    "ends-known": `EndsKnownCache`, or "depth-odds:H": `DepthOddsCache` with horizon H).
+    `sessions`: each conversation is a session (`radixkv.frontend.sessions`), each turn continues
+    the previous one, and the session is closed after its last turn, its paths demoted in the
+    cache, as the runtime does for a client that closes its sessions."""
     capacity = capacity // page_size * page_size
     pool = TokenToKVPool(KVLayout(1, 1, 1), capacity, page_size=page_size)
     tree: RadixCache
@@ -295,6 +306,7 @@ def replay(
     max_len += max(len(e["output"]) for e in events if e["op"] == "finish")
     mgr = KVCacheManager(pool, ReqToTokenPool(concurrency, max_len), tree)
     running: dict = {}
+    chats = _Sessions(tree) if sessions else None
     matched = prompt_tokens = rejected = peak = 0
     start = time.perf_counter()
     arrivals = 0
@@ -304,6 +316,8 @@ def replay(
                 tree.now = arrivals
             arrivals += 1
             tokens = ev["tokens"]
+            if chats is not None:
+                chats.arrive(ev)
             seq = mgr.admit(tokens)
             if seq is None:
                 raise ValueError(f"the trace has more requests in flight than {concurrency}")
@@ -321,8 +335,10 @@ def replay(
             if mgr.alloc_extend(seq, len(full) - 1) is None:
                 mgr.release(seq)
                 rejected += 1
-                continue
-            mgr.cache_finished(seq, full)
+            else:
+                mgr.cache_finished(seq, full)
+        if chats is not None and ev["op"] == "finish":
+            chats.finish(ev)  # after its path was cached: closing demotes it
         peak = max(peak, capacity - pool.available_size())
     seconds = time.perf_counter() - start
     mgr.check_integrity([s for s, _ in running.values()])
@@ -339,6 +355,38 @@ def replay(
     )
 
 
+class _Sessions:
+    """A replay's conversations as sessions: every turn continues the one before it (the trace's
+    prompt is that turn's prompt and output plus the new input), and the last one closes it."""
+
+    def __init__(self, tree: RadixCache) -> None:
+        self.tree = tree
+        self.store = SessionStore(max_sessions=1 << 30)
+        self.last: dict[int, str] = {}  # conversation: its latest request's rid
+        self.conversation: dict[int, int] = {}  # rid: conversation
+
+    def arrive(self, ev: dict[str, Any]) -> None:
+        c, rid, tokens = ev["session"], str(ev["rid"]), ev["tokens"]
+        sid = str(c)
+        if sid not in self.store.sessions:
+            self.store.open(sid, 0, None)
+        params = SessionParams(id=sid, rid=self.last.get(c))
+        history = 0
+        if params.rid is not None:
+            history = self.store.sessions[sid].requests[params.rid].length()
+        sp = self.store.prompt(params, tokens[history:], None)
+        assert sp.ids == tokens, "a turn's prompt is its conversation's history and new input"
+        self.store.start((b"", rid), sp)
+        self.last[c], self.conversation[ev["rid"]] = rid, c
+
+    def finish(self, ev: dict[str, Any]) -> None:
+        self.store.finish((b"", str(ev["rid"])), ev["output"])
+        c = self.conversation.pop(ev["rid"])
+        if ev.get("last"):
+            for path, shared in self.store.close(str(c), None):
+                self.tree.demote(path, shared)
+
+
 def best_replay(
     events: list[dict],
     capacity: int,
@@ -346,11 +394,13 @@ def best_replay(
     concurrency: int,
     repeats: int,
     policy: str = "lru",
+    sessions: bool = False,
 ) -> ReplayStats:
     """The fastest of `repeats` replays (a replay takes ~0.1-0.4 s: one run is mostly noise).
     Replays are deterministic, so every run must report the same counts."""
     runs = [
-        replay(events, capacity, page_size, concurrency, policy) for _ in range(max(1, repeats))
+        replay(events, capacity, page_size, concurrency, policy, sessions)
+        for _ in range(max(1, repeats))
     ]
     counts = {(r.matched_tokens, r.evicted_tokens, r.rejected) for r in runs}
     assert len(counts) == 1, f"replays disagree: {counts}"
