@@ -293,23 +293,27 @@ class HierarchyMachine(RuleBasedStateMachine):
 
     @rule(segments=st.lists(st.integers(0, 2), min_size=1, max_size=6), shared=st.integers(0, 12))
     def demote(self, segments, shared):
-        """A closed session's path (`RadixCache.demote`): exactly the nodes wholly inside its
-        unshared part are marked, nothing else changes, and its leaves go before every other
+        """A closed session's path (`RadixCache.demote`): the nodes wholly inside its unshared
+        part that no other path goes on from are marked, nothing else changes, and its leaves go
+        before every other
         (in LRU order among themselves: the reference keeps them below every clock value
         until a touch), which `absorb_evictions` checks under LRU."""
         path = [t for s in segments for t in [s * 10 + j % 2 for j in range(self.seg)]]
         before = tree_contents(self.tree)
         self.tree.demote(path, shared)
         assert tree_contents(self.tree) == before
-        node, pos = self.tree.root, 0
-        while True:  # the nodes along the path: marked iff wholly inside path[shared:]
+        node, pos, along = self.tree.root, 0, []
+        while True:  # the nodes wholly along the path
             child = next((c for c in node.children.values()
                           if path[pos : pos + len(c.key)] == c.key), None)  # fmt: skip
             if child is None:
                 break
             node, pos = child, pos + len(child.key)
-            if pos - len(node.key) >= shared:
-                assert node.keep == 0
+            along.append(node)
+        for node in reversed(along):  # from the end up, while no other path goes on from it
+            if node.depth < shared or any(c.keep for c in node.children.values()):
+                break
+            assert node.keep == 0
         for n in self.tree._nodes():
             if n is not self.tree.root and n.keep == 0:
                 end = self.tree.path_of(n)

@@ -29,7 +29,7 @@ def key(rid: str) -> tuple[bytes, str]:
 def run(store: SessionStore, rid: str, params: SessionParams, ids: list[int], out: list[int],
         salt: str | None = None) -> list[int]:  # fmt: skip
     """A request through the store: its whole prompt; it finishes with `out`."""
-    sp = store.prompt(params, ids, salt)
+    sp = store.prompt(params, ids, salt, rid)
     store.start(key(rid), sp)
     store.finish(key(rid), out)
     return sp.ids
@@ -42,8 +42,13 @@ def test_a_request_continues_the_prompt_and_output_of_the_one_it_names():
     assert run(store, "b", SessionParams(id=sid, rid="a"), [6], [7]) == [1, 2, 3, 4, 5, 6]
     assert run(store, "c", SessionParams(id=sid, rid="b"), [8], [9]) == [1, 2, 3, 4, 5, 6, 7, 8]
     # offset keeps the first tokens of the history; drop_previous_output only its prompt
-    assert store.prompt(SessionParams(id=sid, rid="b", offset=2), [0], None).ids == [1, 2, 0]
-    dropped = store.prompt(SessionParams(id=sid, rid="c", drop_previous_output=True), [0], None)
+    assert store.prompt(SessionParams(id=sid, rid="b", offset=2), [0], None, "x").ids == [1, 2, 0]
+    # offset 0, as null: the whole history (SGLang's meaning)
+    assert store.prompt(SessionParams(id=sid, rid="a", offset=0), [0], None, "x").ids == [
+        1, 2, 3, 4, 5, 0
+    ]  # fmt: skip
+    dropped = store.prompt(SessionParams(id=sid, rid="c", drop_previous_output=True), [0], None,
+                           "x")  # fmt: skip
     assert dropped.ids == [1, 2, 3, 4, 5, 6, 7, 8, 0]
     # a branch from an earlier request; a new branch without rid
     assert run(store, "b2", SessionParams(id=sid, rid="a"), [60], [70]) == [1, 2, 3, 4, 5, 60]
@@ -56,46 +61,54 @@ def test_replace_forgets_what_continued_the_request_and_aborts_what_still_runs()
     sid = store.open("s", 0, None)
     run(store, "a", SessionParams(id=sid), [1, 2], [3])
     run(store, "b", SessionParams(id=sid, rid="a"), [4], [5])
-    store.start(key("c"), store.prompt(SessionParams(id=sid, rid="b"), [6], None))  # running
-    sp = store.prompt(SessionParams(id=sid, rid="a", replace=True), [9], None)
+    store.start(key("c"), store.prompt(SessionParams(id=sid, rid="b"), [6], None, "c"))  # running
+    sp = store.prompt(SessionParams(id=sid, rid="a", replace=True), [9], None, "d")
     assert sp.ids == [1, 2, 3, 9] and sp.abort == [key("c")]
     store.start(key("d"), sp)
     assert sorted(store.sessions[sid].requests) == ["a", "d"]
     store.finish(key("c"), [1])  # the aborted one's late result changes nothing
     with pytest.raises(SessionError, match="no request 'b'"):
-        store.prompt(SessionParams(id=sid, rid="b"), [1], None)
-    # replace without rid: the session starts over
+        store.prompt(SessionParams(id=sid, rid="b"), [1], None, "x")
+    # replace without rid: the session starts over (a replaced rid may be used again)
     store.finish(key("d"), [1])
-    store.start(key("e"), store.prompt(SessionParams(id=sid, replace=True), [5], None))
-    assert sorted(store.sessions[sid].requests) == ["e"]
+    store.start(key("d"), store.prompt(SessionParams(id=sid, replace=True), [5], None, "d"))
+    assert sorted(store.sessions[sid].requests) == ["d"]
+    assert store.tokens == 1 and not store.running.keys() - {key("d")}
 
 
 def test_every_misuse_is_a_clear_error_and_changes_nothing():
     store = SessionStore(max_sessions=2)
     sid = store.open("s", 5, "salt")
     run(store, "a", SessionParams(id=sid), [1, 2], [3], salt="salt")
-    store.start(key("run"), store.prompt(SessionParams(id=sid, rid="a"), [4], "salt"))
+    store.start(key("run"), store.prompt(SessionParams(id=sid, rid="a"), [4], "salt", "run"))
     cases = [
         (SessionParams(id="nope"), [1], "salt", "no open session 'nope'"),
-        (SessionParams(id=sid), [1], None, "another cache_salt"),
+        (SessionParams(id=sid), [1], None, "no open session 's' for this cache_salt"),
         (SessionParams(id=sid, rid="x"), [1], "salt", "has no request 'x'"),
         (SessionParams(id=sid, rid="run"), [1], "salt", "has not finished"),
         (SessionParams(id=sid, rid="a", offset=9), [1], "salt", "offset 9 is outside"),
         (SessionParams(id=sid, offset=1), [1], "salt", "need the rid"),
+        (SessionParams(id=sid, offset=0), [1], "salt", "need the rid"),
+        (SessionParams(id=sid, rid="a", offset=-1), [1], "salt", "offset -1 is outside"),
         (SessionParams(id=sid, rid="a"), [1, 2, 3], "salt", "capacity_of_str_len 5"),
     ]
     for params, ids, salt, message in cases:
         with pytest.raises(SessionError, match=message) as info:
-            store.prompt(params, ids, salt)
+            store.prompt(params, ids, salt, "new")
         assert info.value.param == "session_params"
     with pytest.raises(SessionError, match="already has a request 'a'"):
-        store.start(key("a"), store.prompt(SessionParams(id=sid), [1], "salt"))
-    with pytest.raises(SessionError, match="already open"):
+        store.prompt(SessionParams(id=sid), [1], "salt", "a")
+    # a replace refused (a rid used twice) forgot nothing and aborts nothing
+    with pytest.raises(SessionError, match="already has a request 'a'"):
+        store.prompt(SessionParams(id=sid, rid="a", replace=True), [1], "salt", "a")
+    assert key("run") in store.running
+    with pytest.raises(SessionError, match="already open") as info:
         store.open("s", 0, None)
+    assert info.value.param == "session_id"
     store.open(None, 0, None)
     with pytest.raises(SessionError, match="--max-sessions"):
         store.open(None, 0, None)
-    with pytest.raises(SessionError, match="another cache_salt"):
+    with pytest.raises(SessionError, match="no open session 's' for this"):
         store.close(sid, None)
     assert sorted(store.sessions[sid].requests) == ["a", "run"]
     store.drop(key("run"))  # a request that failed is forgotten
@@ -108,8 +121,8 @@ def test_a_session_remembers_a_bounded_number_of_requests():
     for i in range(MAX_SESSION_REQUESTS):
         run(store, f"r{i}", SessionParams(id=sid), [i + 1], [1])
     with pytest.raises(SessionError, match="replace=true"):
-        store.prompt(SessionParams(id=sid), [1], None)
-    sp = store.prompt(SessionParams(id=sid, replace=True), [1], None)
+        store.prompt(SessionParams(id=sid), [1], None, "x")
+    sp = store.prompt(SessionParams(id=sid, replace=True), [1], None, "new")
     store.start(key("new"), sp)
     assert list(store.sessions[sid].requests) == ["new"]
 
@@ -126,7 +139,7 @@ def test_close_returns_each_path_and_what_other_open_sessions_share():
     assert closed == [([*system, 1, 2, 3, 4, 5, 6], 40)]  # "a"'s path is inside "b"'s
     assert store.close(two, None) == [([*system, 7, 8], 0)]  # no one else shares it now
     with pytest.raises(SessionError, match="no open session"):
-        store.prompt(SessionParams(id=one, rid="a"), [1], None)
+        store.prompt(SessionParams(id=one, rid="a"), [1], None, "x")
 
 
 def test_closing_costs_a_bounded_amount_of_work(monkeypatch):
@@ -137,7 +150,7 @@ def test_closing_costs_a_bounded_amount_of_work(monkeypatch):
     for n in range(4):
         run(store, f"r{n}", SessionParams(id=store.open(f"s{n}", 0, None)), [1, 2, n], [3])
     assert store.close("s0", None) == [([1, 2, 0, 3], 2)]
-    monkeypatch.setattr(sessions, "MAX_SHARED_STEPS", 1)
+    monkeypatch.setattr(sessions, "MAX_SHARED_WORK", 1)
     assert store.close("s1", None) == [([1, 2, 1, 3], 4)]
 
 
@@ -167,11 +180,25 @@ def test_a_demoted_path_is_evicted_first_until_it_is_used_again(policy):
     assert tree.demote(paths[2], len(system)) == 2  # past the shared system prompt
     tree.check_integrity()
     assert tree.evict(1) == 2 and tree.match_prefix([*paths[2], 0]).indices.numel() == 4
-    # the system prompt was not demoted; a match undoes a demotion
-    assert tree.demote(paths[1], len(system)) == 2
+    # a match undoes a demotion: of two demoted leaves, the one matched since stays
+    assert tree.demote(paths[1], len(system)) == tree.demote(paths[0], len(system)) == 2
     tree.match_prefix([*paths[1], 0])
-    before = tree.match_prefix([*paths[0], 0]).indices.numel()
-    assert before == 6
+    assert tree.peek_full(paths[1])[1].keep == 1
+    assert tree.evict(1) == 2
+    assert tree.match_prefix([*paths[0], 0]).indices.numel() == 4  # paths[0]'s tail went
+    assert tree.match_prefix([*paths[1], 0]).indices.numel() == 6
+    tree.check_integrity()
+
+
+def test_a_node_another_path_goes_on_from_is_demoted_only_with_that_path():
+    pool = TokenToKVPool(KVLayout(1, 1, 1), 64)
+    tree = RadixCache(pool)
+    a, b = [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 7, 8]
+    for ids in (a, b):
+        tree.insert(ids, pool.alloc(len(ids)))
+    assert tree.demote(a) == 2  # [5, 6]; [1..4] is b's too
+    assert tree.peek_full([1, 2, 3, 4])[1].keep == 1
+    assert tree.demote(b) == 2 + 4  # now nothing keeps [1..4]
     tree.check_integrity()
 
 
@@ -230,7 +257,7 @@ def test_sessions_over_the_client(rt):
         # a session's requests keep the salt it was opened with
         salted = client.open_session("salted", cache_salt="mine")
         client.generate_ids([20, 21], max_new_tokens=1, session={"id": salted}, cache_salt="mine")
-        with pytest.raises(radixkv.RequestError, match="another cache_salt"):
+        with pytest.raises(radixkv.RequestError, match="for this cache_salt and API key"):
             client.generate_ids([20], session={"id": salted})
         client.close_session(salted, cache_salt="mine")
 
@@ -257,7 +284,48 @@ def test_sessions_over_http_as_sglang_clients_use_them(rt):
         bad = http.post("/generate", json={**body, "session_params": {"id": "nope"}})
         assert bad.status_code == 400 and "no open session" in bad.text
         assert http.post("/close_session", json={"session_id": sid}).status_code == 200
+        assert "radixkv_demoted_tokens_total" in http.get("/metrics").text
         again = http.post("/close_session", json={"session_id": sid})
         assert again.status_code == 400 and "no open session" in again.text
         bad_body = http.post("/open_session", json={"capacity_of_str_len": -1})
         assert bad_body.status_code == 400
+
+
+def test_a_request_id_in_flight_cannot_be_taken_by_another_caller(rt):
+    """The HTTP gateway serves every caller through one client: a caller's `rid` that is in
+    flight already is refused, never handed the other request's replies."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=rt.http_url, headers=headers, timeout=20) as http:
+        body = {"input_ids": [50, 51], "sampling_params": {"max_new_tokens": 300}, "rid": "dup",
+                "stream": True}  # fmt: skip
+        with http.stream("POST", "/generate", json=body) as first:
+            lines = first.iter_lines()
+            assert next(lines).startswith("data: ")  # it is running
+            second = http.post("/generate", json={**body, "stream": False})
+            assert second.status_code == 400 and "already in flight" in second.text
+            assert second.json()["error"]["param"] == "rid"
+            last = [line for line in lines if line.startswith("data: {")][-1]
+        assert '"completion_tokens":300' in last
+
+
+def test_a_session_request_the_scheduler_lost_is_forgotten():
+    """A request that failed with its scheduler (restarted) is gone from its session: asking to
+    continue it says so, rather than that it is still running."""
+    crash = (7, 7, 7, 7)
+    with radixkv.Runtime(scheduler=FAKE, scheduler_kwargs={"crash_on": crash}, api_key=KEY,
+                         start_timeout=60) as rt:  # fmt: skip
+        client = rt.new_client(timeout=30)
+        sid = client.open_session()
+        with pytest.raises(radixkv.RequestError, match="scheduler process died"):
+            client.complete(list(crash), session={"id": sid}, rid="lost")
+        deadline = time.monotonic() + 30
+        while True:  # until the new scheduler serves
+            try:
+                client.generate_ids([1, 3], max_new_tokens=1)
+                break
+            except radixkv.RequestError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        with pytest.raises(radixkv.RequestError, match="has no request 'lost'"):
+            client.generate_ids([1], session={"id": sid, "rid": "lost"})
+        client.close()

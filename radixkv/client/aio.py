@@ -90,7 +90,7 @@ class AsyncClient(ClientAPI):
     async def _submit(self, rid: str, frame: bytes) -> str:
         if self._closed:
             raise RuntimeError("the client is closed")
-        self._pending[rid] = asyncio.Queue()
+        self._reserve(rid, asyncio.Queue())
         self._sending()
         try:
             await self._sock.send(frame)
@@ -110,7 +110,7 @@ class AsyncClient(ClientAPI):
     async def _control(self, control: Control, timeout: float | None) -> Any:
         self._start_reader()
         rid, frame = self._control_request(control)
-        self._pending[rid] = asyncio.Queue()
+        self._reserve(rid, asyncio.Queue())
         self._sending()
         try:
             await self._sock.send(frame)

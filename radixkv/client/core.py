@@ -393,8 +393,18 @@ class ClientAPI(abc.ABC):
             out.append((rid, frame))
         return out
 
+    def _reserve(self, rid: str, queue: Any) -> None:
+        """Register the reply queue of request `rid`; a rid already in flight is refused (it
+        would take that request's replies: a caller-chosen rid, e.g. through the HTTP gateway's
+        one client, must never reach another caller's request). Internal rids carry this
+        client's random tag, so a caller cannot guess them."""
+        if rid in self._pending:
+            raise RequestError(f"request id {rid!r} is already in flight", "bad_request", rid,
+                               "rid")  # fmt: skip
+        self._pending[rid] = queue
+
     def _control_request(self, control: Control) -> tuple[str, bytes]:
-        rid = f"c{next(self._ids)}"
+        rid = f"c{next(self._ids)}-{self._tag}"
         return rid, self._encoder.encode(
             control.kind(rid=rid, api_key=self.api_key, **control.fields)
         )

@@ -93,7 +93,7 @@ class Client(ClientAPI):
             return results if call.batch else results[0]
 
     def _submit(self, rid: str, frame: bytes) -> str:
-        self._pending[rid] = deque()
+        self._reserve(rid, deque())
         self._sending()
         self._sock.send(frame)
         return rid

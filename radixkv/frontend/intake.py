@@ -20,7 +20,12 @@ from radixkv.config import ServerArgs
 from radixkv.frontend.loop_worker import LoopWorker
 from radixkv.frontend.sessions import SessionStore
 from radixkv.frontend.tokenizer_manager import TokenizerManager
-from radixkv.frontend.validation import BadRequest, check_fits_context, check_logprob_start
+from radixkv.frontend.validation import (
+    BadRequest,
+    check_fits_context,
+    check_logprob_start,
+    check_token_ids,
+)
 from radixkv.protocol import (
     CloseSessionRequest,
     DemoteRequest,
@@ -32,7 +37,6 @@ from radixkv.protocol import (
     TokenizeReply,
     TokenizeRequest,
     key_cache_salt,
-    tree_key,
 )
 
 # A prompt larger than this (characters, see TokenizerManager.prompt_size) is templated and
@@ -69,9 +73,9 @@ class GenerateIntake(abc.ABC):
         """The client aborted its request `client_rid`."""
 
     @abc.abstractmethod
-    def _demote(self, keys: list[list[int]], shared: list[int]) -> None:
-        """Tell the cache(s) these tree-key paths, past their first `shared` tokens, are needed
-        by no one (a closed session's)."""
+    def _demote(self, paths: list[list[int]], shared: list[int], salt: str | None) -> None:
+        """Tell the cache(s) these paths (token ids, cached under `salt`), past their first
+        `shared` tokens, are needed by no one (a closed session's)."""
 
     def _on_tokenize(self, identity: bytes, msg: TokenizeRequest | DetokenizeRequest) -> None:
         """Answered here: the tokenizer is this process's, the backend is not needed."""
@@ -137,48 +141,50 @@ class GenerateIntake(abc.ABC):
         self, identity: bytes, msg: GenerateRequest, ids: list[int], arrival: float
     ) -> None:
         """Admit a tokenized request; in a session, its prompt continues the session's history
-        (checked again as a whole, then recorded in the session)."""
+        (checked again as a whole), and the session records it once the backend took it."""
         assert self.tm is not None
-        if msg.session is not None:
-            try:
-                continues = msg.session.rid is not None
-                if continues and self.tm.adds_bos and ids and ids[0] == self.tm.bos_token_id:
-                    ids = ids[1:]  # the history already starts with it
-                sp = self.sessions.prompt(msg.session, ids, self._cache_salt(msg))
-                check_logprob_start(msg.sampling, len(sp.ids))
-                check_fits_context(len(sp.ids), msg.sampling.max_new_tokens,
-                                   self.tm.max_context_len)  # fmt: skip
-                self.sessions.start((identity, msg.rid), sp)
-            except BadRequest as exc:
-                self._refuse(identity, msg.rid, exc)
-                return
+        if msg.session is None:
+            self._admit(identity, msg, ids, arrival)
+            return
+        key = (identity, msg.rid)
+        try:
+            continues = msg.session.rid is not None
+            if continues and self.tm.adds_bos and ids and ids[0] == self.tm.bos_token_id:
+                ids = ids[1:]  # the history already starts with it
+            sp = self.sessions.prompt(msg.session, ids, self._cache_salt(msg), msg.rid)
+            check_logprob_start(msg.sampling, len(sp.ids))
+            check_fits_context(len(sp.ids), msg.sampling.max_new_tokens, self.tm.max_context_len)
+        except BadRequest as exc:
+            self._refuse(identity, msg.rid, exc)
+            return
+        self._admit(identity, msg, sp.ids, arrival)
+        if self._has_request(key):  # (the backend may refuse it at once)
+            self.sessions.start(key, sp)
             for gone in sp.abort:  # `replace` forgot them
                 self._abort(*gone)
-            ids = sp.ids
-        self._admit(identity, msg, ids, arrival)
-        if msg.session is not None and not self._has_request((identity, msg.rid)):
-            self.sessions.drop((identity, msg.rid))  # the backend refused it at once
 
     def _on_session(
         self, identity: bytes, msg: OpenSessionRequest | CloseSessionRequest | DemoteRequest
     ) -> None:
         """Open or close a session (a closed one's paths are demoted in the cache), or demote
         paths a router's closed session left here."""
+        assert self.tm is not None
         salt = self._cache_salt(msg)
-        if isinstance(msg, DemoteRequest):
-            if len(msg.paths) != len(msg.shared):
-                self._error(identity, msg.rid, "paths and shared differ in length", param="shared")
-                return
-            self._demote([tree_key(p, salt) for p in msg.paths], list(msg.shared))
-            return
         try:
+            if isinstance(msg, DemoteRequest):
+                if len(msg.paths) != len(msg.shared):
+                    raise BadRequest("paths and shared differ in length", "shared")
+                for path in msg.paths:
+                    check_token_ids(path, self.tm.vocab_size)
+                self._demote(msg.paths, list(msg.shared), salt)
+                return
             if isinstance(msg, OpenSessionRequest):
                 sid = self.sessions.open(msg.session_id, msg.capacity_of_str_len, salt)
             else:
                 closed = self.sessions.close(msg.session_id, salt)
                 sid = msg.session_id
                 if closed:
-                    self._demote([tree_key(p, salt) for p, _ in closed], [n for _, n in closed])
+                    self._demote([p for p, _ in closed], [n for _, n in closed], salt)
         except BadRequest as exc:
             self._error(identity, msg.rid, str(exc), param=exc.param)
             return

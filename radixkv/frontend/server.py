@@ -38,6 +38,7 @@ from radixkv.protocol import (
     ReqError,
     StatsReply,
     TokenizedRequest,
+    tree_key,
 )
 
 log = logging.getLogger("radixkv.runtime")
@@ -129,8 +130,8 @@ class RuntimeServer(ClientEndpoint):
                 if self.metrics is not None:
                     self.metrics.observe_end("abort")
 
-    def _demote(self, keys: list[list[int]], shared: list[int]) -> None:
-        self.child.send(DemotePaths(keys=keys, shared=shared))
+    def _demote(self, paths: list[list[int]], shared: list[int], salt: str | None) -> None:
+        self.child.send(DemotePaths(keys=[tree_key(p, salt) for p in paths], shared=shared))
 
     def _forget(self, rid: str) -> ReqState | None:
         state = self.requests.pop(rid, None)
@@ -228,6 +229,7 @@ class RuntimeServer(ClientEndpoint):
     def _fail_all(self, message: str, code: str) -> None:
         for state in self.requests.values():
             self._error(state.identity, state.rid, message, code)
+            self.sessions.drop((state.identity, state.rid))
             if self.metrics is not None:
                 self.metrics.observe_end("error")
         for identity, client_rid in self.control.values():

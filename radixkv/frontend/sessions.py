@@ -35,15 +35,18 @@ MAX_SESSION_ID_CHARS = 256
 # requests it looks at and paths it compares in the other open sessions; past that it demotes
 # nothing (the cache's own policy decides, as without sessions).
 MAX_DEMOTED_PATHS = 64
-MAX_SHARED_STEPS = 1 << 16
+MAX_SHARED_WORK = 1 << 22
+# Tokens all open sessions may hold (4 bytes each): past it, new requests in sessions are refused
+# until sessions are closed.
+MAX_SESSION_TOKENS = 1 << 25
 LCP_BLOCK = 128
 
 RequestKey = tuple[bytes, str]  # (client identity, client rid)
 
 
 class SessionError(BadRequest):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, "session_params")
+    def __init__(self, message: str, param: str = "session_params") -> None:
+        super().__init__(message, param)
 
 
 @dataclass(eq=False, slots=True)
@@ -84,6 +87,10 @@ class _Request:
         """Whether a child continues all of its prompt and output (so the child's path has its
         path as a prefix)."""
         return self.whole_children > 0
+
+    def size(self) -> int:
+        """Tokens it holds: its own input, and its output once finished."""
+        return len(self.own) + (len(self.output) if self.output is not None else 0)
 
     def length(self) -> int:
         """Tokens of its prompt and output (a finished request's)."""
@@ -136,21 +143,27 @@ class SessionStore:
         self.max_sessions = max_sessions
         self.sessions: dict[str, Session] = {}
         self.running: dict[RequestKey, tuple[Session, _Request]] = {}
+        self.tokens = 0  # held by every request of every open session (own input and output)
 
     def open(self, session_id: str | None, capacity: int, salt: str | None) -> str:
         """Open a session (a new id when `session_id` is None); raises SessionError."""
         if session_id is None:
             session_id = uuid.uuid4().hex
         elif not 0 < len(session_id) <= MAX_SESSION_ID_CHARS:
-            raise SessionError(f"a session id has 1 to {MAX_SESSION_ID_CHARS} characters")
+            raise SessionError(
+                f"a session id has 1 to {MAX_SESSION_ID_CHARS} characters", "session_id"
+            )
         if session_id in self.sessions:
-            raise SessionError(f"session {session_id!r} is already open")
+            raise SessionError(f"session {session_id!r} is already open", "session_id")
         if capacity < 0:
-            raise SessionError(f"capacity_of_str_len must be >= 0, got {capacity}")
+            raise SessionError(
+                f"capacity_of_str_len must be >= 0, got {capacity}", "capacity_of_str_len"
+            )
         if len(self.sessions) >= self.max_sessions:
             raise SessionError(
                 f"{len(self.sessions)} sessions are open, the most this runtime keeps "
-                "(--max-sessions); close one first"
+                "(--max-sessions); close one first",
+                "session_id",
             )
         self.sessions[session_id] = Session(session_id, capacity, salt)
         return session_id
@@ -160,17 +173,20 @@ class SessionStore:
         and output; one per branch: a request that a later one continued whole is inside that
         one's path), and how many leading tokens of it a request of another open session has
         too (the cache keeps those). Its running requests run on; raises SessionError."""
-        session = self._session(session_id, salt)
+        session = self._session(session_id, salt, "session_id")
         del self.sessions[session_id]
         for request in session.requests.values():
             self.running.pop(request.key, None)
+            self.tokens -= request.size()
         ends = [r for r in session.requests.values() if r.output is not None and not r.covered()]
         paths = [r.full_ids() for r in ends[-MAX_DEMOTED_PATHS:]]
         return list(zip(paths, self._shared_lens(paths, session.salt), strict=True))
 
-    def prompt(self, params: SessionParams, ids: list[int], salt: str | None) -> SessionPrompt:
-        """Where a request with input `ids` goes in its session, and its whole prompt; checks
-        everything and changes nothing; raises SessionError."""
+    def prompt(
+        self, params: SessionParams, ids: list[int], salt: str | None, rid: str
+    ) -> SessionPrompt:
+        """Where request `rid` with input `ids` goes in its session, and its whole prompt;
+        checks everything and changes nothing (`start` records it); raises SessionError."""
         session = self._session(params.id, salt)
         parent = None
         if params.rid is not None:
@@ -182,20 +198,20 @@ class SessionStore:
                     f"request {params.rid!r} of session {session.id!r} has not finished; a "
                     "request can continue only a finished one"
                 )
+        elif params.offset is not None or params.drop_previous_output:
+            raise SessionError("offset and drop_previous_output need the rid they apply to")
         history: list[int] = []
         if parent is not None:
             history = parent.full_ids()
             if params.drop_previous_output:
                 del history[len(history) - len(parent.output or ()) :]
-            if params.offset:
-                if not 0 <= params.offset <= len(history):
+            if params.offset:  # 0 (as null): the whole history, as in SGLang
+                if not 0 < params.offset <= len(history):
                     raise SessionError(
                         f"offset {params.offset} is outside the {len(history)} tokens of request "
-                        f"{parent.key[1]!r} of session {session.id!r}"
+                        f"{params.rid!r} of session {session.id!r}"
                     )
                 del history[params.offset :]
-        elif params.offset or params.drop_previous_output:
-            raise SessionError("offset and drop_previous_output need the rid they apply to")
         prompt = history + ids
         if session.capacity and len(prompt) > session.capacity:
             raise SessionError(
@@ -207,39 +223,47 @@ class SessionStore:
             replaced = (
                 parent.descendants() if parent is not None else list(session.requests.values())
             )
+        if rid in session.requests and session.requests[rid] not in replaced:
+            raise SessionError(
+                f"session {session.id!r} already has a request {rid!r}; request ids in a "
+                "session must differ"
+            )
         if len(session.requests) - len(replaced) >= MAX_SESSION_REQUESTS:
             raise SessionError(
                 f"session {session.id!r} holds {MAX_SESSION_REQUESTS} requests, the most one "
                 "may; continue with replace=true or open a new session"
             )
+        if self.tokens + len(ids) > MAX_SESSION_TOKENS:
+            raise SessionError(
+                f"the open sessions hold {self.tokens} tokens, the most this runtime keeps "
+                f"({MAX_SESSION_TOKENS}); close sessions first"
+            )
         abort = [r.key for r in replaced if r.output is None]
         return SessionPrompt(session, parent, len(history), ids, prompt, replaced, abort)
 
     def start(self, key: RequestKey, sp: SessionPrompt) -> None:
-        """Record request `key` in its session (right after `prompt`, in the same loop turn);
-        raises SessionError when the session already has a request of that rid."""
+        """Record request `key`, which `prompt` placed and the backend accepted, in its session
+        (in the same loop turn as `prompt`): what `replace` forgets goes now."""
         session = sp.session
         for gone in sp.replaced:
             session.requests.pop(gone.key[1], None)
             self.running.pop(gone.key, None)
+            self.tokens -= gone.size()
             if gone.parent is not None:
                 gone.parent.disown(gone)
-        if key[1] in session.requests:
-            raise SessionError(
-                f"session {session.id!r} already has a request {key[1]!r}; request ids in a "
-                "session must differ"
-            )
-        request = _Request(key, sp.parent, sp.cut, array("q", sp.own))
+        request = _Request(key, sp.parent, sp.cut, array("i", sp.own))
         if sp.parent is not None:
             sp.parent.adopt(request)
         session.requests[key[1]] = request
         self.running[key] = (session, request)
+        self.tokens += request.size()
 
     def finish(self, key: RequestKey, output: list[int]) -> None:
         """A session's request finished with `output`; it can be continued now."""
         entry = self.running.pop(key, None)
         if entry is not None:
-            entry[1].output = array("q", output)
+            entry[1].output = array("i", output)
+            self.tokens += len(output)
 
     def drop(self, key: RequestKey) -> None:
         """A session's request failed: forget it (nothing can continue it)."""
@@ -247,34 +271,34 @@ class SessionStore:
         if entry is not None:
             session, request = entry
             session.requests.pop(request.key[1], None)
+            self.tokens -= request.size()
             if request.parent is not None:
                 request.parent.disown(request)
 
     # ---- helpers ------------------------------------------------------------------------------
 
-    def _session(self, session_id: str, salt: str | None) -> Session:
+    def _session(self, session_id: str, salt: str | None, param: str = "session_params") -> Session:
+        """The open session `session_id` of this cache salt (under --isolate-cache-per-key, of
+        this API key); another's is answered as if it did not exist."""
         session = self.sessions.get(session_id)
-        if session is None:
-            raise SessionError(f"no open session {session_id!r}")
-        if session.salt != salt:
+        if session is None or session.salt != salt:
             raise SessionError(
-                f"session {session_id!r} was opened with another cache_salt (or API key); its "
-                "requests must use the same"
+                f"no open session {session_id!r} for this cache_salt and API key", param
             )
         return session
 
     def _shared_lens(self, paths: list[list[int]], salt: str | None) -> list[int]:
         """For each path, the longest prefix of it that a request of an open session of the same
         cache salt (the same tree keys) has too; each whole path (nothing to demote) when that
-        takes more than `MAX_SHARED_STEPS` to find."""
+        takes more than `MAX_SHARED_WORK` (requests looked at and tokens rebuilt) to find."""
         best = [0] * len(paths)
-        steps = 0
+        work = 0
         for session in self.sessions.values():
             if session.salt != salt:
                 continue
             for request in session.requests.values():
-                steps += 1
-                if steps > MAX_SHARED_STEPS:
+                work += 1
+                if work > MAX_SHARED_WORK:
                     return [len(p) for p in paths]
                 if request.parent is not None:
                     continue  # reached from its branch's first request
@@ -282,7 +306,7 @@ class SessionStore:
                     if other.covered():
                         continue  # a child's path holds all of its
                     ids = other.prompt_ids() if other.output is None else other.full_ids()
-                    steps += len(paths)
+                    work += len(ids) * len(paths)
                     for i, path in enumerate(paths):
                         best[i] = max(best[i], common_prefix_len(path, ids))
         return best

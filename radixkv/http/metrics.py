@@ -43,6 +43,8 @@ COUNTERS = (
      "vllm:generation_tokens", "Tokens generated."),
     ("evicted_tokens", "evicted_tokens", None, None,
      "KV slots freed by evicting radix-tree leaves."),
+    ("demoted_tokens", "demoted_tokens", None, None,
+     "Cached tokens of closed sessions marked to be evicted before any other."),
     ("retractions", "retractions", None, None, "Running requests retracted under memory pressure."),
     ("prefill_steps", "prefill_steps", None, None, "Prefill (extend) batches run."),
     ("raised_prefill_steps", "raised_prefill_steps", None, None,

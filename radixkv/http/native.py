@@ -94,7 +94,7 @@ def native_router(gw: Gateway) -> APIRouter:
     async def open_session(request: Request) -> Response:
         """SGLang's: open a session; its id, as a JSON string."""
         body = await gw.body(request, OpenSessionBody)
-        salt = gw.cache_salt(request, None)
+        salt = gw.cache_salt(request, body.cache_salt)
         capacity = body.capacity_of_str_len
         try:
             sid = await gw.call(request, lambda: gw.client.open_session(
@@ -107,7 +107,7 @@ def native_router(gw: Gateway) -> APIRouter:
     async def close_session(request: Request) -> Response:
         """SGLang's: close a session (its prefixes are evicted first from now on)."""
         body = await gw.body(request, CloseSessionBody)
-        salt = gw.cache_salt(request, None)
+        salt = gw.cache_salt(request, body.cache_salt)
         try:
             await gw.call(request, lambda: gw.client.close_session(body.session_id,
                                                                    cache_salt=salt))  # fmt: skip

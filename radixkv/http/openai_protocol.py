@@ -435,12 +435,14 @@ class OpenSessionBody(_Body, kw_only=True):
 
     session_id: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
     capacity_of_str_len: Annotated[int, Meta(ge=0, le=MAX_INT)] = 0
+    cache_salt: str | None = None  # ours: the salt every request of the session carries
 
 
 class CloseSessionBody(_Body, kw_only=True):
     """`POST /close_session` (SGLang's)."""
 
     session_id: str
+    cache_salt: str | None = None  # the session's (as opened)
 
 
 class TokenizeBody(_Body, kw_only=True):

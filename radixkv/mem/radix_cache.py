@@ -190,19 +190,25 @@ class RadixCache:
         """Mark the cached path of `tokens` past its first `shared_len` tokens as needed by no
         one (a closed session's conversation, `radixkv.frontend.sessions`): its nodes go before
         every other leaf, in the policy's order among themselves, until a match, insert or
-        refresh uses them again. Only nodes wholly inside `tokens[shared_len:]` are marked (one
-        that goes on past the end was extended by another request). Nothing is touched, split
-        or freed; returns the tokens marked."""
+        refresh uses them again. From the end of the path up, a node is marked only when it
+        lies wholly inside `tokens[shared_len:]` and every child it has is marked already (a
+        node another path goes on from is that path's too). Nothing is touched, split or freed;
+        returns the tokens marked."""
         if self.disable:
             return 0
         key = _as_list(tokens)
-        marked, node, pos = 0, self.root, 0
+        path, node, pos = [], self.root, 0
         while pos < len(key):
             child = node.children.get(self._child_key(key, pos))
             if child is None or self._common_len(child.key, key, pos, len(key)) < len(child.key):
                 break
             node, pos = child, pos + len(child.key)
-            if pos - len(node.key) >= shared_len and node.keep:
+            path.append(node)
+        marked = 0
+        for node in reversed(path):
+            if node.depth < shared_len or any(c.keep for c in node.children.values()):
+                break
+            if node.keep:
                 listed = node.lock_ref == 0 and not node.children
                 if listed:
                     self._lru.remove(node)  # out while its key changes

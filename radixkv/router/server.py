@@ -282,12 +282,12 @@ class RouterServer(ClientEndpoint):
         """The keys of the requests in flight at `link`, when a policy asks."""
         return lambda: [self.requests[rid].key for rid in link.in_flight]
 
-    def _demote(self, keys: list[list[int]], shared: list[int]) -> None:
+    def _demote(self, paths: list[list[int]], shared: list[int], salt: str | None) -> None:
         """A closed session's paths: every worker that may hold them is told (the router's
         view of a worker's tree may be stale, so all of them; a worker holding none of a path
-        changes nothing)."""
-        frame = self.encoder.encode(DemoteRequest(paths=keys, shared=shared,
-                                                  api_key=self.pool.api_key))  # fmt: skip
+        changes nothing), salted as the session's requests were forwarded."""
+        demote = DemoteRequest(paths=paths, shared=shared, cache_salt=salt)
+        frame = self._to_worker(demote)
         for link in self.links:
             if link.alive:
                 link.send(frame)
@@ -342,6 +342,7 @@ class RouterServer(ClientEndpoint):
     def _fail_all(self, message: str, code: str) -> None:
         for routed in self.requests.values():
             self._error(routed.identity, routed.rid, message, code)
+            self.sessions.drop((routed.identity, routed.rid))
             routed.link.in_flight.clear()
         for gather in self.gathers.values():
             self._error(gather.identity, gather.rid, message, code)

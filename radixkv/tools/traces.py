@@ -374,7 +374,7 @@ class _Sessions:
         history = 0
         if params.rid is not None:
             history = self.store.sessions[sid].requests[params.rid].length()
-        sp = self.store.prompt(params, tokens[history:], None)
+        sp = self.store.prompt(params, tokens[history:], None, rid)
         assert sp.ids == tokens, "a turn's prompt is its conversation's history and new input"
         self.store.start((b"", rid), sp)
         self.last[c], self.conversation[ev["rid"]] = rid, c
