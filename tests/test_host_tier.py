@@ -193,10 +193,10 @@ def with_disk(
     pool_tokens: int = 400,
     max_blocks: int | None = None,
 ):
-    from radixkv.mem.storage import BLOCK, DiskStore
+    from radixkv.mem.storage import _HEADER, BLOCK, DiskStore
 
     pool = TokenToKVPool(layout, pool_tokens)
-    block_file = 50 + BLOCK * layout.bytes_per_token  # header + payload
+    block_file = _HEADER.size + BLOCK * layout.bytes_per_token  # header + payload
     limit = None if max_blocks is None else max_blocks * block_file
     disk = DiskStore(directory, pool, model, limit)
     return KVCacheManager(pool, ReqToTokenPool(4, 512), RadixCache(pool), disk=disk)
