@@ -194,9 +194,13 @@ class Scheduler(Admission):
         return s
 
     def demote(self, keys: list[list[int]], shared: list[int]) -> None:
-        """Paths of closed sessions: evicted before other prefixes (`RadixCache.demote`)."""
+        """Paths of closed sessions: evicted before other prefixes (`RadixCache.demote`), in
+        the pool and in the host tier, and never copied down to the tier."""
+        host = self.mgr.host
         for key, keep in zip(keys, shared, strict=True):
             self.stats.demoted_tokens += self.mgr.tree.demote(key, keep)
+            if host is not None:  # what the tier holds of it goes first there too
+                host.tree.demote(key, keep)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.chunked or self.compiling)

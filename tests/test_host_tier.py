@@ -77,6 +77,22 @@ def test_an_evicted_prefix_comes_back_from_the_tier_with_its_kv(layout):
     assert mgr.host is not None and mgr.host.hit_tokens >= 30 - mgr.tree.peek_prefix(a)[0]
 
 
+def test_a_demoted_prefix_is_not_copied_down_and_goes_first_in_the_tier_too():
+    """A closed session's path (`RadixCache.demote`) is evicted from the pool without a copy to
+    the tier; what the tier held of it already is demoted there as well."""
+    mgr = make(LAYOUTS[0], pool_tokens=40, tier_tokens=200)
+    assert mgr.host is not None
+    a, b, c = list(range(100, 130)), list(range(200, 230)), list(range(300, 330))
+    serve(mgr, [*a, 1], [2, 3])
+    serve(mgr, [*b, 1], [2, 3])  # a goes down to the tier
+    stored = mgr.host.stored_tokens
+    assert mgr.tree.demote([*b, 1, 2, 3]) > 0 and mgr.host.tree.demote([*a, 1, 2, 3]) > 0
+    serve(mgr, [*c, 1], [2, 3])  # b is evicted: demoted, so not copied down
+    assert mgr.host.stored_tokens == stored
+    assert serve(mgr, [*b, 9], [4]) == 0  # neither tier has it
+    assert mgr.host.tree.peek_full(a)[1].keep == 0  # the tier's copy of a goes first there
+
+
 def test_without_a_tier_it_is_recomputed():
     mgr = make(LAYOUTS[0], pool_tokens=40, tier_tokens=None)
     a, b = list(range(100, 130)), list(range(200, 230))

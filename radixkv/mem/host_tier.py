@@ -50,7 +50,10 @@ class HostTier:
         return self.pool.capacity
 
     def offload(self, tree: RadixCache, node: TreeNode) -> None:
-        """Copy what the tier lacks of `node`'s path (the pool is about to free `node`)."""
+        """Copy what the tier lacks of `node`'s path (the pool is about to free `node`), unless
+        no one needs it (`RadixCache.demote`: a closed session's)."""
+        if not node.keep:
+            return
         path = tree.path_of(node)
         if len(path) > self.capacity:
             return  # it could never fit
