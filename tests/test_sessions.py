@@ -252,6 +252,10 @@ def test_sessions_over_the_client(rt):
         assert demoted(client, before) > 0  # the scheduler was told
         with pytest.raises(radixkv.RequestError, match="no open session"):
             client.generate_ids([1], session={"id": sid, "rid": first.rid})
+        with pytest.raises(radixkv.RequestError, match="as text or input_ids") as info:
+            client.chat([{"role": "user", "content": "more"}],
+                        session={"id": sid, "rid": first.rid})  # fmt: skip
+        assert info.value.param == "messages"
         with pytest.raises(TypeError, match="bad session argument"):
             client.generate_ids([1], session={"idd": sid})
         # a session's requests keep the salt it was opened with

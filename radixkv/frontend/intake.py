@@ -149,6 +149,13 @@ class GenerateIntake(abc.ABC):
         key = (identity, msg.rid)
         try:
             continues = msg.session.rid is not None
+            if continues and msg.messages is not None:
+                raise BadRequest(
+                    "a request that continues a session takes its new turn as text or input_ids, "
+                    "exactly as the model should see it after the history; chat messages would be "
+                    "templated as a conversation of their own (a system prompt and all)",
+                    "messages",
+                )
             if continues and self.tm.adds_bos and ids and ids[0] == self.tm.bos_token_id:
                 ids = ids[1:]  # the history already starts with it
             sp = self.sessions.prompt(msg.session, ids, self._cache_salt(msg), msg.rid)
