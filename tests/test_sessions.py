@@ -287,8 +287,22 @@ def test_sessions_over_http_as_sglang_clients_use_them(rt):
         assert http.post("/generate", json=mine).json()["meta_info"]["prompt_tokens"] == 9
         bad = http.post("/generate", json={**body, "session_params": {"id": "nope"}})
         assert bad.status_code == 400 and "no open session" in bad.text
+
+        def gauge(name: str) -> float:
+            text = http.get("/metrics").text
+            return float(
+                next(ln for ln in text.splitlines() if ln.startswith(name + " ")).split()[1]
+            )
+
+        opened, tokens = gauge("radixkv_open_sessions"), gauge("radixkv_session_tokens")
+        assert opened >= 1 and tokens >= 3 + 2 + 1 + 2  # this session's inputs and outputs
         assert http.post("/close_session", json={"session_id": sid}).status_code == 200
-        assert "radixkv_demoted_tokens_total" in http.get("/metrics").text
+        assert gauge("radixkv_open_sessions") == opened - 1
+        metrics = http.get("/metrics").text
+        demoted = [line for line in metrics.splitlines()
+                   if line.startswith("radixkv_demoted_tokens_total ")]  # fmt: skip
+        assert len(demoted) == 1 and float(demoted[0].split()[1]) > 0
+        assert "radixkv_open_sessions " in metrics and "radixkv_session_tokens " in metrics
         again = http.post("/close_session", json={"session_id": sid})
         assert again.status_code == 400 and "no open session" in again.text
         bad_body = http.post("/open_session", json={"capacity_of_str_len": -1})

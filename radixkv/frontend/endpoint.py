@@ -120,6 +120,8 @@ class ClientEndpoint(GenerateIntake, abc.ABC):
         self.encoder = msgspec.msgpack.Encoder()
         self.tm: TokenizerManager | None = None
         self.sessions = SessionStore(args.max_sessions)
+        if self.metrics is not None:  # two ints the loop writes, read whole by the scrape
+            self.metrics.sessions = lambda: (len(self.sessions.sessions), self.sessions.tokens)
         self.ready: Ready | None = None
         self.rids = itertools.count()
         self.dead: str | None = None  # why requests are refused, while they are

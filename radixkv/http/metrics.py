@@ -16,9 +16,9 @@ thread-safe, and `render` holds a lock while it swaps in the scrape's `Stats`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -184,6 +184,14 @@ class RuntimeMetrics:
             ["reason"],
             registry=self.registry,
         )
+        # (open sessions, tokens they hold), read at each scrape (the endpoint sets it)
+        self.sessions: Callable[[], tuple[int, int]] | None = None
+        self.open_sessions = Gauge(f"{PREFIX}_open_sessions",
+                                   "Sessions open now (/open_session; --max-sessions bounds them).",
+                                   registry=self.registry)  # fmt: skip
+        self.session_tokens = Gauge(f"{PREFIX}_session_tokens",
+                                    "Tokens the open sessions' requests hold (inputs, outputs).",
+                                    registry=self.registry)  # fmt: skip
 
     def _observe(self, key: str, value: float) -> None:
         for histogram in self._histograms[key]:
@@ -213,4 +221,8 @@ class RuntimeMetrics:
         """The Prometheus text exposition, with `stats` as the scheduler's counters and gauges."""
         with self._lock:
             self._stats.stats = stats
+            if self.sessions is not None:
+                count, tokens = self.sessions()
+                self.open_sessions.set(count)
+                self.session_tokens.set(tokens)
             return generate_latest(self.registry)
