@@ -170,6 +170,10 @@ class ServerArgs:
         1024, "sessions (SGLang's /open_session) open at once; opening another is refused "
         "until one is closed",
     )  # fmt: skip
+    session_timeout: float = option(
+        0.0, "close a session unused this many seconds (nothing of it running), as "
+        "/close_session would (its cached prefixes then go first); 0: never, as in SGLang",
+    )  # fmt: skip
     drain_timeout: float = option(
         30.0, "on SIGTERM (or Ctrl-C), stop admitting requests and give running ones this many "
         "seconds to finish, then abort them; a second signal stops at once",
@@ -258,6 +262,8 @@ class ServerArgs:
             )
         if self.max_sessions < 0:
             raise ValueError(f"max_sessions must be >= 0, got {self.max_sessions}")
+        if not 0 <= self.session_timeout < float("inf"):
+            raise ValueError(f"session_timeout must be >= 0, got {self.session_timeout}")
         if not 0 <= self.drain_timeout < float("inf"):
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
         if not 0 < self.stream_stall_timeout < float("inf"):
@@ -347,7 +353,8 @@ ROUTER_FIELDS = (
 )  # fmt: skip
 REMOTE_ROUTER_FIELDS = (
     "model", "host", "port", "http_port", "api_key", "isolate_cache_per_key", "allow_no_api_key",
-    "stream_stall_timeout", "drain_timeout", "max_sessions", "seed", "log_level",
+    "stream_stall_timeout", "drain_timeout", "max_sessions", "session_timeout", "seed",
+    "log_level",
     *(f for f in ROUTER_FIELDS if not f.startswith("ray_")),
 )  # fmt: skip
 

@@ -154,6 +154,23 @@ def test_closing_costs_a_bounded_amount_of_work(monkeypatch):
     assert store.close("s1", None) == [([1, 2, 1, 3], 4)]
 
 
+def test_sessions_idle_past_the_timeout_are_closed_unless_something_runs():
+    now = [0.0]
+    store = SessionStore(clock=lambda: now[0])
+    idle, busy, fresh = (store.open(n, 0, None) for n in ("idle", "busy", "fresh"))
+    run(store, "a", SessionParams(id=idle), [1, 2], [3])
+    store.start(key("b"), store.prompt(SessionParams(id=busy), [4], None, "b"))  # runs on
+    now[0] = 9.0
+    run(store, "c", SessionParams(id=fresh), [5], [6])  # used at 9
+    now[0] = 10.0
+    assert store.expire(10.0) == [(None, [([1, 2, 3], 0)])]  # idle; busy runs; fresh is young
+    assert sorted(store.sessions) == ["busy", "fresh"] and store.tokens == 1 + 2
+    store.finish(key("b"), [7])
+    now[0] = 30.0
+    assert [salt for salt, _ in store.expire(10.0)] == [None, None]
+    assert not store.sessions and store.tokens == 0
+
+
 def test_common_prefix_len():
     for a, b in [([], [1]), ([1, 2, 3], [1, 2, 3]), ([1, 2, 3], [1, 2, 4]), ([5], [6])]:
         want = next(
@@ -347,3 +364,16 @@ def test_a_session_request_the_scheduler_lost_is_forgotten():
         with pytest.raises(radixkv.RequestError, match="has no request 'lost'"):
             client.generate_ids([1], session={"id": sid, "rid": "lost"})
         client.close()
+
+
+def test_a_session_left_open_is_closed_after_the_timeout_and_its_paths_demoted():
+    with radixkv.Runtime(scheduler=FAKE, session_timeout=0.5, start_timeout=60) as rt:
+        client = rt.client
+        sid = client.open_session()
+        first = client.generate_ids([60, 61, 62], max_new_tokens=2, session={"id": sid})
+        deadline = time.monotonic() + 10
+        while client.stats().demoted_tokens == 0:  # closed by the runtime, not by us
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        with pytest.raises(radixkv.RequestError, match="no open session"):
+            client.generate_ids([1], session={"id": sid, "rid": first.rid})

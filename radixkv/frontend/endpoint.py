@@ -120,6 +120,7 @@ class ClientEndpoint(GenerateIntake, abc.ABC):
         self.encoder = msgspec.msgpack.Encoder()
         self.tm: TokenizerManager | None = None
         self.sessions = SessionStore(args.max_sessions)
+        self.next_expiry = 0.0  # when idle sessions are looked for next (--session-timeout)
         if self.metrics is not None:  # two ints the loop writes, read whole by the scrape
             self.metrics.sessions = lambda: (len(self.sessions.sessions), self.sessions.tokens)
         self.ready: Ready | None = None
@@ -245,8 +246,20 @@ class ClientEndpoint(GenerateIntake, abc.ABC):
                 self._drop_client(identity)
             if extra_fd is not None and extra_fd in events:
                 on_extra()
+            if self.args.session_timeout:
+                self._expire_sessions()
             if self.drain_requested and self._drained():
                 return
+
+    def _expire_sessions(self) -> None:
+        """Close the sessions idle past --session-timeout (checked once a second)."""
+        now = time.monotonic()
+        if now < self.next_expiry:
+            return
+        self.next_expiry = now + 1.0
+        for salt, closed in self.sessions.expire(self.args.session_timeout):
+            if closed:
+                self._demote([p for p, _ in closed], [n for _, n in closed], salt)
 
     def _drained(self) -> bool:
         """Start draining, or say whether the drain is over (nothing in flight, or time is up)."""

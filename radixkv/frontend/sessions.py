@@ -21,8 +21,10 @@ costs memory for what it added, not for every prompt it sent.
 
 from __future__ import annotations
 
+import time
 import uuid
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from radixkv.frontend.validation import BadRequest
@@ -120,6 +122,7 @@ class Session:
     id: str
     capacity: int  # most prompt tokens a request of it may have, history included; 0: no cap
     salt: str | None  # the cache salt every request of it uses (the opener's)
+    used: float  # the store's clock when it was opened or a request of it started or finished
     requests: dict[str, _Request] = field(default_factory=dict)  # by rid
 
 
@@ -139,8 +142,11 @@ class SessionPrompt:
 class SessionStore:
     """The open sessions of one client endpoint."""
 
-    def __init__(self, max_sessions: int = MAX_SESSIONS) -> None:
+    def __init__(
+        self, max_sessions: int = MAX_SESSIONS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.max_sessions = max_sessions
+        self.clock = clock
         self.sessions: dict[str, Session] = {}
         self.running: dict[RequestKey, tuple[Session, _Request]] = {}
         self.tokens = 0  # held by every request of every open session (own input and output)
@@ -165,7 +171,7 @@ class SessionStore:
                 "(--max-sessions); close one first",
                 "session_id",
             )
-        self.sessions[session_id] = Session(session_id, capacity, salt)
+        self.sessions[session_id] = Session(session_id, capacity, salt, self.clock())
         return session_id
 
     def close(self, session_id: str, salt: str | None) -> list[tuple[list[int], int]]:
@@ -181,6 +187,16 @@ class SessionStore:
         ends = [r for r in session.requests.values() if r.output is not None and not r.covered()]
         paths = [r.full_ids() for r in ends[-MAX_DEMOTED_PATHS:]]
         return list(zip(paths, self._shared_lens(paths, session.salt), strict=True))
+
+    def expire(self, idle: float) -> list[tuple[str | None, list[tuple[list[int], int]]]]:
+        """Close every session unused for `idle` seconds with nothing of it running (a client
+        that never closed it), as `close` would; (salt, what `close` returned) for each."""
+        now, out = self.clock(), []
+        busy = {id(session) for session, _ in self.running.values()}
+        for sid, session in list(self.sessions.items()):
+            if now - session.used >= idle and id(session) not in busy:
+                out.append((session.salt, self.close(sid, session.salt)))
+        return out
 
     def prompt(
         self, params: SessionParams, ids: list[int], salt: str | None, rid: str
@@ -245,6 +261,7 @@ class SessionStore:
         """Record request `key`, which `prompt` placed and the backend accepted, in its session
         (in the same loop turn as `prompt`): what `replace` forgets goes now."""
         session = sp.session
+        session.used = self.clock()
         for gone in sp.replaced:
             session.requests.pop(gone.key[1], None)
             self.running.pop(gone.key, None)
@@ -262,6 +279,7 @@ class SessionStore:
         """A session's request finished with `output`; it can be continued now."""
         entry = self.running.pop(key, None)
         if entry is not None:
+            entry[0].used = self.clock()
             entry[1].output = array("i", output)
             self.tokens += len(output)
 
