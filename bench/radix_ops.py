@@ -94,7 +94,7 @@ def evict_cost(sizes: list[int], evictions: int = 500) -> list[dict]:
 
 
 DEPTH_ODDS_HORIZONS = (16, 32, 64, 128, 256, 512)  # clock ticks (traces.DepthOddsCache)
-SESSION_POLICIES = ("lru", "gdsf")  # replayed again with the conversations as sessions
+SESSION_POLICIES = EVICTION_POLICIES  # each replayed again with the conversations as sessions
 
 
 def compare_policies(args: argparse.Namespace) -> None:
