@@ -194,18 +194,12 @@ class RadixCache:
         lies wholly inside `tokens[shared_len:]` and every child it has is marked already (a
         node another path goes on from is that path's too). Nothing is touched, split or freed;
         returns the tokens marked."""
-        if self.disable:
-            return 0
         key = _as_list(tokens)
-        path, node, pos = [], self.root, 0
-        while pos < len(key):
-            child = node.children.get(self._child_key(key, pos))
-            if child is None or self._common_len(child.key, key, pos, len(key)) < len(child.key):
-                break
-            node, pos = child, pos + len(child.key)
-            path.append(node)
+        pos, node = self._peek(key, len(key))
+        if node is not self.root and pos < node.depth + len(node.key):
+            node = node.parent  # type: ignore[assignment]  # only partly inside: someone else's
         marked = 0
-        for node in reversed(path):
+        while node is not self.root:
             if node.depth < shared_len or any(c.keep for c in node.children.values()):
                 break
             if node.keep:
@@ -216,6 +210,7 @@ class RadixCache:
                 if listed:
                     self._lru.add(node)
                 marked += len(node.key)
+            node = node.parent  # type: ignore[assignment]
         return marked
 
     def path_of(self, node: TreeNode) -> list[int]:
